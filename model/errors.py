@@ -1,0 +1,34 @@
+"""User-facing errors.
+
+Every problem a user can cause (bad config, missing file, corrupt checkpoint, bad sampling
+argument) raises a subclass of SmallGPTError with a one-line message that names the problem and
+what to do. The command-line fronts print that line and exit non-zero instead of a traceback.
+"""
+
+
+class SmallGPTError(Exception):
+    """Base class: the message is a complete, one-line explanation for the user."""
+
+
+class ConfigError(SmallGPTError, ValueError):
+    """A config file, key or value is wrong."""
+
+
+class DataError(SmallGPTError):
+    """A corpus, token file or data cache is missing, empty or invalid."""
+
+
+class TokenizerError(SmallGPTError, ValueError):
+    """Text or a tokenizer spec that the tokenizer cannot handle."""
+
+
+class CheckpointError(SmallGPTError):
+    """A checkpoint is missing, truncated or corrupt."""
+
+
+class SamplingError(SmallGPTError, ValueError):
+    """An out-of-range sampling argument (temperature, top-k, top-p, ...)."""
+
+
+class TrainingError(SmallGPTError):
+    """Training cannot go on (non-finite loss, unwritable output directory, ...)."""
