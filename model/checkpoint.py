@@ -1,0 +1,212 @@
+"""Checkpoints: safetensors weights plus JSON, written atomically, loaded without pickled code.
+
+A run directory holds `latest/` and `best/`, each a complete checkpoint:
+
+    model.safetensors   the plain module's weights (a tied W_U is stored once, as W_E)
+    config.json         the full resolved config and the tokenizer spec: sampling needs nothing else
+    optimizer.pt        optimizer state, read back with torch.load(weights_only=True)
+    state.json          step, best validation loss, sampler state, RNG states
+
+A save writes a hidden temporary directory, then swaps it in with renames, so a crash or kill
+during a save leaves the previous checkpoint loadable (as `latest/` or `.latest.old/`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .config import Config, config_from_dict
+from .errors import CheckpointError, SmallGPTError
+from .gpt import GPT
+from .tokenizer import Tokenizer, tokenizer_from_spec
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, OPTIMIZER, STATE = "model.safetensors", "config.json", "optimizer.pt", "state.json"
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` returns: a ready model and tokenizer plus the run's saved state."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    config: Config
+    path: Path
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def _fsync_dir(path: Path) -> None:
+    # On POSIX a rename is durable only once the directory entry is flushed.
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path, os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Replace `target` by `tmp`; at every instant one complete copy exists on disk."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    _fsync_dir(target.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's CPU (and CUDA) generator states as JSON-safe base64 strings."""
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode()
+                         for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    def decode(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(decode(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, config: Config,
+                    tokenizer_spec: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
+                    state: dict[str, Any] | None = None) -> Path:
+    """Write a complete checkpoint to `directory` atomically. `model` must be the plain module
+    (not wrapped by DDP or torch.compile)."""
+    target = Path(directory)
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a save that was killed: never used
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / WEIGHTS))  # handles the tied W_E/W_U tensor
+    _write_json(tmp / CONFIG, {"format": FORMAT_VERSION, "config": config.to_dict(),
+                               "tokenizer": tokenizer_spec})
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    _write_json(tmp / STATE, state or {})
+    for f in tmp.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    _swap_in(tmp, target)
+    return target
+
+
+def copy_checkpoint(source: str | Path, directory: str | Path) -> Path:
+    """Atomically make `directory` a copy of checkpoint `source` (used to keep the best)."""
+    target = Path(directory)
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(source, tmp)
+    _swap_in(tmp, target)
+    return target
+
+
+def find_checkpoints(root: str | Path = "out") -> list[Path]:
+    """Every checkpoint directory under `root`, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p.parent for p in root.rglob(CONFIG) if (p.parent / WEIGHTS).exists()
+             and not p.parent.name.startswith(".")]
+    return sorted(found, key=lambda p: (p / WEIGHTS).stat().st_mtime, reverse=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its `latest/`, falling back to the copy a
+    killed save left behind, then `best/`)."""
+    path = Path(path)
+    if path.is_file() and path.name in (WEIGHTS, CONFIG):
+        path = path.parent
+    if (path / WEIGHTS).exists():
+        return path
+    for name in ("latest", ".latest.old", "best"):
+        if (path / name / WEIGHTS).exists():
+            return path / name
+    existing = find_checkpoints(path if path.is_dir() else "out")
+    listed = ", ".join(str(p) for p in existing[:5]) if existing else "none under out/"
+    what = "holds no checkpoint" if path.exists() else "does not exist"
+    raise CheckpointError(f"checkpoint {str(path)!r} {what}; checkpoints found: {listed}")
+
+
+def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
+    """The resolved Config and tokenizer spec stored in a checkpoint."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        meta = json.loads((ckpt / CONFIG).read_text(encoding="utf-8"))
+        config = config_from_dict(meta["config"], name=meta["config"].get("name", "run"))
+        return config, meta["tokenizer"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no {CONFIG}; it is incomplete") from None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r}: {CONFIG} is corrupt ({type(exc).__name__})") from None
+    except SmallGPTError as exc:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: stored config is invalid: {exc}") from None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild model and tokenizer from a checkpoint or run directory, ready for eval()."""
+    ckpt = resolve_checkpoint(path)
+    config, spec = read_checkpoint_config(ckpt)
+    try:
+        tokenizer = tokenizer_from_spec(spec)
+    except SmallGPTError as exc:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from None
+    model = GPT(config.model)
+    try:
+        load_model(model, str(ckpt / WEIGHTS), strict=True, device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r}: {WEIGHTS} is truncated or corrupt ({reason}); "
+            "use another checkpoint, e.g. the run's best/") from None
+    model.to(device).eval()
+    return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=ckpt,
+                      state=load_state(ckpt))
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / STATE
+    if not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {str(path)!r}: {STATE} is corrupt") from None
+
+
+def load_optimizer_state(path: str | Path) -> dict[str, Any] | None:
+    """The optimizer's state dict, loaded with weights_only=True (no pickled code runs)."""
+    file = Path(path) / OPTIMIZER
+    if not file.exists():
+        return None
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged zip archives
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: {OPTIMIZER} is truncated or corrupt "
+            f"({type(exc).__name__})") from None
