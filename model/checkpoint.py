@@ -160,12 +160,14 @@ def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
         config = config_from_dict(meta["config"], name=meta["config"].get("name", "run"))
         return config, meta["tokenizer"]
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no {CONFIG}; it is incomplete") from None
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} has no {CONFIG}; it is incomplete") from None
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise CheckpointError(
             f"checkpoint {str(ckpt)!r}: {CONFIG} is corrupt ({type(exc).__name__})") from None
     except SmallGPTError as exc:
-        raise CheckpointError(f"checkpoint {str(ckpt)!r}: stored config is invalid: {exc}") from None
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r}: stored config is invalid: {exc}") from None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -175,7 +177,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     try:
         tokenizer = tokenizer_from_spec(spec)
     except SmallGPTError as exc:
-        raise CheckpointError(f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from None
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from None
     model = GPT(config.model)
     try:
         load_model(model, str(ckpt / WEIGHTS), strict=True, device=str(device))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -48,7 +49,7 @@ def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
 class GPTConfig:
     """The shape of the network. Defaults are a small GPT that trains on a CPU."""
 
-    vocab_size: int = 50257
+    vocab_size: int | None = 50257  # None: taken from the tokenizer when training starts
     block_size: int = 256  # context size: the most tokens the model sees at once
     n_layer: int = 6
     n_head: int = 6
@@ -83,6 +84,8 @@ class GPTConfig:
     def validate(self, prefix: str = "model") -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
+            if name == "vocab_size" and value is None:
+                continue  # resolved from the tokenizer before the model is built
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{prefix}.{name}: must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
@@ -261,6 +264,9 @@ def _suggest(name: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(choices)}"
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against a field's annotation; ints are accepted where floats are expected."""
     hint = annotation
@@ -278,6 +284,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string, not a float
         if option is str and isinstance(value, str):
             return value
     names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
@@ -297,9 +305,10 @@ def _build_section(section: str, values: dict[str, Any]) -> Any:
         kwargs[name] = _coerce(f"{section}.{name}", value, hints[name])
     if cls is GPTConfig:
         # GPTConfig validates itself on construction; build it without that so errors name keys.
+        # An absent vocab_size means "whatever the tokenizer has".
         obj = cls.__new__(cls)
         for f in fields(cls):
-            setattr(obj, f.name, kwargs.get(f.name, f.default))
+            setattr(obj, f.name, kwargs.get(f.name, None if f.name == "vocab_size" else f.default))
         obj.validate(section)
         return obj
     obj = cls(**kwargs)
@@ -311,6 +320,8 @@ def config_from_dict(raw: dict[str, Any], name: str = "run") -> Config:
     """Build and validate a Config from a nested dict such as a parsed YAML file."""
     if not isinstance(raw, dict):
         raise ConfigError("config: the file must hold a mapping with sections model, data, train")
+    raw = dict(raw)
+    name = raw.pop("name", name)  # present in configs saved with checkpoints
     for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"{section}: unknown section{_suggest(section, list(SECTIONS))}")
@@ -334,7 +345,8 @@ def resolve_config_path(path: str | Path) -> Path:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """'train.max_steps=50' -> ('train', 'max_steps', 50); the value is parsed as YAML."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override {text!r}: write it as section.key=value, e.g. train.max_steps=50")
+        raise ConfigError(
+            f"override {text!r}: write it as section.key=value, e.g. train.max_steps=50")
     dotted, raw_value = text.split("=", 1)
     section, key = dotted.split(".", 1)
     try:
@@ -351,7 +363,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         first_line = str(exc).splitlines()[0]
-        raise ConfigError(f"config file {str(resolved)!r} is not valid YAML: {first_line}") from None
+        raise ConfigError(
+            f"config file {str(resolved)!r} is not valid YAML: {first_line}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(resolved)!r} must hold sections model, data, train")
     for text in overrides:

@@ -68,8 +68,9 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch_size: int, device: Any = None,
                  dtype: torch.dtype = torch.float32) -> None:
         shape = (batch_size, config.kv_heads, config.block_size, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        layers = range(config.n_layer)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
         self.length = 0
         self.capacity = config.block_size
 
@@ -204,7 +205,7 @@ class ForwardTrace:
     """What `GPT.trace` records: the residual stream after each block and attention weights."""
 
     logits: torch.Tensor  # (B, T, V)
-    hidden: list[torch.Tensor]  # n_layer + 1 tensors (B, T, C): embeddings, then each block's output
+    hidden: list[torch.Tensor]  # n_layer + 1 tensors (B, T, C): embeddings, then each block
     attention: list[torch.Tensor]  # n_layer tensors (B, H, T, T)
 
 
@@ -212,6 +213,9 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         config.validate("model")
+        if config.vocab_size is None:
+            raise ConfigError("model.vocab_size: not set; set it, or let training take it from "
+                              "the tokenizer")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)  # W_E
         self.pos_emb = (nn.Embedding(config.block_size, config.n_embd)
@@ -306,7 +310,8 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention's
         12 * n_layer * n_embd * block_size (Kaplan et al., 2020; PaLM appendix B)."""
         c = self.config
-        weights = self.num_params() - (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        positions = self.pos_emb.weight.numel() if self.pos_emb is not None else 0
+        weights = self.num_params() - positions
         return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
 
     def new_cache(self, batch_size: int, device: Any = None,
@@ -319,11 +324,12 @@ class GPT(nn.Module):
         return cls(GPTConfig.from_preset(name, **overrides))
 
     @classmethod
-    def from_hf_gpt2(cls, path_or_state_dict: str | Path | dict[str, torch.Tensor]) -> GPT:
-        """Load GPT-2 weights in the Hugging Face layout (directory or state dict)."""
+    def from_hf_gpt2(cls, path_or_state_dict: str | Path | dict[str, torch.Tensor],
+                     n_head: int | None = None) -> GPT:
+        """Load GPT-2 weights in the Hugging Face layout (directory, or state dict and n_head)."""
         from .hf import load_hf_gpt2
 
-        return load_hf_gpt2(path_or_state_dict)
+        return load_hf_gpt2(path_or_state_dict, n_head)
 
     def to_hf_gpt2(self, directory: str | Path) -> Path:
         """Write this model as a Hugging Face GPT-2 directory (config.json + model.safetensors)."""

@@ -25,7 +25,8 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     if name.startswith("cuda") and not cuda:
-        raise ConfigError("train.device: cuda was asked for but no CUDA GPU is visible; use auto or cpu")
+        raise ConfigError(
+            "train.device: cuda was asked for but no CUDA GPU is visible; use auto or cpu")
     if name == "mps" and not mps:
         raise ConfigError("train.device: mps was asked for but is not available; use auto or cpu")
     return torch.device(name)

@@ -1,0 +1,105 @@
+"""Optimizers and the learning-rate schedule.
+
+AdamW decays matrices only: biases and norm gains are offsets and scales, and pulling them
+towards zero only hurts (as in GPT-3's and nanoGPT's set-ups). With `optimizer: muon`, the
+hidden 2-D weights of the blocks use Muon (orthogonalised momentum; Jordan et al., 2024) and
+everything else (embeddings, head, norms, biases) keeps AdamW, as Muon's authors recommend.
+
+The schedule is a pure function of the step, so a resumed run gets the same rate as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay (or a constant rate and a linear cool-down,
+    "wsd") down to cfg.min_lr at cfg.max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    if cfg.schedule == "wsd":
+        cooldown_start = cfg.max_steps * (1.0 - cfg.cooldown_fraction)
+        if step < cooldown_start:
+            return cfg.lr
+        progress = (step - cooldown_start) / max(1.0, cfg.max_steps - cooldown_start)
+        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class CombinedOptimizer:
+    """Several optimizers stepped together, so the loop and checkpoints see one object."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+        # Every group in one list, so the schedule treats this like a single optimizer.
+        self.param_groups = [g for opt in optimizers for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for opt, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            opt.load_state_dict(state)
+
+
+def _is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
+    """Weights of the blocks' linear layers: the matrices Muon is designed for."""
+    return param.ndim == 2 and name.startswith("blocks.")
+
+
+Optimizer = torch.optim.Optimizer | CombinedOptimizer
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizer:
+    """AdamW (fused kernels on CUDA) or Muon + AdamW; every group remembers its base rate in
+    `base_lr` so the schedule can scale it."""
+    params = dict(model.named_parameters())  # a tied W_E/W_U appears once
+    muon = cfg.optimizer == "muon"
+    hidden = [p for n, p in params.items() if muon and _is_hidden_matrix(n, p)]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [(n, p) for n, p in params.items() if id(p) not in hidden_ids]
+    decay = [p for _, p in rest if p.ndim >= 2]
+    no_decay = [p for _, p in rest if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
+    ]
+    # Fused AdamW is one kernel for all parameters on CUDA; on the CPU the foreach path wins.
+    fused = device.type == "cuda"
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                              fused=fused, foreach=None if fused else True)
+    if not muon:
+        return adamw
+    muon_opt = torch.optim.Muon(
+        [{"params": hidden, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
+        weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+    )
+    return CombinedOptimizer([muon_opt, adamw])
+
+
+def set_lr(optimizer: Optimizer, step: int, cfg: TrainConfig) -> float:
+    """Scale every group's base rate by the schedule's factor at `step`; return cfg.lr's value."""
+    lr = lr_at(step, cfg)
+    factor = lr / cfg.lr
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return lr
