@@ -1,0 +1,198 @@
+"""Training: the loop learns, resumes bit for bit, survives kills, stops on NaN, and DDP matches."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.config import config_from_dict
+from model.errors import ConfigError, TrainingError
+from model.optim import lr_at
+from model.training import train
+from train import main as train_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_corpus(path: Path) -> Path:
+    """~40 KB of deterministic, slightly varied text: enough windows for tiny models."""
+    words = ["to", "be", "or", "not", "the", "question", "whether", "nobler", "mind", "suffer"]
+    lines = []
+    for i in range(2000):
+        lines.append(" ".join(words[(i * k) % len(words)] for k in range(1, 5)) + ".")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_raw(tmp_path: Path, **train_overrides) -> dict:
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    train_cfg = dict(out_dir=str(tmp_path / "run"), max_steps=8, batch_size=4, lr=3e-3,
+                     min_lr=3e-4, warmup_steps=2, eval_interval=4, eval_steps=2, log_interval=1,
+                     seed=7, device="cpu")
+    train_cfg.update(train_overrides)
+    return {
+        "model": dict(block_size=16, n_layer=1, n_head=2, n_embd=32),
+        "data": dict(source=str(corpus), tokenizer="char", cache_dir=str(tmp_path / "cache"),
+                     num_proc=1),
+        "train": train_cfg,
+    }
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_schedule_warmup_then_cosine_to_min_lr():
+    cfg = config_from_dict({"train": dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)}).train
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    wsd = config_from_dict({"train": dict(lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=100,
+                                          schedule="wsd", cooldown_fraction=0.2)}).train
+    assert lr_at(79, wsd) == 1.0 and lr_at(90, wsd) == pytest.approx(0.5)
+
+
+def test_training_lowers_loss_and_writes_checkpoint_and_logs(tmp_path):
+    cfg = config_from_dict(tiny_raw(tmp_path, max_steps=30, eval_interval=15), name="t")
+    result = train(cfg, progress=False)
+    assert result.steps == 30 and len(result.losses) == 30
+    assert result.losses[-1] < result.losses[0] - 0.5
+    assert result.val_bpb is not None and math.isfinite(result.val_bpb)
+    assert cfg.model.vocab_size == load_checkpoint(result.run_dir).tokenizer.vocab_size
+    for name in ("latest/model.safetensors", "latest/config.json", "latest/optimizer.pt",
+                 "latest/state.json", "best/model.safetensors", "metrics.jsonl", "loss.png"):
+        assert (result.run_dir / name).exists(), name
+    ckpt = load_checkpoint(result.run_dir)
+    assert ckpt.state["step"] == 30
+    x = torch.arange(8)[None] % ckpt.model.config.vocab_size
+    assert torch.isfinite(ckpt.model(x)[0]).all()
+
+
+def test_resume_in_process_matches_uninterrupted(tmp_path):
+    full = train(config_from_dict(tiny_raw(tmp_path / "a"), name="t"), progress=False)
+    # The same run, stopped after its step-4 checkpoint (as by kill -9), then resumed.
+    first = tiny_raw(tmp_path / "b", max_steps=8)
+    cfg = config_from_dict(first, name="t")
+    cfg.train.time_budget_s = 1e-9  # stops after one step; the checkpoint is then at step 1
+    train(cfg, progress=False)
+    resumed = train(config_from_dict(tiny_raw(tmp_path / "b", resume=True), name="t"),
+                    progress=False)
+    assert resumed.steps == 8
+    assert step_losses(tmp_path / "b" / "run") == step_losses(tmp_path / "a" / "run")
+    assert resumed.losses == full.losses[1:]
+
+
+def _run_until(args: list[str], run_dir: Path, sig: int, min_step: int) -> None:
+    """Start train.py, wait until metrics reach `min_step`, then send `sig`."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run_dir / "metrics.jsonl"
+        ready = (run_dir / "latest" / "state.json").exists() and metrics.exists()
+        if ready and max(step_losses(run_dir), default=0) >= min_step:
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 or sig == signal.SIGINT, out.decode()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_interrupted_run_resumes_bit_for_bit(tmp_path, sig):
+    raw = tiny_raw(tmp_path, max_steps=60, eval_interval=20, checkpoint_interval=5)
+    config_path = tmp_path / "cfg.yaml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    _run_until(["--config", str(config_path), "--no-progress"], run_dir, sig, min_step=12)
+    interrupted_at = load_checkpoint(run_dir).state["step"]
+    assert 5 <= interrupted_at < 60
+    assert train_main(["--config", str(config_path), "--no-progress", "train.resume=true"]) == 0
+    resumed = step_losses(run_dir)
+
+    reference = dict(raw, train=dict(raw["train"], out_dir=str(tmp_path / "ref")))
+    train(config_from_dict(reference, name="ref"), progress=False)
+    assert resumed == step_losses(tmp_path / "ref")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = config_from_dict(tiny_raw(tmp_path, max_steps=4, eval_interval=2), name="t")
+    train(cfg, progress=False)
+    good = (tmp_path / "run" / "latest" / "model.safetensors").read_bytes()
+    boom = config_from_dict(tiny_raw(tmp_path, max_steps=8, eval_interval=2, lr=1e30,
+                                     warmup_steps=0, resume=True, grad_clip=0.0), name="t")
+    with pytest.raises(TrainingError, match=r"at step \d+.*lower train.lr"):
+        train(boom, progress=False)
+    assert load_checkpoint(tmp_path / "run").state["step"] == 4
+    assert (tmp_path / "run" / "latest" / "model.safetensors").read_bytes() == good
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    raw = tiny_raw(tmp_path)
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")
+    cfg = config_from_dict(dict(raw, train=dict(raw["train"], out_dir=str(blocked / "run"))))
+    with pytest.raises(TrainingError, match="cannot write to output directory"):
+        train(cfg, progress=False)
+    with pytest.raises(TrainingError, match="holds no checkpoint"):
+        train(config_from_dict(tiny_raw(tmp_path / "fresh", resume=True)), progress=False)
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        train(config_from_dict(dict(raw, model=dict(raw["model"], vocab_size=3))), progress=False)
+    assert train_main(["--config", "no-such-config.yaml"]) == 2
+    assert train_main(["--config", "tiny.yaml", "train.max_step=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: config file 'no-such-config.yaml' not found")
+    assert err[1] == "error: train.max_step: unknown key; did you mean 'max_steps'?"
+
+
+def test_every_shipped_config_loads_and_builds():
+    from model.config import load_config
+    from model.gpt import GPT
+
+    names = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+    assert {"tiny.yaml", "small.yaml", "shakespeare_char.yaml", "gpt2_124m.yaml"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = 300
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+        assert model.num_params() > 0
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    pytest.importorskip("torch.distributed.run")
+    raw = tiny_raw(tmp_path, max_steps=4, eval_interval=4, batch_size=2)
+    import yaml
+
+    ddp_cfg = tmp_path / "ddp.yaml"
+    ddp_cfg.write_text(yaml.safe_dump(dict(raw, train=dict(raw["train"],
+                                                            out_dir=str(tmp_path / "ddp")))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "train.py"), "--config", str(ddp_cfg), "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # One process with the same global batch: 2 ranks x 2 sequences = 4 sequences.
+    single = dict(raw, train=dict(raw["train"], batch_size=4, out_dir=str(tmp_path / "one")))
+    train(config_from_dict(single, name="one"), progress=False)
+    ddp, one = step_losses(tmp_path / "ddp"), step_losses(tmp_path / "one")
+    assert ddp.keys() == one.keys() == {1, 2, 3, 4}
+    for step in one:
+        assert ddp[step] == pytest.approx(one[step], abs=1e-5)
