@@ -84,7 +84,10 @@ def word_vector(model: GPT, tokenizer: Tokenizer, word: str) -> WordVector:
     forms = [word] if word[0].isspace() else [" " + word, word]
     encoded = {form: ids for form in forms if (ids := _encode(tokenizer, form))}
     if not encoded:
-        tokenizer.encode(word)  # raises the tokenizer's own one-line error (unknown characters)
+        try:
+            tokenizer.encode(word)  # to report the tokenizer's own reason (unknown characters)
+        except TokenizerError as exc:
+            raise TokenizerError(f"word {word!r}: {exc}") from None
         raise TokenizerError(f"word {word!r} encodes to no tokens")
     singles = [form for form in forms if len(encoded.get(form, ())) == 1]
     form = singles[0] if singles else min(encoded, key=lambda f: len(encoded[f]))

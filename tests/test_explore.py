@@ -304,7 +304,7 @@ def test_default_checkpoint_is_the_newest_under_out(run_dir, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["neighbors", "Zebra"], "Z"),
+    (["neighbors", "Zebra"], "word 'Zebra': text has 3 characters"),
     (["direction", "s", "t", "--words", " "], "empty"),
     (["attention", "the", "--layer", "2"], "layers 0 to 1"),
     (["attention", "the", "--head", "-1"], "heads 0 to 3"),
