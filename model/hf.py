@@ -1,0 +1,289 @@
+"""GPT-2 in the Hugging Face layout: load its checkpoints into our GPT, and write ours back.
+
+A Hugging Face GPT-2 directory holds `config.json` and `model.safetensors` (or the older
+`pytorch_model.bin`). Its tensors map one to one onto ours; the only twist is that its linear
+layers are `Conv1D` modules, which store the weight as (in, out) where nn.Linear stores (out, in).
+
+    from model.hf import load_hf_gpt2, save_hf_gpt2
+    model = load_hf_gpt2("path/to/gpt2")            # or a state dict, with n_head=12
+    save_hf_gpt2(model, "out/gpt2-hf")              # GPT2LMHeadModel.from_pretrained loads it
+
+transformers itself is not needed here: only its file format is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import GPTConfig
+from .errors import CheckpointError, ConfigError
+from .gpt import GPT
+
+# Per block: (our module, Hugging Face module). The blocks live under `blocks.i` / `h.i`.
+BLOCK_NAMES = (
+    ("norm1", "ln_1"),
+    ("attn.qkv", "attn.c_attn"),
+    ("attn.proj", "attn.c_proj"),
+    ("norm2", "ln_2"),
+    ("mlp.fc", "mlp.c_fc"),
+    ("mlp.proj", "mlp.c_proj"),
+)
+TOP_NAMES = (("tok_emb", "wte"), ("pos_emb", "wpe"), ("norm_f", "ln_f"))
+CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # weights stored transposed
+
+# Hugging Face activation names and ours. gelu_new and gelu_pytorch_tanh are both the tanh form.
+ACTIVATIONS_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+ACTIVATIONS_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+GPT2_VOCAB = 50257  # the GPT-2 tokenizer, whose last token (50256) is <|endoftext|>
+
+
+def _hf_to_ours(key: str) -> str | None:
+    """'h.3.attn.c_attn.weight' -> 'blocks.3.attn.qkv.weight'; None for a name we do not know."""
+    module, _, param = key.rpartition(".")
+    for ours, theirs in TOP_NAMES:
+        if module == theirs:
+            return f"{ours}.{param}"
+    parts = module.split(".", 2)
+    if len(parts) == 3 and parts[0] == "h" and parts[1].isdigit():
+        for ours, theirs in BLOCK_NAMES:
+            if parts[2] == theirs:
+                return f"blocks.{parts[1]}.{ours}.{param}"
+    return None
+
+
+def _is_conv1d_weight(hf_key: str) -> bool:
+    return hf_key.endswith(".weight") and any(f".{name}." in hf_key for name in CONV1D)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _read_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    if not directory.exists():
+        raise CheckpointError(f"GPT-2 checkpoint {str(directory)!r} does not exist")
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"GPT-2 checkpoint {str(directory)!r} is not a directory; pass the folder that holds "
+            "config.json and model.safetensors"
+        )
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"GPT-2 checkpoint {str(directory)!r} has no config.json")
+    try:
+        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{str(config_path)!r} is not valid JSON ({_first_line(exc)})"
+        ) from None
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{str(config_path)!r} must hold a JSON object")
+    if hf_config.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(
+            f"{str(directory)!r} holds a {hf_config['model_type']!r} model, not GPT-2"
+        )
+    safetensors_path, bin_path = directory / "model.safetensors", directory / "pytorch_model.bin"
+    path = safetensors_path if safetensors_path.is_file() else bin_path
+    if not path.is_file():
+        raise CheckpointError(
+            f"GPT-2 checkpoint {str(directory)!r} has neither model.safetensors nor "
+            "pytorch_model.bin"
+        )
+    try:
+        if path == safetensors_path:
+            state = load_file(path)
+        else:
+            # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # each format fails in its own way on a truncated or corrupt file
+        raise CheckpointError(
+            f"cannot read {str(path)!r}, it looks truncated or corrupt ({_first_line(exc)})"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path)!r} does not hold a state dict")
+    return state, hf_config
+
+
+def _check_hf_config(hf_config: dict) -> tuple[str, float]:
+    """Reject GPT-2 variants our model does not compute; return (activation, norm_eps)."""
+    name = hf_config.get("activation_function", "gelu_new")
+    if name not in ACTIVATIONS_IN:
+        raise ConfigError(
+            f"config.json activation_function={name!r} has no smallgpt equivalent; "
+            f"supported: {', '.join(ACTIVATIONS_IN)}"
+        )
+    if not hf_config.get("scale_attn_weights", True):
+        raise ConfigError("config.json scale_attn_weights=false: smallgpt scales by 1/sqrt(d)")
+    if hf_config.get("scale_attn_by_inverse_layer_idx", False):
+        raise ConfigError("config.json scale_attn_by_inverse_layer_idx=true is not supported")
+    if not hf_config.get("tie_word_embeddings", True):
+        raise ConfigError("config.json tie_word_embeddings=false: GPT-2 import needs tied W_E/W_U")
+    if hf_config.get("add_cross_attention", False):
+        raise ConfigError("config.json add_cross_attention=true: cross-attention is not supported")
+    return ACTIVATIONS_IN[name], float(hf_config.get("layer_norm_epsilon", 1e-5))
+
+
+def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
+                 n_head: int | None = None) -> GPT:
+    """Build a GPT from a Hugging Face GPT-2 directory or state dict.
+
+    The shape comes from the tensors: vocab_size from wte, block_size from wpe, n_embd, n_layer
+    from the h.N blocks and the MLP width from c_fc. The head count is not visible in any tensor
+    shape, so it is read from config.json, or must be passed as `n_head` with a bare state dict.
+    Names may carry GPT2LMHeadModel's `transformer.` prefix or not.
+    """
+    if isinstance(source, dict):
+        state, hf_config = source, {}
+        if n_head is None:
+            raise ConfigError(
+                "a bare GPT-2 state dict does not record n_head (no tensor shape shows it); "
+                "pass n_head=..., e.g. 12 for the 124M model"
+            )
+    else:
+        state, hf_config = _read_directory(Path(source))
+        if "n_head" not in hf_config and n_head is None:
+            raise CheckpointError(f"{str(Path(source) / 'config.json')!r} does not give n_head")
+        saved = hf_config.get("n_head", n_head)
+        if n_head is not None and n_head != saved:
+            raise ConfigError(f"n_head={n_head} disagrees with config.json n_head={saved}")
+        n_head = saved
+    activation, norm_eps = _check_hf_config(hf_config)
+
+    # Our names, with Conv1D weights turned into nn.Linear's (out, in) layout.
+    ours: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        key = key.removeprefix("transformer.")
+        # Causal-mask buffers of older transformers versions, and the head tied to wte.
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+            continue
+        name = _hf_to_ours(key)
+        if name is None:
+            raise CheckpointError(f"GPT-2 state dict has an unexpected tensor {key!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"GPT-2 state dict entry {key!r} is not a tensor")
+        ours[name] = (tensor.t() if _is_conv1d_weight(key) else tensor).float()
+    for required in ("tok_emb.weight", "pos_emb.weight", "blocks.0.mlp.fc.weight"):
+        if required not in ours:
+            raise CheckpointError(f"GPT-2 state dict lacks {required!r} (HF name for it missing)")
+
+    vocab_size, n_embd = ours["tok_emb.weight"].shape
+    n_inner = ours["blocks.0.mlp.fc.weight"].shape[0]
+    # int(mlp_ratio * n_embd) must give back n_inner; the plain quotient can land one ulp short.
+    mlp_ratio = n_inner / n_embd
+    if int(mlp_ratio * n_embd) != n_inner:
+        mlp_ratio = math.nextafter(mlp_ratio, math.inf)
+    config = GPTConfig(
+        vocab_size=vocab_size,
+        block_size=ours["pos_emb.weight"].shape[0],
+        n_layer=len({name.split(".")[1] for name in ours if name.startswith("blocks.")}),
+        n_head=n_head,
+        n_embd=n_embd,
+        mlp_ratio=mlp_ratio,
+        pos_emb="learned",
+        norm="layernorm",
+        norm_eps=norm_eps,
+        activation=activation,
+        bias=True,
+        dropout=0.0,
+        tie_embeddings=True,
+    )
+    for key, value in (("vocab_size", config.vocab_size), ("n_positions", config.block_size),
+                       ("n_embd", config.n_embd), ("n_layer", config.n_layer)):
+        if key in hf_config and hf_config[key] != value:
+            raise CheckpointError(f"config.json {key}={hf_config[key]}, the weights have {value}")
+
+    model = GPT(config)
+    ours["lm_head.weight"] = ours["tok_emb.weight"]  # tied: the same tensor under both names
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
+    if missing:
+        raise CheckpointError(f"GPT-2 state dict lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+    if unexpected:  # e.g. h.0 and h.2 without h.1
+        raise CheckpointError(f"GPT-2 state dict has an unexpected tensor for {unexpected[0]!r}")
+    for name, tensor in ours.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"GPT-2 tensor for {name!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(ours)
+    return model
+
+
+def _check_expressible(config: GPTConfig) -> None:
+    """GPT-2 is one point in our design space; name the first property that leaves it."""
+    problems = (
+        (config.pos_emb != "learned", f"model.pos_emb={config.pos_emb!r} (GPT-2 has learned "
+                                      "absolute positions)"),
+        (config.norm != "layernorm", f"model.norm={config.norm!r} (GPT-2 uses LayerNorm)"),
+        (not config.bias, "model.bias=False (GPT-2 has biases in every linear layer and norm)"),
+        (not config.tie_embeddings, "model.tie_embeddings=False (GPT-2 ties W_U to W_E)"),
+        (config.qk_norm, "model.qk_norm=True (GPT-2 has no query/key norms)"),
+        (config.activation not in ACTIVATIONS_OUT,
+         f"model.activation={config.activation!r} (GPT-2 supports gelu and gelu_tanh)"),
+        (config.kv_heads != config.n_head, f"model.n_kv_head={config.n_kv_head} "
+                                           f"(GPT-2 has one key/value head per query head)"),
+    )
+    for bad, what in problems:
+        if bad:
+            raise ConfigError(f"cannot export to GPT-2: {what}")
+
+
+def save_hf_gpt2(model: GPT, directory: str | Path) -> Path:
+    """Write `model` as a Hugging Face GPT-2 directory: config.json and model.safetensors.
+
+    Raises ConfigError naming the property when the model is not GPT-2 shaped (rotary positions,
+    RMSNorm, no biases, untied head, QK norm, SwiGLU/ReLU², grouped-query attention).
+    """
+    config = model.config
+    _check_expressible(config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    state: dict[str, torch.Tensor] = {}
+    ours_to_hf = dict(TOP_NAMES)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to wte; GPT2LMHeadModel re-ties it on load
+        module, _, param = name.rpartition(".")
+        if module.startswith("blocks."):
+            _, index, rest = module.split(".", 2)
+            hf_module = f"h.{index}.{dict(BLOCK_NAMES)[rest]}"
+        else:
+            hf_module = ours_to_hf[module]
+        key = f"transformer.{hf_module}.{param}"
+        tensor = tensor.detach().cpu()
+        # safetensors needs contiguous tensors that share no memory with one another.
+        state[key] = (tensor.t() if _is_conv1d_weight(key) else tensor).contiguous().clone()
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+    end_of_text = GPT2_VOCAB - 1 if config.vocab_size == GPT2_VOCAB else None
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        # None means GPT-2's standard 4 * n_embd
+        "n_inner": None if config.mlp_hidden == 4 * config.n_embd else config.mlp_hidden,
+        "activation_function": ACTIVATIONS_OUT[config.activation],
+        "layer_norm_epsilon": config.norm_eps,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": end_of_text,
+        "eos_token_id": end_of_text,
+    }
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    return directory

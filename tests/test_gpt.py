@@ -1,0 +1,223 @@
+"""The model's behaviour on tiny, seeded networks: causality, loss at init, learning, weight tying,
+parameter counts, shape errors, the KV cache and the inspection trace."""
+
+import math
+
+import pytest
+import torch
+
+from model import GPT, ConfigError, GPTConfig, parameter_tally
+from model.config import PRESETS
+
+# A tiny shape that still has several heads and layers; fields overridden per test.
+TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+ROPE_GQA = dict(pos_emb="rope", n_kv_head=2)  # rotary positions with grouped-query attention
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a busy machine the threads'
+    spin-waiting can make each op 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+
+
+def random_tokens(shape, vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# -- causality -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, ROPE_GQA], ids=["learned", "rope-gqa"])
+def test_future_tokens_do_not_change_earlier_logits(overrides):
+    model = tiny_model(**overrides)
+    idx = random_tokens((2, 16), 64)
+    t = 9
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % 64
+    with torch.no_grad():
+        before, _ = model(idx)
+        after, _ = model(changed)
+    torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
+    # ...while the changed position and those after it do see the change
+    assert (after[:, t:] - before[:, t:]).abs().amax(dim=-1).min() > 1e-4
+
+
+# -- loss ------------------------------------------------------------------------------------------
+
+def test_loss_at_init_is_log_vocab():
+    # Small initial weights give near-uniform predictions: cross-entropy ~ ln(vocab_size).
+    vocab = 2048
+    model = tiny_model(vocab_size=vocab, block_size=64)
+    idx = random_tokens((8, 64), vocab, seed=1)
+    targets = random_tokens((8, 64), vocab, seed=2)
+    with torch.no_grad():
+        _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(vocab)) < 0.1
+
+
+def test_loss_ignores_minus_one_targets():
+    model = tiny_model()
+    idx = random_tokens((2, 8), 64)
+    targets = random_tokens((2, 8), 64, seed=2)
+    masked = targets.clone()
+    masked[:, 4:] = -1
+    with torch.no_grad():
+        _, full = model(idx, targets)
+        _, part = model(idx, masked)
+        logits, _ = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits[:, :4].reshape(-1, 64),
+                                                 targets[:, :4].reshape(-1))
+    torch.testing.assert_close(part, expected)
+    assert not torch.isclose(part, full)
+
+
+def test_overfits_one_batch():
+    model = tiny_model().train()
+    idx = random_tokens((4, 16), 64, seed=1)
+    targets = random_tokens((4, 16), 64, seed=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        _, loss = model(idx, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # From ln(64) = 4.16 nats to memorising 64 random targets.
+    assert loss.item() < 0.3
+
+
+# -- weight tying and parameter counts -------------------------------------------------------------
+
+def test_tied_embeddings_share_one_tensor():
+    model = tiny_model()
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert len(list(model.parameters())) == len(model.state_dict()) - 1  # listed once
+    with torch.no_grad():
+        model.tok_emb.weight[0, 0] = 123.0
+    assert model.lm_head.weight[0, 0].item() == 123.0
+
+
+def test_untied_embeddings_are_separate():
+    tied, untied = tiny_model(), tiny_model(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+    assert untied.lm_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
+    assert untied.num_params() - tied.num_params() == 64 * 32
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"tie_embeddings": False},
+    {"pos_emb": "rope"},
+    {"n_kv_head": 1},
+    {"activation": "swiglu", "mlp_ratio": 8 / 3},
+    {"qk_norm": True},
+    {"norm": "rmsnorm", "bias": False},
+    {"pos_emb": "rope", "n_kv_head": 2, "activation": "relu2", "qk_norm": True,
+     "norm": "rmsnorm", "tie_embeddings": False},
+], ids=["default", "untied", "rope", "gqa", "swiglu", "qk_norm", "rmsnorm", "modern"])
+def test_tally_sums_to_numel(overrides):
+    model = tiny_model(**overrides)
+    unique = sum(p.numel() for p in model.parameters())  # parameters() lists a tied tensor once
+    assert sum(row.count for row in parameter_tally(model)) == unique == model.num_params()
+    # the config path (meta device) counts the same
+    assert sum(row.count for row in parameter_tally(model.config)) == unique
+
+
+# Reference counts, positions included, W_U tied to W_E (they match Hugging Face's GPT-2 sizes).
+PRESET_TOTALS = {
+    "gpt2": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_tallies_on_meta(name):
+    config = GPTConfig.from_preset(name)
+    rows = {row.component: row for row in parameter_tally(config)}
+    total = sum(row.count for row in rows.values())
+    emb = rows["token embedding (W_E)"]
+    assert emb.count == config.vocab_size * config.n_embd
+    assert rows["unembedding (W_U)"].shared_with == "token embedding (W_E)"
+    if name == "gpt3":
+        assert emb.count == 617_558_016
+        assert abs(total - 175e9) / 175e9 < 0.01
+    else:
+        assert total == PRESET_TOTALS[name]
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+def test_n_embd_not_divisible_by_n_head():
+    with pytest.raises(ConfigError, match="n_embd"):
+        GPTConfig(**{**TINY, "n_embd": 30})
+
+
+@pytest.mark.parametrize("n_kv_head", [0, 3])
+def test_bad_n_kv_head(n_kv_head):
+    with pytest.raises(ConfigError, match="n_kv_head"):
+        GPTConfig(**TINY, n_kv_head=n_kv_head)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="gpt5") as info:
+        GPT.from_preset("gpt5")
+    assert "gpt2-medium" in str(info.value)  # lists the valid names
+
+
+@pytest.mark.parametrize("overrides", [{}, ROPE_GQA], ids=["learned", "rope-gqa"])
+def test_input_longer_than_block_size(overrides):
+    model = tiny_model(**overrides)
+    with pytest.raises(ConfigError, match="block_size=16"):
+        model(random_tokens((1, 17), 64))
+    cache = model.new_cache(1)
+    model(random_tokens((1, 16), 64), cache=cache)
+    with pytest.raises(ConfigError, match="block_size"):  # one more token than the cache holds
+        model(random_tokens((1, 1), 64), cache=cache)
+
+
+# -- KV cache --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, ROPE_GQA], ids=["learned", "rope-gqa"])
+def test_kv_cache_matches_full_forward(overrides):
+    model = tiny_model(**overrides)
+    idx = random_tokens((2, 16), 64)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_cache(2)
+        # a 5-token prefill, a 3-token chunk (needs a mask over the past), then one at a time
+        pieces = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:8], cache=cache)[0]]
+        pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 16)]
+    assert cache.length == 16
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    cache.reset()
+    with torch.no_grad():
+        again, _ = model(idx[:, :4], cache=cache)
+    torch.testing.assert_close(again, full[:, :4], rtol=0, atol=1e-5)
+
+
+# -- trace -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, ROPE_GQA], ids=["learned", "rope-gqa"])
+def test_trace_matches_forward(overrides):
+    model = tiny_model(**overrides)
+    idx = random_tokens((2, 12), 64)
+    trace = model.trace(idx)
+    with torch.no_grad():
+        logits, _ = model(idx)
+    torch.testing.assert_close(trace.logits, logits, rtol=0, atol=1e-5)
+    assert len(trace.hidden) == 3 and len(trace.attention) == 2
+    for weights in trace.attention:
+        assert weights.shape == (2, 4, 12, 12)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 12))
+        future = torch.ones(12, 12, dtype=torch.bool).triu(1)
+        assert weights[..., future].abs().max() == 0
+        assert weights[..., ~future].min() > 0  # softmax: every visible key gets some weight

@@ -1,0 +1,216 @@
+"""GPT-2 import and export against transformers' own GPT2LMHeadModel, on tiny random models."""
+
+import json
+
+import pytest
+import torch
+
+from model import GPT, CheckpointError, ConfigError, GPTConfig
+from model.hf import load_hf_gpt2, save_hf_gpt2
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a busy machine the threads'
+    spin-waiting can make each op 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hf_model(**overrides) -> "transformers.GPT2LMHeadModel":
+    """A random GPT-2 small enough to build in milliseconds; no dropout, eval mode."""
+    torch.manual_seed(0)
+    settings = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=101, n_positions=32,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(**{**settings, **overrides})
+    model = transformers.GPT2LMHeadModel(config).eval()
+    # Random init leaves biases and norms at 0 and 1; perturb them so the mapping is really tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tokens(vocab: int = 101, length: int = 32) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(1))
+
+
+def assert_same_logits(ours: GPT, theirs, idx: torch.Tensor) -> None:
+    ours.eval()
+    with torch.no_grad():
+        expected = theirs(idx).logits
+        got, _ = ours(idx)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < TOL
+
+
+def test_load_directory_matches_transformers(tmp_path):
+    theirs = hf_model()
+    theirs.save_pretrained(tmp_path)
+    ours = load_hf_gpt2(tmp_path)
+    c = ours.config
+    assert (c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd) == (101, 32, 2, 4, 64)
+    assert (c.activation, c.pos_emb, c.norm, c.bias, c.tie_embeddings) == (
+        "gelu_tanh", "learned", "layernorm", True, True)
+    assert ours.lm_head.weight is ours.tok_emb.weight
+    assert_same_logits(ours, theirs, tokens())
+
+
+def test_from_hf_gpt2_delegates(tmp_path):
+    theirs = hf_model()
+    theirs.save_pretrained(tmp_path)
+    assert_same_logits(GPT.from_hf_gpt2(tmp_path), theirs, tokens())
+
+
+@pytest.mark.parametrize("prefixed", [True, False])
+def test_load_state_dict_with_and_without_prefix(prefixed):
+    theirs = hf_model()
+    state = theirs.state_dict() if prefixed else theirs.transformer.state_dict()
+    assert any(k.startswith("transformer.") for k in state) == prefixed
+    assert_same_logits(load_hf_gpt2(state, n_head=4), theirs, tokens())
+
+
+def test_old_mask_buffers_are_skipped():
+    theirs = hf_model()
+    state = dict(theirs.state_dict())
+    # Older transformers versions saved the causal mask as buffers next to the weights.
+    state["transformer.h.0.attn.bias"] = torch.ones(1, 1, 32, 32)
+    state["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    assert_same_logits(load_hf_gpt2(state, n_head=4), theirs, tokens())
+
+
+def test_bare_state_dict_needs_n_head():
+    with pytest.raises(ConfigError, match="n_head"):
+        load_hf_gpt2(hf_model().state_dict())
+
+
+def test_load_pytorch_bin(tmp_path):
+    theirs = hf_model()
+    theirs.config.save_pretrained(tmp_path)
+    torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
+    assert_same_logits(load_hf_gpt2(tmp_path), theirs, tokens())
+
+
+@pytest.mark.parametrize("hf_name, ours_name", [("gelu", "gelu"), ("gelu_new", "gelu_tanh")])
+def test_activation_and_eps_and_n_inner(tmp_path, hf_name, ours_name):
+    # n_embd=28, n_inner=61: 61/28*28 falls just short of 61 in floating point.
+    theirs = hf_model(activation_function=hf_name, layer_norm_epsilon=1e-3, n_embd=28, n_inner=61)
+    theirs.save_pretrained(tmp_path)
+    ours = load_hf_gpt2(tmp_path)
+    assert ours.config.activation == ours_name
+    assert ours.config.norm_eps == 1e-3
+    assert ours.config.mlp_hidden == 61
+    assert_same_logits(ours, theirs, tokens())
+
+
+def test_save_loads_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64,
+                       activation="gelu_tanh", mlp_ratio=1.5)
+    ours = GPT(config)
+    with torch.no_grad():  # non-trivial biases and norms, as above
+        for name, p in ours.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    out = save_hf_gpt2(ours, tmp_path / "export")
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["n_inner"] == 96
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert_same_logits(ours, theirs, tokens())
+    # and back again: the same model
+    again = load_hf_gpt2(out)
+    assert again.config == ours.config
+    assert_same_logits(again, theirs, tokens())
+
+
+def test_to_hf_gpt2_delegates(tmp_path):
+    ours = GPT(GPTConfig(vocab_size=101, block_size=32, n_layer=1, n_head=2, n_embd=32,
+                         activation="gelu"))
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(ours.to_hf_gpt2(tmp_path)).eval()
+    assert theirs.config.activation_function == "gelu"
+    assert_same_logits(ours, theirs, tokens())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("pos_emb", "rope"),
+    ("norm", "rmsnorm"),
+    ("tie_embeddings", False),
+    ("bias", False),
+    ("qk_norm", True),
+    ("activation", "swiglu"),
+    ("activation", "relu2"),
+    ("n_kv_head", 2),
+])
+def test_save_rejects_what_gpt2_cannot_express(tmp_path, field, value):
+    config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=4, n_embd=16,
+                       **{field: value})
+    with pytest.raises(ConfigError, match=field) as info:
+        save_hf_gpt2(GPT(config), tmp_path)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def one_line_error(exc_type, source, match):
+    with pytest.raises(exc_type, match=match) as info:
+        load_hf_gpt2(source)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_directory(tmp_path):
+    one_line_error(CheckpointError, tmp_path / "nope", "does not exist")
+
+
+def test_missing_weights(tmp_path):
+    hf_model().config.save_pretrained(tmp_path)
+    one_line_error(CheckpointError, tmp_path, "model.safetensors")
+
+
+def test_missing_config(tmp_path):
+    hf_model().save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    one_line_error(CheckpointError, tmp_path, "config.json")
+
+
+def test_corrupt_safetensors(tmp_path):
+    hf_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # truncated mid-file
+    one_line_error(CheckpointError, tmp_path, "corrupt")
+
+
+def test_corrupt_bin(tmp_path):
+    hf_model().config.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+    one_line_error(CheckpointError, tmp_path, "corrupt")
+
+
+def test_corrupt_config(tmp_path):
+    hf_model().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    one_line_error(CheckpointError, tmp_path, "JSON")
+
+
+def test_unsupported_activation(tmp_path):
+    hf_model(activation_function="relu").save_pretrained(tmp_path)
+    one_line_error(ConfigError, tmp_path, "activation_function")
+
+
+def test_foreign_tensor_is_named():
+    state = dict(hf_model().state_dict())
+    state["transformer.h.0.attn.q_attn.weight"] = torch.zeros(64, 64)
+    with pytest.raises(CheckpointError, match="q_attn"):
+        load_hf_gpt2(state, n_head=4)
+
+
+def test_missing_tensor_is_named():
+    state = dict(hf_model().state_dict())
+    del state["transformer.h.1.ln_2.bias"]
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.norm2\.bias"):
+        load_hf_gpt2(state, n_head=4)
