@@ -1,0 +1,89 @@
+"""Generation speed with and without the KV cache, in new tokens per second.
+
+    python bench/sample_speed.py                      # random 6x6x384 model, context 256, vocab 65
+    python bench/sample_speed.py --checkpoint out/shakespeare_char
+
+Both runs use the same seed and the same context-window policy (model.sampling), so they produce
+the same tokens; only the way the logits are computed differs. Numbers include the prompt's
+prefill and the window refills past block_size. The CPU may be shared: run it a few times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+
+from model.checkpoint import load_checkpoint  # noqa: E402
+from model.config import GPTConfig  # noqa: E402
+from model.gpt import GPT  # noqa: E402
+from model.sampling import generate  # noqa: E402
+from model.tokenizer import train_tokenizer  # noqa: E402
+
+# nanoGPT's shakespeare_char vocabulary: the 65 characters of tiny-shakespeare.
+CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def tokens_per_second(model: GPT, tokenizer, args: argparse.Namespace, use_cache: bool) -> float:
+    steps = generate(model, tokenizer, args.prompt, max_new_tokens=args.tokens,
+                     temperature=1.0, seed=args.seed, show_top=0, use_cache=use_cache,
+                     ignore_eot=True)
+    start = time.perf_counter()
+    count = sum(1 for _ in steps)
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", help="measure a trained model instead of a random one")
+    p.add_argument("--tokens", type=int, default=500, help="new tokens per run")
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--width", type=int, default=384)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--pos-emb", default="learned", choices=["learned", "rope"])
+    p.add_argument("--prompt", default="ROMEO:")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-uncached", action="store_true", help="skip the slow reference run")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.checkpoint:
+        ckpt = load_checkpoint(args.checkpoint)
+        model, tokenizer, what = ckpt.model, ckpt.tokenizer, str(ckpt.path)
+    else:
+        tokenizer = train_tokenizer("char", [CHARS])
+        torch.manual_seed(args.seed)
+        model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.context,
+                              n_layer=args.layers, n_head=args.heads, n_embd=args.width,
+                              pos_emb=args.pos_emb))
+        what = "random weights"
+    c = model.config
+    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"model: {what}; {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context "
+          f"{c.block_size}, vocab {c.vocab_size}, {c.pos_emb} positions, "
+          f"{model.num_params() / 1e6:.2f}M parameters")
+    print(f"run: {args.tokens} new tokens after {args.prompt!r}, temperature 1, seed {args.seed}")
+
+    for _ in generate(model, tokenizer, args.prompt, max_new_tokens=8, show_top=0):
+        pass  # warm-up: first-call allocations and kernel selection are not what we measure
+    cached = tokens_per_second(model, tokenizer, args, use_cache=True)
+    print(f"with KV cache:    {cached:8.1f} tokens/s")
+    if not args.no_uncached:
+        full = tokens_per_second(model, tokenizer, args, use_cache=False)
+        print(f"without (full recomputation): {full:8.1f} tokens/s")
+        print(f"speed-up: {cached / full:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

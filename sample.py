@@ -1,0 +1,238 @@
+"""Generate text from a trained checkpoint: `python sample.py --prompt "ROMEO:" --temperature 0.8`.
+
+A thin front over model.sampling.generate: parse arguments, load the checkpoint, print the steps
+(streamed text, a probability table with --show-probs, or JSON lines with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from model.checkpoint import Checkpoint, find_checkpoints, load_checkpoint
+from model.cli import run_cli
+from model.errors import CheckpointError, ConfigError, SamplingError
+from model.runtime import pick_device, pick_dtype
+from model.sampling import Conversation, Step, check_sampling_args, generate
+
+VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
+TOKEN_WIDTH = 10  # columns for a token in the --show-probs table; longer tokens are shortened
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate text from a smallgpt checkpoint.")
+    p.add_argument("--checkpoint", help="checkpoint or run directory (default: newest under out/)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="text to continue (empty: start from end-of-text)")
+    source.add_argument("--prompt-file", help="read the prompt from a file; - reads stdin")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (argmax)")
+    p.add_argument("--top-k", type=int, help="sample from the K most likely tokens only")
+    p.add_argument("--top-p", type=float, help="sample from the nucleus of mass P, 0 < P <= 1")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, help="same seed, same text (default: a fresh one)")
+    p.add_argument("--stop", action="append", default=[], metavar="STRING",
+                   help="end a sample when its text contains STRING (repeatable)")
+    p.add_argument("--show-probs", type=int, metavar="K",
+                   help="per token: its probability and the K most likely alternatives")
+    p.add_argument("--json", action="store_true", help="one JSON object per generated token")
+    p.add_argument("--interactive", action="store_true", help="a prompt loop on stdin")
+    p.add_argument("--system", help="with --interactive: text placed before the conversation")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return p
+
+
+def load_model(args: argparse.Namespace, err: TextIO) -> Checkpoint:
+    """The checkpoint asked for, or the newest under out/; a bad one lists those that exist."""
+    path = args.checkpoint
+    if path is None:
+        found = find_checkpoints("out")
+        if not found:
+            raise CheckpointError("no checkpoint under out/; train one first: "
+                                  "python train.py --config tiny.yaml")
+        path = found[0]
+        print(f"using checkpoint {path}", file=err)
+    try:
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+    except ConfigError as exc:  # the runtime names training's keys; here they are options
+        raise ConfigError(str(exc).replace("train.", "--", 1)) from None
+    try:
+        ckpt = load_checkpoint(path, device)
+    except CheckpointError as exc:
+        if "checkpoints found" in str(exc):
+            raise
+        others = [str(p) for p in find_checkpoints("out")[:5]]
+        raise CheckpointError(f"{exc}; checkpoints found: {', '.join(others) or 'none under out/'}"
+                              ) from None
+    ckpt.model.to(dtype)
+    if args.compile:
+        # dynamic shapes: one graph for every cache length instead of a recompile per token
+        ckpt.model = torch.compile(ckpt.model, dynamic=True)
+    return ckpt
+
+
+def read_prompt(args: argparse.Namespace, stdin: TextIO) -> str:
+    if args.prompt_file is None:
+        return args.prompt or ""
+    if args.prompt_file == "-":
+        return stdin.read()
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SamplingError(f"cannot read prompt file {args.prompt_file!r}: {exc.strerror}"
+                            ) from None
+    except UnicodeDecodeError:
+        raise SamplingError(f"prompt file {args.prompt_file!r} is not UTF-8 text") from None
+
+
+def visible(text: str) -> str:
+    """Whitespace and control characters made visible: '·' space, '↵' newline, '→' tab."""
+    return "".join(VISIBLE.get(c) or (c if c.isprintable() else repr(c)[1:-1]) for c in text)
+
+
+def cell(text: str) -> str:
+    text = visible(text) or "∅"
+    return text if len(text) <= TOKEN_WIDTH else text[:TOKEN_WIDTH - 1] + "…"
+
+
+class Printer:
+    """Writes steps as they come: streamed text, a probability table, or JSON lines.
+
+    Samples are generated side by side; the lowest unfinished one streams live and the others
+    are held until it is done, so each sample prints in one piece.
+    """
+
+    def __init__(self, out: TextIO, prompt: str, num_samples: int, show_probs: int | None,
+                 as_json: bool) -> None:
+        self.out, self.prompt, self.n, self.show_probs = out, prompt, num_samples, show_probs
+        self.mode = "json" if as_json else "table" if show_probs else "text"
+        self.texts = [""] * num_samples
+        self.printed = [0] * num_samples  # characters of each text already written
+        self.done = [False] * num_samples
+        self.started = [False] * num_samples
+        self.current = 0
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def __call__(self, steps: Iterable[Step]) -> Iterator[Step]:
+        if self.mode == "text":
+            self.stream()  # the prompt, before the first token takes its time
+        elif self.mode == "table":
+            label = "sample " if self.n > 1 else ""
+            self.write(f"{label}{'step':>5}  {'token':<{TOKEN_WIDTH}} {'prob':>6}  | top "
+                       f"{self.show_probs}\n")
+        for step in steps:
+            self.texts[step.sample] += step.delta
+            self.done[step.sample] = step.finished is not None
+            if self.mode == "json":
+                self.write(json.dumps(step_record(step), ensure_ascii=False) + "\n")
+            elif self.mode == "table":
+                self.write(self.table_row(step))
+            else:
+                self.stream()
+            yield step
+        if self.mode == "text":
+            self.done = [True] * self.n  # max_new_tokens=0: the prompts alone
+            self.stream()
+        elif self.mode == "table":  # then each sample's whole text
+            self.write("\n" + "".join(f"{self.prompt}{text}\n" + ("---------------\n" if self.n > 1
+                                                                   else "") for text in self.texts))
+
+    def stream(self) -> None:
+        while self.current < self.n:
+            i = self.current
+            if not self.started[i]:
+                self.started[i] = True
+                self.write(self.prompt)
+            self.write(self.texts[i][self.printed[i]:])
+            self.printed[i] = len(self.texts[i])
+            if not self.done[i]:
+                return
+            self.write("\n" + ("---------------\n" if self.n > 1 else ""))
+            self.current += 1
+
+    def table_row(self, step: Step) -> str:
+        label = f"{step.sample:>6} " if self.n > 1 else ""
+        alternatives = "  ".join(f"{cell(t):<{TOKEN_WIDTH}} {p:.3f}" for _, t, p in step.top)
+        end = f"  [{step.finished}]" if step.finished else ""
+        return (f"{label}{step.index:>5}  {cell(step.text):<{TOKEN_WIDTH}} {step.prob:>6.3f}  | "
+                f"{alternatives}{end}\n")
+
+
+def read_lines(stdin: TextIO, err: TextIO) -> Iterator[str]:
+    while True:
+        err.write("> ")
+        err.flush()
+        line = stdin.readline()
+        if not line:
+            return
+        yield line.rstrip("\n")
+
+
+def step_record(step: Step) -> dict:
+    return {"sample": step.sample, "index": step.index, "token": step.token, "text": step.text,
+            "prob": step.prob, "top": [{"token": t, "text": s, "prob": p} for t, s, p in step.top],
+            "delta": step.delta, "finished": step.finished}
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None,
+         stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stdin, out, err = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    show = args.show_probs if args.show_probs is not None else 0
+    # Check the arguments before the (slow) checkpoint load.
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
+                        args.num_samples, show, args.stop)
+    if args.show_probs is not None and args.show_probs < 1:
+        raise SamplingError(f"--show-probs must be >= 1, got {args.show_probs}")
+    if args.interactive and (args.prompt is not None or args.prompt_file is not None):
+        raise SamplingError("--interactive reads its prompts from stdin; use --system for text "
+                            "placed before the conversation")
+    if args.interactive and args.num_samples != 1:
+        raise SamplingError("--interactive generates one reply at a time; drop --num-samples")
+    if args.system is not None and not args.interactive:
+        raise SamplingError("--system only applies with --interactive; put the text in --prompt")
+    prompt = "" if args.interactive else read_prompt(args, stdin)
+    ckpt = load_model(args, err)
+
+    def run(text: str, seed: int | None, stop: list[str]) -> str:
+        printer = Printer(out, "" if args.interactive else text, args.num_samples,
+                          args.show_probs, args.json)
+        steps = generate(ckpt.model, ckpt.tokenizer, text, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         seed=seed, stop=stop, num_samples=args.num_samples,
+                         show_top=show or (5 if args.json else 0),
+                         warn=lambda message: print(f"warning: {message}", file=err))
+        return "".join(step.delta for step in printer(steps) if step.sample == 0)
+
+    if not args.interactive:
+        run(prompt, args.seed, args.stop)
+        return 0
+    conversation = Conversation(args.system or "")
+    print("interactive: type a line and press Enter; 'exit' or end of input quits", file=err)
+    for turn, line in enumerate(read_lines(stdin, err)):
+        if line.strip() in ("exit", "quit"):
+            break
+        seed = None if args.seed is None else args.seed + turn
+        reply = run(conversation.prompt(line), seed, args.stop or ["\n\n"])
+        conversation.add(line, reply)
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: main(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,350 @@
+"""model.sampling on tiny seeded models: the sampling rules, the KV cache against full
+recomputation across the block_size boundary, stop strings, streaming text, and bad arguments."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from model import GPT, GPTConfig, SamplingError, TokenizerError
+from model.sampling import (
+    Conversation,
+    TextStream,
+    filter_logits,
+    generate,
+    sample_next,
+)
+from model.tokenizer import train_tokenizer
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak.\n"
+BLOCK = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation, and stalls on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def chars():
+    return train_tokenizer("char", [TEXT])
+
+
+def sharp_model(vocab: int, pos_emb: str = "learned", seed: int = 0, **overrides) -> GPT:
+    """A tiny float64 GPT with large random weights: its predictions depend strongly on the
+    context (so greedy outputs vary) and float64 keeps near-ties from flipping between paths."""
+    torch.manual_seed(seed)
+    config = dict(vocab_size=vocab, block_size=BLOCK, n_layer=2, n_head=4, n_embd=32,
+                  pos_emb=pos_emb)
+    model = GPT(GPTConfig(**{**config, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5)
+    return model.double().eval()
+
+
+def tokens_of(steps, sample: int = 0) -> list[int]:
+    return [s.token for s in steps if s.sample == sample]
+
+
+def text_of(steps, sample: int = 0) -> str:
+    return "".join(s.delta for s in steps if s.sample == sample)
+
+
+class Scripted(nn.Module):
+    """A stand-in model whose i-th forward pass makes script[i] by far the most likely token;
+    it records what it was shown."""
+
+    def __init__(self, script: list[int], vocab: int, block_size: int = BLOCK) -> None:
+        super().__init__()
+        self.config = GPTConfig(vocab_size=vocab, block_size=block_size, n_layer=1, n_head=1,
+                                n_embd=2)
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.script, self.seen = script, []
+
+    def forward(self, idx, targets=None, cache=None):
+        self.seen.append(idx.tolist())
+        logits = torch.zeros(idx.size(0), idx.size(1), self.config.vocab_size)
+        logits[:, -1, self.script[min(len(self.seen), len(self.script)) - 1]] = 20.0
+        return logits, None
+
+
+# -- the sampling rules -----------------------------------------------------------------------
+
+def test_temperature_zero_is_argmax_with_plain_softmax():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    tokens, probs = sample_next(logits, temperature=0.0, top_k=3, top_p=0.1)
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    torch.testing.assert_close(probs, logits.softmax(-1))
+
+
+def test_temperature_divides_logits():
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(1))
+    _, probs = sample_next(logits, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(probs, (logits / 0.5).softmax(-1))
+
+
+def test_top_k_never_samples_outside_the_k_best():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 40, generator=gen)
+    logits[:, :6] = 3.0  # ties at the top: still exactly k tokens may stay
+    kept = filter_logits(logits, top_k=4).isfinite()
+    assert kept.sum(-1).tolist() == [4] * 64
+    # the kept tokens are the best: none dropped is more likely than any kept
+    worst_kept = logits.masked_fill(~kept, 9e9).amin(-1)
+    assert (worst_kept >= logits.masked_fill(kept, -9e9).amax(-1)).all()
+    for _ in range(20):
+        tokens, probs = sample_next(logits, 2.0, top_k=4, generator=gen)
+        assert kept.gather(1, tokens[:, None]).all()
+        assert torch.equal(probs > 0, kept)
+
+
+def nucleus(probs: list[float], p: float) -> set[int]:
+    """The smallest set of most likely tokens with total probability >= p, by hand."""
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    chosen, total = set(), 0.0
+    for i in order:
+        chosen.add(i)
+        total += probs[i]
+        if total >= p:
+            break
+    return chosen
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9])
+def test_top_p_never_samples_outside_the_nucleus(top_p):
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(32, 20, generator=gen) * 2
+    sets = [nucleus(row.softmax(-1).tolist(), top_p) for row in logits]
+    kept = filter_logits(logits, top_p=top_p).isfinite()
+    assert [set(row.nonzero().flatten().tolist()) for row in kept] == sets
+    for _ in range(30):
+        tokens, _ = sample_next(logits, 1.0, top_p=top_p, generator=gen)
+        assert all(t in s for t, s in zip(tokens.tolist(), sets))
+
+
+def test_top_p_keeps_at_least_the_most_likely_token():
+    logits = torch.tensor([[0.0, 0.0, 5.0, 1.0]])
+    assert filter_logits(logits, top_p=1e-9).isfinite().tolist() == [[False, False, True, False]]
+
+
+def test_top_p_applies_to_the_top_k_distribution():
+    logits = torch.tensor([[4.0, 3.9, 3.8, 0.0, -1.0]])  # probabilities ~ .35 .32 .29 .02 .01
+    # alone, p = 0.5 needs two tokens; after top-k=2 the first has 0.525 of the mass
+    assert filter_logits(logits, top_p=0.5).isfinite().sum().item() == 2
+    assert filter_logits(logits, top_k=2, top_p=0.5).isfinite().tolist() == [
+        [True, False, False, False, False]]
+
+
+# -- generate: KV cache equivalence ------------------------------------------------------------
+
+@pytest.mark.parametrize("pos_emb,extra", [("learned", {}), ("rope", {"n_kv_head": 2})],
+                         ids=["learned", "rope-gqa"])
+def test_cached_greedy_equals_full_recomputation_past_block_size(chars, pos_emb, extra):
+    model = sharp_model(chars.vocab_size, pos_emb, **extra)
+    kwargs = dict(prompt="First", max_new_tokens=4 * BLOCK, temperature=0.0, ignore_eot=True)
+    cached = list(generate(model, chars, use_cache=True, **kwargs))
+    full = list(generate(model, chars, use_cache=False, **kwargs))
+    assert len(cached) == 4 * BLOCK
+    assert tokens_of(cached) == tokens_of(full)
+    assert len(set(tokens_of(cached))) > 3  # a varied output, so the comparison means something
+    assert [s.prob for s in cached] == pytest.approx([s.prob for s in full], abs=1e-9)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_sliding_window_matches_a_plain_cropping_loop(chars, pos_emb):
+    """window_shift=1 is nanoGPT's loop: every step sees exactly the last block_size tokens."""
+    model = sharp_model(chars.vocab_size, pos_emb, seed=3)
+    idx = torch.tensor([chars.encode("Before we")])
+    expected = []
+    with torch.no_grad():
+        for _ in range(3 * BLOCK):
+            logits, _ = model(idx[:, -BLOCK:])
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            expected.append(nxt.item())
+            idx = torch.cat((idx, nxt), dim=1)
+    for use_cache in (True, False):
+        steps = generate(model, chars, "Before we", max_new_tokens=3 * BLOCK, temperature=0.0,
+                         window_shift=1, use_cache=use_cache, ignore_eot=True)
+        assert tokens_of(steps) == expected
+
+
+def test_window_policy_refills_then_steps_one_token(chars):
+    model = Scripted([1] * 40, chars.vocab_size)
+    list(generate(model, chars, "Fir", max_new_tokens=30, temperature=0, use_cache=False))
+    lengths = [len(seen[0]) for seen in model.seen]
+    keep = BLOCK + 1 - BLOCK // 4
+    # grows to block_size, drops back to block_size - shift, grows again...
+    assert lengths[:BLOCK - 2] == list(range(3, BLOCK + 1))
+    assert lengths[BLOCK - 2] == keep
+    assert max(lengths) == BLOCK and min(lengths[BLOCK - 2:]) == keep
+
+
+def test_seeded_sampling_is_reproducible_and_cache_independent(chars):
+    model = sharp_model(chars.vocab_size)
+    kwargs = dict(prompt="All:", max_new_tokens=40, temperature=1.0, top_k=10, ignore_eot=True)
+    a = tokens_of(generate(model, chars, seed=7, **kwargs))
+    torch.manual_seed(123)  # the global generator plays no part
+    rng = torch.get_rng_state()
+    b = tokens_of(generate(model, chars, seed=7, **kwargs))
+    assert torch.equal(rng, torch.get_rng_state())
+    c = tokens_of(generate(model, chars, seed=8, **kwargs))
+    d = tokens_of(generate(model, chars, seed=7, use_cache=False, **kwargs))
+    assert a == b == d
+    assert a != c
+
+
+def test_generated_tokens_stay_in_top_k_of_the_models_distribution(chars):
+    model = sharp_model(chars.vocab_size, seed=1)
+    prompt = chars.encode("Speak")
+    steps = list(generate(model, chars, prompt, max_new_tokens=BLOCK - len(prompt),
+                          temperature=1.5, top_k=3, seed=0, show_top=5, ignore_eot=True))
+    idx = list(prompt)
+    with torch.no_grad():
+        for step in steps:
+            logits = model(torch.tensor([idx]))[0][0, -1]
+            assert step.token in logits.topk(3).indices.tolist()
+            assert len(step.top) <= 3 and step.token in [t for t, _, _ in step.top]
+            expected = (logits.float() / 1.5).softmax(-1)
+            assert step.prob == pytest.approx(expected[step.token].item()
+                                              / expected.topk(3).values.sum().item(), rel=1e-4)
+            idx.append(step.token)
+
+
+def test_batched_samples_are_independent_and_labelled(chars):
+    model = sharp_model(chars.vocab_size)
+    steps = list(generate(model, chars, "F", max_new_tokens=10, num_samples=3, seed=0,
+                          temperature=2.0, ignore_eot=True))
+    assert [s.sample for s in steps[:3]] == [0, 1, 2]
+    assert [s.index for s in steps if s.sample == 2] == list(range(10))
+    assert len({tuple(tokens_of(steps, i)) for i in range(3)}) == 3
+    greedy = list(generate(model, chars, "F", max_new_tokens=10, num_samples=2, temperature=0))
+    assert tokens_of(greedy, 0) == tokens_of(greedy, 1)
+
+
+def test_show_top_lists_the_most_likely_tokens(chars):
+    model = sharp_model(chars.vocab_size)
+    step = next(iter(generate(model, chars, "F", max_new_tokens=1, temperature=0, show_top=4)))
+    probs = [p for _, _, p in step.top]
+    assert len(step.top) == 4 and probs == sorted(probs, reverse=True)
+    assert step.top[0][0] == step.token and step.prob == pytest.approx(probs[0])
+    assert step.top[0][1] == chars.token_text(step.token) == step.text
+    assert sum(probs) <= 1 + 1e-6
+
+
+# -- endings and text ---------------------------------------------------------------------------
+
+def test_stop_string_ends_the_sample_and_is_not_shown(chars):
+    script = chars.encode("Speak, speak.\nmore")
+    model = Scripted(script, chars.vocab_size)
+    steps = list(generate(model, chars, "All:", max_new_tokens=30, temperature=0,
+                          stop=["ak.\n", "zz"], use_cache=False))
+    assert text_of(steps) == "Speak, spe"
+    assert steps[-1].finished == "stop" and len(steps) == len("Speak, speak.\n")
+    # the held-back "a" of "ak." came out only once it could not start a stop string
+    assert [s.delta for s in steps[3:6]] == ["", "", "ak,"]
+
+
+def test_stop_strings_ignore_the_prompt(chars):
+    model = Scripted(chars.encode("hear"), chars.vocab_size)
+    steps = list(generate(model, chars, "All:", max_new_tokens=4, temperature=0, stop=["All"],
+                          use_cache=False))
+    assert text_of(steps) == "hear" and steps[-1].finished == "length"
+
+
+def test_end_of_text_stops_generation(chars):
+    model = Scripted(chars.encode("hi") + [chars.eot_id, 5, 5], chars.vocab_size)
+    steps = list(generate(model, chars, "F", max_new_tokens=10, temperature=0, use_cache=False))
+    assert [s.finished for s in steps] == [None, None, "eot"]
+    assert text_of(steps) == "hi"
+
+
+def test_utf8_split_across_tokens_is_held_back():
+    bpe = train_tokenizer("bpe", ["plain ascii text"], vocab_size=257)  # bytes only: é is 2 tokens
+    script = list("né".encode()) + [ord("!")]
+    model = Scripted(script, bpe.vocab_size)
+    steps = list(generate(model, bpe, "x", max_new_tokens=4, temperature=0, use_cache=False))
+    assert [s.delta for s in steps] == ["n", "", "é", "!"]
+
+
+def test_text_stream_flushes_a_held_back_tail(chars):
+    stream = TextStream(chars, stop=["eak!"])
+    assert stream.push(chars.encode("e")[0]) == ("", False)
+    assert stream.push(chars.encode("a")[0]) == ("", False)
+    assert stream.flush() == "ea"
+
+
+def test_empty_prompt_starts_from_end_of_text(chars):
+    model = Scripted([1], chars.vocab_size)
+    list(generate(model, chars, "", max_new_tokens=1, use_cache=False))
+    assert model.seen[0] == [[chars.eot_id]]
+
+
+def test_long_prompt_keeps_its_last_block_size_tokens_with_a_warning(chars):
+    model = Scripted([1], chars.vocab_size)
+    messages = []
+    list(generate(model, chars, TEXT, max_new_tokens=1, use_cache=False, warn=messages.append))
+    assert model.seen[0] == [chars.encode(TEXT)[-BLOCK:]]
+    assert len(messages) == 1 and f"last {BLOCK} tokens" in messages[0]
+    with pytest.warns(UserWarning, match="longer|more than the context"):
+        generate(model, chars, TEXT, max_new_tokens=1, use_cache=False)
+
+
+def test_generation_leaves_model_mode_and_grad_mode_alone(chars):
+    model = sharp_model(chars.vocab_size).train()
+    for _ in generate(model, chars, "F", max_new_tokens=3):
+        assert not model.training
+        assert not torch.is_inference_mode_enabled()  # only while the generator itself runs
+    assert model.training
+
+
+def test_max_new_tokens_zero_yields_nothing(chars):
+    assert list(generate(sharp_model(chars.vocab_size), chars, "F", max_new_tokens=0)) == []
+
+
+def test_conversation_appends_each_exchange():
+    chat = Conversation("You are terse.")
+    assert chat.prompt("Hi") == "You are terse.\nHi\n"
+    chat.add("Hi", "Hello.")
+    assert chat.prompt("Bye") == "You are terse.\nHi\nHello.\nBye\n"
+    assert Conversation().prompt("Hi") == "Hi\n"
+
+
+# -- bad arguments ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(top_p=0.0), "top-p"),
+    (dict(top_p=1.5), "top-p"),
+    (dict(top_k=0), "top-k"),
+    (dict(max_new_tokens=-1), "max-new-tokens"),
+    (dict(num_samples=0), "num-samples"),
+    (dict(stop=[""]), "stop"),
+    (dict(window_shift=0), "window shift"),
+    (dict(window_shift=BLOCK + 1), "window shift"),
+])
+def test_bad_arguments_fail_at_the_call_with_one_line(chars, kwargs, words):
+    model = sharp_model(chars.vocab_size)
+    with pytest.raises(SamplingError, match=words) as info:
+        generate(model, chars, "F", **kwargs)  # no iteration needed
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_characters_in_the_prompt_are_named(chars):
+    with pytest.raises(TokenizerError, match="'Z'"):
+        generate(sharp_model(chars.vocab_size), chars, "Zebra")
+
+
+def test_top_p_one_and_large_top_k_change_nothing():
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(filter_logits(logits, top_k=50, top_p=1.0), logits)
