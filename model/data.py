@@ -143,7 +143,8 @@ def _read_text_files(paths: Sequence[Path]) -> list[Document]:
             raise DataError(f"cannot read corpus file {str(path)!r}: {reason}") from None
         bad, first = _bad_utf8(raw)
         if bad:
-            problems.append(f"{str(path)!r} has {bad} bytes that are not valid UTF-8 "
+            what = "byte that is" if bad == 1 else "bytes that are"
+            problems.append(f"{str(path)!r} has {bad} {what} not valid UTF-8 "
                             f"(the first at byte {first})")
     if problems:
         more = f" (and {len(problems) - 1} more files)" if len(problems) > 1 else ""
@@ -642,9 +643,11 @@ def _check_length(data: np.ndarray, block_size: int) -> None:
 class BatchSampler:
     """Random windows of block_size + 1 tokens -> (x, y) with y = x shifted by one.
 
-    Batch k on a rank is drawn from a generator seeded by (seed, rank, k): ranks draw different
-    windows, and the whole state is the count of batches drawn, so a restored sampler continues
-    exactly where the saved one stopped.
+    Batch k is drawn from a generator seeded by (seed, k): it picks world_size * batch_size
+    windows, the global batch, and each rank keeps its own slice. So ranks see different
+    windows, and N ranks together see exactly what one process with N times the batch sees.
+    The whole state is the count of batches drawn: a restored sampler continues exactly where
+    the saved one stopped.
     """
 
     def __init__(self, tokens: str | Path | np.ndarray | torch.Tensor, block_size: int,
@@ -664,9 +667,11 @@ class BatchSampler:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: int64 (batch_size, block_size) on the sampler's device."""
-        rng = np.random.default_rng([self.seed % 2**63, self.rank, self.batches_drawn])
+        rng = np.random.default_rng([self.seed % 2**63, self.batches_drawn])
         self.batches_drawn += 1
-        starts = rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
+        global_starts = rng.integers(0, len(self.data) - self.block_size,
+                                     size=self.batch_size * self.world_size)
+        starts = global_starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         windows = self.data[starts[:, None] + self._offsets]  # (B, T + 1)
         x = windows[:, :-1].astype(np.int64)
         y = windows[:, 1:].astype(np.int64)

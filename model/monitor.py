@@ -56,9 +56,10 @@ class RunLog:
                 print("warning: train.tensorboard is on but tensorboard is not installed")
 
     def _drop_after(self, step: int) -> None:
-        """On resume, forget lines for steps the resumed run will redo."""
+        """On resume from a checkpoint taken after `step` steps, forget the lines of later steps:
+        the resumed run redoes them."""
         lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) < step]
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
         self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:

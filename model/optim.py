@@ -70,8 +70,7 @@ Optimizer = torch.optim.Optimizer | CombinedOptimizer
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizer:
-    """AdamW (fused kernels on CUDA) or Muon + AdamW; every group remembers its base rate in
-    `base_lr` so the schedule can scale it."""
+    """AdamW (fused kernels on CUDA) or Muon + AdamW (its group marked `muon`)."""
     params = dict(model.named_parameters())  # a tied W_E/W_U appears once
     muon = cfg.optimizer == "muon"
     hidden = [p for n, p in params.items() if muon and _is_hidden_matrix(n, p)]
@@ -80,8 +79,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     decay = [p for _, p in rest if p.ndim >= 2]
     no_decay = [p for _, p in rest if p.ndim < 2]
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
-        {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
     ]
     # Fused AdamW is one kernel for all parameters on CUDA; on the CPU the foreach path wins.
     fused = device.type == "cuda"
@@ -90,16 +89,17 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     if not muon:
         return adamw
     muon_opt = torch.optim.Muon(
-        [{"params": hidden, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
+        [{"params": hidden, "muon": True}], lr=cfg.muon_lr,
         weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
     )
     return CombinedOptimizer([muon_opt, adamw])
 
 
 def set_lr(optimizer: Optimizer, step: int, cfg: TrainConfig) -> float:
-    """Scale every group's base rate by the schedule's factor at `step`; return cfg.lr's value."""
+    """Scale each group's configured rate by the schedule's factor at `step`; return the AdamW
+    rate. Rates come from `cfg`, not from the groups, so a resumed run uses the new config's."""
     lr = lr_at(step, cfg)
     factor = lr / cfg.lr
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
+        group["lr"] = (cfg.muon_lr if group.get("muon") else cfg.lr) * factor
     return lr

@@ -46,6 +46,7 @@ class TrainResult:
     run_dir: Path
     steps: int  # total optimizer steps done, counting those before a resume
     losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # wall-clock of each step run
     val_loss: float | None = None  # nats/token on the fixed validation windows
     val_bpb: float | None = None  # bits per byte of text
     train_seconds: float = 0.0
@@ -214,6 +215,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                     if step == start_step and t.compile:
                         compile_seconds = step_time  # the first call compiles
                     result.train_seconds += step_time
+                    result.step_seconds.append(step_time)
                     done = step + 1
                     result.steps = done
                     if done % t.log_interval == 0 or done == t.max_steps or device.type == "cpu":

@@ -30,6 +30,7 @@ def write_corpus(path: Path) -> Path:
     lines = []
     for i in range(2000):
         lines.append(" ".join(words[(i * k) % len(words)] for k in range(1, 5)) + ".")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -54,7 +55,8 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_schedule_warmup_then_cosine_to_min_lr():
-    cfg = config_from_dict({"train": dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)}).train
+    cfg = config_from_dict({"train": dict(lr=1.0, min_lr=0.1, warmup_steps=10,
+                                          max_steps=110)}).train
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)
