@@ -71,6 +71,7 @@ def test_gpt2_round_trips_and_keeps_endoftext_literal(gpt2) -> None:
         assert gpt2.eot_id not in ids
     assert gpt2.decode([gpt2.eot_id]) == "<|endoftext|>"
     assert gpt2.encode_batch(TRICKY) == [gpt2.encode(t) for t in TRICKY]
+    assert [gpt2.encode_array(t).tolist() for t in TRICKY] == [gpt2.encode(t) for t in TRICKY]
 
 
 def test_gpt2_spec_rebuilds(gpt2) -> None:
@@ -176,6 +177,7 @@ def test_bpe_round_trips_any_unicode(bpe) -> None:
         assert bpe.decode(ids) == text
         assert bpe.eot_id not in ids
         assert max(ids, default=0) < bpe.vocab_size
+        assert bpe.encode_array(text).tolist() == ids
 
 
 def test_bpe_layout_and_compression(bpe) -> None:
