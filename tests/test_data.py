@@ -389,6 +389,13 @@ def test_sampler_is_seeded_and_ranks_differ(tokens: np.ndarray) -> None:
     assert not any(torch.equal(a, b) for a, b in zip(rank0, rank1))
 
 
+def test_ranks_together_draw_one_global_batch(tokens: np.ndarray) -> None:
+    whole = BatchSampler(tokens, 8, 6, seed=4).next_batch()[0]
+    parts = [BatchSampler(tokens, 8, 2, seed=4, rank=r, world_size=3).next_batch()[0]
+             for r in range(3)]
+    assert torch.equal(torch.cat(parts), whole)
+
+
 def test_sampler_resumes_exactly(tokens: np.ndarray, tmp_path: Path) -> None:
     path = tmp_path / "train.bin"
     tokens.tofile(path)
