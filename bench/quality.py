@@ -1,0 +1,90 @@
+"""Quality per minute: bits per byte on tiny-shakespeare's validation split after a fixed
+wall-clock training budget.
+
+    python bench/quality.py --config shakespeare_fast.yaml --budget-seconds 300 [key=value ...]
+
+Trains on the first 90% of ../shared/data/tinyshakespeare.txt (or --corpus) and scores the
+whole last 10% in non-overlapping windows of the model's context. Data preparation and
+evaluation are outside the budget. The learning-rate schedule needs a step count, so a short
+calibration run measures the step time first and max_steps is set to fill the budget; the
+budget also stops training if the machine turns out slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+
+import torch
+from common import machine_line, require_tiny_shakespeare
+
+from model.checkpoint import load_checkpoint
+from model.config import load_config
+from model.data import prepare_data, sequential_windows
+from model.training import train
+
+
+@torch.no_grad()
+def whole_split_bits_per_byte(model: torch.nn.Module, tokens_path, block_size: int,
+                              bytes_per_token: float) -> tuple[float, float, int]:
+    """(nats/token, bits/byte, tokens scored) over every token of the split."""
+    model.eval()
+    total_nats, count = 0.0, 0
+    for x, y in sequential_windows(tokens_path, block_size, batch_size=64):
+        logits, _ = model(x)
+        nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                                 reduction="sum")
+        total_nats += nats.item()
+        count += y.numel()
+    per_token = total_nats / count
+    return per_token, per_token / math.log(2) / bytes_per_token, count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="shakespeare_fast.yaml")
+    parser.add_argument("--budget-seconds", type=float, default=300.0)
+    parser.add_argument("--calibration-steps", type=int, default=30)
+    parser.add_argument("--corpus", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    corpus = args.corpus or str(require_tiny_shakespeare())
+    with tempfile.TemporaryDirectory() as out:
+        base = [f"data.source={corpus}", "data.val_fraction=0.1", *args.overrides]
+        cfg = load_config(args.config, base)
+        t0 = time.perf_counter()
+        data = prepare_data(cfg.data, cfg.model.block_size, progress=False)
+        prep_seconds = time.perf_counter() - t0
+
+        calib = load_config(args.config, base + [
+            f"train.out_dir={out}/calib", f"train.max_steps={args.calibration_steps}",
+            f"train.eval_interval={args.calibration_steps}", "train.eval_steps=1"])
+        step_seconds = statistics.median(train(calib, progress=False).step_seconds[5:])
+        steps = max(10, int(args.budget_seconds / step_seconds * 0.97))
+
+        run = load_config(args.config, base + [
+            f"train.out_dir={out}/run", f"train.max_steps={steps}",
+            f"train.time_budget_s={args.budget_seconds}"])
+        result = train(run, progress=False)
+        model = load_checkpoint(result.run_dir).model
+        nats, bpb, scored = whole_split_bits_per_byte(
+            model, data.val_path, run.model.block_size, data.bytes_per_token("val"))
+
+    print(machine_line())
+    print(f"config {args.config} ({' '.join(args.overrides) or 'as shipped'}), "
+          f"tokenizer {cfg.data.tokenizer} (vocab {data.tokenizer.vocab_size}), "
+          f"{model.num_params():,} parameters")
+    print(f"data preparation {prep_seconds:.1f} s (outside the budget); calibrated "
+          f"{step_seconds * 1e3:.1f} ms/step -> max_steps {steps}")
+    print(f"trained {result.steps} steps in {result.train_seconds:.1f} s of a "
+          f"{args.budget_seconds:.0f} s budget ({result.tokens_per_second:,.0f} tokens/s)")
+    print(f"validation (whole last 10%, {scored:,} tokens, non-overlapping windows of "
+          f"{run.model.block_size}): {nats:.4f} nats/token = {bpb:.4f} bits/byte")
+
+
+if __name__ == "__main__":
+    main()
