@@ -36,7 +36,7 @@ def plot_next_token(result: NextToken, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     n, temps = len(result.top), result.temperatures
-    fig = Figure(figsize=(max(6.0, 0.7 * n * len(temps) ** 0.5 + 2), 4.5), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 0.6 * n + 2), 4.5), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(temps)
     for j, t in enumerate(temps):
