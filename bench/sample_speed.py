@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each; best and range shown")
     p.add_argument("--no-uncached", action="store_true", help="skip the slow reference run")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (dynamic shapes), as sample.py --compile does")
     args = p.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -88,12 +90,14 @@ def main() -> None:
                               pos_emb=args.pos_emb))
         what = "random weights"
     model.to(getattr(torch, args.dtype))
+    if args.compile:
+        model = torch.compile(model, dynamic=True)
     c = model.config
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"model: {what}; {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context "
           f"{c.block_size}, vocab {c.vocab_size}, {c.pos_emb} positions, "
-          f"{model.num_params() / 1e6:.2f}M parameters, {args.dtype}")
+          f"{model.num_params() / 1e6:.2f}M parameters, {args.dtype}, compile={args.compile}")
     print(f"run: {args.tokens} new tokens after {args.prompt!r}, temperature 1, seed {args.seed}")
 
     for _ in generate(model, tokenizer, args.prompt, max_new_tokens=8, show_top=0):
