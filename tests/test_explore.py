@@ -23,16 +23,6 @@ from model.gpt import GPT
 from model.tally import parameter_tally
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: a second thread only adds synchronisation, which on a busy
-    # machine turns milliseconds into seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class WordTokenizer:
     """A test double with the Tokenizer interface: greedy longest match over a fixed list."""
 

@@ -14,16 +14,6 @@ TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
 ROPE_GQA = dict(pos_emb="rope", n_kv_head=2)  # rotary positions with grouped-query attention
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a busy machine the threads'
-    spin-waiting can make each op 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     return GPT(GPTConfig(**{**TINY, **overrides})).eval()

@@ -13,16 +13,6 @@ transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a busy machine the threads'
-    spin-waiting can make each op 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hf_model(**overrides) -> "transformers.GPT2LMHeadModel":
     """A random GPT-2 small enough to build in milliseconds; no dropout, eval mode."""
     torch.manual_seed(0)

@@ -24,15 +24,6 @@ TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET: Ay m
 BLOCK = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation, and stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A run directory out/t with a tiny char-level model: (work dir, run dir, model, tokenizer)."""

@@ -22,15 +22,6 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Spea
 BLOCK = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation, and stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def chars():
     return train_tokenizer("char", [TEXT])

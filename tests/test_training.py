@@ -39,7 +39,7 @@ def tiny_raw(tmp_path: Path, **train_overrides) -> dict:
     corpus = write_corpus(tmp_path / "corpus.txt")
     train_cfg = dict(out_dir=str(tmp_path / "run"), max_steps=8, batch_size=4, lr=3e-3,
                      min_lr=3e-4, warmup_steps=2, eval_interval=4, eval_steps=2, log_interval=1,
-                     seed=7, device="cpu")
+                     seed=7, device="cpu", threads=1)
     train_cfg.update(train_overrides)
     return {
         "model": dict(block_size=16, n_layer=1, n_head=2, n_embd=32),
