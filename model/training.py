@@ -308,7 +308,8 @@ class _Loop:
         if t.grad_clip > 0:
             if self.scaler.is_enabled():  # clip the true gradients, not the scaled ones
                 self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip,
+                                                  foreach=True)  # one norm kernel for all
             self.last_grad_norm = norm
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)
