@@ -43,16 +43,33 @@ def whole_split_bits_per_byte(model: torch.nn.Module, tokens_path, block_size: i
     return per_token, per_token / math.log(2) / bytes_per_token, count
 
 
+def evaluate_only(path: str) -> None:
+    """Whole-validation-split bits per byte of a trained checkpoint, on its own data cache."""
+    ckpt = load_checkpoint(path)
+    data = prepare_data(ckpt.config.data, ckpt.config.model.block_size, progress=False)
+    nats, bpb, scored = whole_split_bits_per_byte(
+        ckpt.model, data.val_path, ckpt.config.model.block_size, data.bytes_per_token("val"))
+    print(machine_line())
+    print(f"{ckpt.path} (step {ckpt.state.get('step')}, source {ckpt.config.data.source}): "
+          f"whole validation split, {scored:,} tokens, non-overlapping windows of "
+          f"{ckpt.config.model.block_size}: {nats:.4f} nats/token = {bpb:.4f} bits/byte")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="shakespeare_fast.yaml")
     parser.add_argument("--budget-seconds", type=float, default=300.0)
     parser.add_argument("--calibration-steps", type=int, default=30)
     parser.add_argument("--corpus", default=None)
+    parser.add_argument("--evaluate", metavar="CHECKPOINT",
+                        help="only score an already trained checkpoint on the whole split")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
     corpus = args.corpus or str(require_tiny_shakespeare())
+    if args.evaluate:
+        evaluate_only(args.evaluate)
+        return
     with tempfile.TemporaryDirectory() as out:
         base = [f"data.source={corpus}", "data.val_fraction=0.1", *args.overrides]
         cfg = load_config(args.config, base)
