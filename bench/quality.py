@@ -66,10 +66,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    corpus = args.corpus or str(require_tiny_shakespeare())
     if args.evaluate:
         evaluate_only(args.evaluate)
         return
+    corpus = args.corpus or str(require_tiny_shakespeare())
     with tempfile.TemporaryDirectory() as out:
         base = [f"data.source={corpus}", "data.val_fraction=0.1", *args.overrides]
         cfg = load_config(args.config, base)
