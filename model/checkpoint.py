@@ -180,16 +180,22 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise CheckpointError(
             f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from None
     model = GPT(config.model)
-    try:
-        load_model(model, str(ckpt / WEIGHTS), strict=True, device=str(device))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint {str(ckpt)!r}: {WEIGHTS} is truncated or corrupt ({reason}); "
-            "use another checkpoint, e.g. the run's best/") from None
+    load_weights(model, ckpt, device)
     model.to(device).eval()
     return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=ckpt,
                       state=load_state(ckpt))
+
+
+def load_weights(model: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
+    """Fill `model` with a checkpoint's weights; a damaged file or a shape that does not fit
+    the model is a CheckpointError."""
+    try:
+        load_model(model, str(Path(path) / WEIGHTS), strict=True, device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: {WEIGHTS} is truncated, corrupt or of another shape "
+            f"({reason}); use another checkpoint, e.g. the run's best/") from None
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from .checkpoint import (
     copy_checkpoint,
     load_optimizer_state,
     load_state,
+    load_weights,
     resolve_checkpoint,
     rng_state,
     save_checkpoint,
@@ -128,13 +129,7 @@ def _load_resume_state(run_dir: Path, model: GPT, optimizer: Any) -> dict[str, A
     except CheckpointError:
         raise TrainingError(f"train.resume is set but {str(run_dir)!r} holds no checkpoint; "
                             "start without train.resume=true") from None
-    from safetensors.torch import load_model
-
-    try:
-        load_model(model, str(ckpt / "model.safetensors"), strict=True)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} cannot be resumed: its weights are "
-                              f"corrupt or do not fit this config ({type(exc).__name__})") from None
+    load_weights(model, ckpt, next(model.parameters()).device)
     opt_state = load_optimizer_state(ckpt)
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
