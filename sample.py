@@ -17,7 +17,7 @@ import torch
 
 from model.checkpoint import Checkpoint, find_checkpoints, load_checkpoint
 from model.cli import run_cli
-from model.errors import CheckpointError, ConfigError, SamplingError
+from model.errors import CheckpointError, SamplingError
 from model.runtime import pick_device, pick_dtype
 from model.sampling import Conversation, Step, check_sampling_args, generate
 
@@ -60,11 +60,8 @@ def load_model(args: argparse.Namespace, err: TextIO) -> Checkpoint:
                                   "python train.py --config tiny.yaml")
         path = found[0]
         print(f"using checkpoint {path}", file=err)
-    try:
-        device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device)
-    except ConfigError as exc:  # the runtime names training's keys; here they are options
-        raise ConfigError(str(exc).replace("train.", "--", 1)) from None
+    device = pick_device(args.device, setting="--device")
+    dtype = pick_dtype(args.dtype, device, setting="--dtype")
     try:
         ckpt = load_checkpoint(path, device)
     except CheckpointError as exc:

@@ -317,7 +317,7 @@ def load_for_explore(checkpoint: str | None = None, hf_gpt2: str | None = None,
     from .runtime import pick_device
     from .tokenizer import tokenizer_from_spec
 
-    dev = pick_device(device)
+    dev = pick_device(device, setting="--device")
     if hf_gpt2 is not None:
         model = GPT.from_hf_gpt2(hf_gpt2).to(dev).eval()
         return Loaded(model, tokenizer_from_spec({"name": "gpt2"}), str(hf_gpt2), Path("."))

@@ -19,29 +19,31 @@ from .errors import ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; an explicit device that is missing is an error."""
+def pick_device(name: str = "auto", setting: str = "train.device") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit device that is missing is an error
+    naming `setting` (the config key or command-line option the name came from)."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     if name.startswith("cuda") and not cuda:
         raise ConfigError(
-            "train.device: cuda was asked for but no CUDA GPU is visible; use auto or cpu")
+            f"{setting}: cuda was asked for but no CUDA GPU is visible; use auto or cpu")
     if name == "mps" and not mps:
-        raise ConfigError("train.device: mps was asked for but is not available; use auto or cpu")
+        raise ConfigError(f"{setting}: mps was asked for but is not available; use auto or cpu")
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bfloat16 on CUDA GPUs that support it, float16 on older ones, float32 elsewhere."""
+def pick_dtype(name: str, device: torch.device, setting: str = "train.dtype") -> torch.dtype:
+    """'auto': bfloat16 on CUDA GPUs that support it, float16 on older ones, float32 elsewhere.
+    Errors name `setting`."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if name not in DTYPES:
-        raise ConfigError(f"train.dtype: {name!r} is not one of auto, {', '.join(DTYPES)}")
+        raise ConfigError(f"{setting}: {name!r} is not one of auto, {', '.join(DTYPES)}")
     if device.type == "cpu" and name == "float16":
-        raise ConfigError("train.dtype: float16 needs a GPU; use float32 or bfloat16 on the CPU")
+        raise ConfigError(f"{setting}: float16 needs a GPU; use float32 or bfloat16 on the CPU")
     return DTYPES[name]
 
 
