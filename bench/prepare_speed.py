@@ -13,23 +13,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import SHARED, machine_line
 
-import torch  # noqa: E402
+from model.data import load_corpus, tokenize_documents
+from model.errors import SmallGPTError
+from model.tokenizer import Tokenizer, train_tokenizer
 
-from model.data import load_corpus, tokenize_documents  # noqa: E402
-from model.errors import SmallGPTError  # noqa: E402
-from model.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-
-SHARED_TIKTOKEN = ROOT.parent / "shared" / "tiktoken_cache"
+SHARED_TIKTOKEN = SHARED / "tiktoken_cache"
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, float, float]:
@@ -64,11 +60,9 @@ def main() -> int:
 
     if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
         os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "
-          f"load average {os.getloadavg()[0]:.2f} at start")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads, tokenizer threads {args.workers}")
+    print(machine_line())
+    print(f"{len(os.sched_getaffinity(0))} CPUs usable, load average {os.getloadavg()[0]:.2f} "
+          f"at start, tokenizer threads {args.workers}")
 
     try:
         docs, wall, _ = timed(load_corpus, args.corpus)

@@ -16,21 +16,16 @@ tokens/s, 9-10x. Decoding is bound by reading the 43 MB of weights per token (mo
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import machine_line
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
-
-from model.checkpoint import load_checkpoint  # noqa: E402
-from model.config import GPTConfig  # noqa: E402
-from model.gpt import GPT  # noqa: E402
-from model.sampling import generate  # noqa: E402
-from model.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from model.checkpoint import load_checkpoint
+from model.config import GPTConfig
+from model.gpt import GPT
+from model.sampling import generate
+from model.tokenizer import Tokenizer, train_tokenizer
 
 # nanoGPT's shakespeare_char vocabulary: the 65 characters of tiny-shakespeare.
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -93,8 +88,7 @@ def main() -> None:
     if args.compile:
         model = torch.compile(model, dynamic=True)
     c = model.config
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(machine_line())
     print(f"model: {what}; {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context "
           f"{c.block_size}, vocab {c.vocab_size}, {c.pos_emb} positions, "
           f"{model.num_params() / 1e6:.2f}M parameters, {args.dtype}, compile={args.compile}")
