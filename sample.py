@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_model(args: argparse.Namespace, err: TextIO) -> Checkpoint:
-    """The checkpoint asked for, or the newest under out/; a bad one lists those that exist."""
+    """The checkpoint asked for, or the newest under out/."""
     path = args.checkpoint
     if path is None:
         found = find_checkpoints("out")
@@ -62,14 +62,7 @@ def load_model(args: argparse.Namespace, err: TextIO) -> Checkpoint:
         print(f"using checkpoint {path}", file=err)
     device = pick_device(args.device, setting="--device")
     dtype = pick_dtype(args.dtype, device, setting="--dtype")
-    try:
-        ckpt = load_checkpoint(path, device)
-    except CheckpointError as exc:
-        if "checkpoints found" in str(exc):
-            raise
-        others = [str(p) for p in find_checkpoints("out")[:5]]
-        raise CheckpointError(f"{exc}; checkpoints found: {', '.join(others) or 'none under out/'}"
-                              ) from None
+    ckpt = load_checkpoint(path, device)  # its errors list the checkpoints that exist
     ckpt.model.to(dtype)
     if args.compile:
         # dynamic shapes: one graph for every cache length instead of a recompile per token

@@ -146,10 +146,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for name in ("latest", ".latest.old", "best"):
         if (path / name / WEIGHTS).exists():
             return path / name
-    existing = find_checkpoints(path if path.is_dir() else "out")
-    listed = ", ".join(str(p) for p in existing[:5]) if existing else "none under out/"
     what = "holds no checkpoint" if path.exists() else "does not exist"
-    raise CheckpointError(f"checkpoint {str(path)!r} {what}; checkpoints found: {listed}")
+    raise CheckpointError(f"checkpoint {str(path)!r} {what}; "
+                          f"{_listing(path if path.is_dir() else 'out')}")
+
+
+def _listing(root: str | Path = "out") -> str:
+    """'checkpoints found: ...' naming up to five, so an error says what to use instead."""
+    existing = find_checkpoints(root)
+    listed = ", ".join(str(p) for p in existing[:5]) if existing else "none under out/"
+    return f"checkpoints found: {listed}"
 
 
 def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
@@ -171,19 +177,23 @@ def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild model and tokenizer from a checkpoint or run directory, ready for eval()."""
+    """Rebuild model and tokenizer from a checkpoint or run directory, ready for eval().
+    Every error, for a missing or a damaged checkpoint, lists the checkpoints that exist."""
     ckpt = resolve_checkpoint(path)
-    config, spec = read_checkpoint_config(ckpt)
     try:
-        tokenizer = tokenizer_from_spec(spec)
-    except SmallGPTError as exc:
-        raise CheckpointError(
-            f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from None
-    model = GPT(config.model)
-    load_weights(model, ckpt, device)
+        config, spec = read_checkpoint_config(ckpt)
+        try:
+            tokenizer = tokenizer_from_spec(spec)
+        except SmallGPTError as exc:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from None
+        model = GPT(config.model)
+        load_weights(model, ckpt, device)
+        state = load_state(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {_listing()}") from None
     model.to(device).eval()
-    return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=ckpt,
-                      state=load_state(ckpt))
+    return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=ckpt, state=state)
 
 
 def load_weights(model: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
