@@ -200,7 +200,6 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                    dynamic_ncols=True, desc=cfg.name)
         trainer.bar = bar
         t0 = time.perf_counter()
-        step = start_step
         with _GracefulStop() as stop:
             try:
                 for step in range(start_step, t.max_steps):
