@@ -1,0 +1,42 @@
+"""Small file-system helpers shared by checkpoints and token caches.
+
+Both write things a user must not lose (checkpoints, token files), so both need the same two
+guarantees: a write is all-or-nothing, and a directory is proven writable before hours of work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry: on POSIX a rename is durable only once its directory is synced."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path, os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to a temporary file, flush it, then rename it over `path`: readers see the old
+    file or the new one, never half of one."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def ensure_writable_dir(directory: Path) -> None:
+    """Create `directory` and prove it takes a file (permission bits alone can lie, e.g. on a
+    read-only mount). Raises OSError; callers turn it into their own one-line error."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
