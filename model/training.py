@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import runtime
+from .batches import BatchSampler, eval_windows
 from .checkpoint import (
     copy_checkpoint,
     load_optimizer_state,
@@ -33,11 +34,11 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import Config
-from .data import BatchSampler, PreparedData, eval_windows, prepare_data
 from .errors import CheckpointError, ConfigError, TrainingError
 from .gpt import GPT
 from .monitor import RunLog, gpu_peak_flops
 from .optim import build_optimizer, set_lr
+from .prepare import PreparedData, prepare_data
 
 
 @dataclass
