@@ -21,8 +21,9 @@ from pathlib import Path
 
 from common import SHARED, machine_line
 
-from model.data import load_corpus, tokenize_documents
+from model.corpus import load_corpus
 from model.errors import SmallGPTError
+from model.prepare import tokenize_documents
 from model.tokenizer import Tokenizer, train_tokenizer
 
 SHARED_TIKTOKEN = SHARED / "tiktoken_cache"

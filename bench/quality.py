@@ -21,9 +21,10 @@ import time
 import torch
 from common import machine_line, require_tiny_shakespeare
 
+from model.batches import sequential_windows
 from model.checkpoint import load_checkpoint
 from model.config import load_config
-from model.data import prepare_data, sequential_windows
+from model.prepare import prepare_data
 from model.training import train
 
 

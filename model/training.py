@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import runtime
+from .batches import BatchSampler, eval_windows
 from .checkpoint import (
     copy_checkpoint,
     load_optimizer_state,
@@ -38,12 +39,12 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import Config, TrainConfig
-from .data import BatchSampler, PreparedData, eval_windows, prepare_data
 from .errors import CheckpointError, ConfigError, TrainingError
 from .files import ensure_writable_dir
 from .gpt import GPT
 from .monitor import RunLog, gpu_peak_flops
 from .optim import Optimizer, build_optimizer, set_lr
+from .prepare import PreparedData, prepare_data
 
 
 @dataclass

