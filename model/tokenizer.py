@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import heapq
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ EOT_TEXT = "<|endoftext|>"
 # A leading space stays with the word after it; BPE merges never cross these chunks.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 MIN_BPE_VOCAB = 257  # 256 single bytes plus end-of-text
+LONGEST_UNCUT = 1 << 22  # characters without a safe cut before safe_pieces cuts anyway
 
 
 class Tokenizer:
@@ -197,12 +198,62 @@ class CharTokenizer(Tokenizer):
 # BPE training
 
 
-def count_chunks(texts: Iterable[str]) -> Counter[bytes]:
-    """How often each GPT-2 pre-token occurs, as UTF-8 bytes; merges are learned within them."""
+def _safe_cut(text: str, start: int) -> int:
+    """The first index >= start where pre-tokenization always ends a chunk, or -1.
+
+    Just before a newline followed by a non-space character: GPT-2's pattern always matches that
+    newline on its own. Failing that, just before a single space between two non-space
+    characters: only whitespace alternatives can hold a space, and they start at whitespace, so
+    the chunk before ends there and the next one (" word", " 12", " ...") starts there.
+    """
+    cut = text.find("\n", start)
+    while cut != -1 and (cut + 1 >= len(text) or text[cut + 1].isspace()):
+        cut = text.find("\n", cut + 1)
+    if cut != -1:
+        return cut
+    cut = text.find(" ", max(start, 1))
+    while cut != -1 and (cut + 1 >= len(text) or text[cut - 1].isspace()
+                         or text[cut + 1].isspace()):
+        cut = text.find(" ", cut + 1)
+    return cut
+
+
+def safe_pieces(chunks: Iterable[str], size: int) -> Iterator[str]:
+    """Re-cut text that arrives in chunks into pieces of about `size` characters that encode
+    exactly as the whole text does: byte-level BPE tokens and char tokens never span a cut.
+
+    Memory holds one chunk plus one piece. Text with no safe cut for LONGEST_UNCUT characters
+    (no newline, no space: megabytes of CJK, say) is cut hard at `size`, the one place where
+    the tokens may differ from encoding the whole at once.
+    """
+    carry = ""
+    for chunk in chunks:
+        carry = carry + chunk if carry else chunk
+        start = 0
+        while len(carry) - start > size:
+            cut = _safe_cut(carry, start + size)
+            if cut == -1:
+                if len(carry) - start <= LONGEST_UNCUT:
+                    break
+                cut = start + size
+            yield carry[start:cut]
+            start = cut
+        carry = carry[start:]
+    if carry:
+        yield carry
+
+
+def count_chunks(texts: Iterable[str], piece_size: int = 1 << 20) -> Counter[bytes]:
+    """How often each GPT-2 pre-token occurs, as UTF-8 bytes; merges are learned within them.
+
+    Texts are matched a piece at a time, so memory holds the counts and one piece's matches,
+    not a list of every match in a long document.
+    """
     pattern = regex.compile(GPT2_PATTERN)
     counts: Counter[str] = Counter()
     for text in texts:
-        counts.update(pattern.findall(text))
+        for piece in safe_pieces((text,), piece_size):
+            counts.update(pattern.findall(piece))
     return Counter({chunk.encode("utf-8"): n for chunk, n in counts.items()})
 
 

@@ -15,11 +15,11 @@ from model import corpus as corpus_module
 from model import prepare as prepare_module
 from model.batches import BatchSampler
 from model.config import DataConfig
-from model.corpus import Document, load_corpus, load_shakespeare, play_markdown_to_text
+from model.corpus import Document, open_corpus, play_markdown_to_text
 from model.data.__main__ import main
 from model.errors import ConfigError, DataError
-from model.prepare import load_prepared, prepare_data, safe_cuts, split_documents
-from model.tokenizer import train_tokenizer
+from model.prepare import TASK_CHARS, load_prepared, plan_split, prepare_data, training_text
+from model.tokenizer import safe_pieces, train_tokenizer
 
 TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 VERSE = ("ROMEO:\nBut, soft! what light through yonder window breaks?\n"
@@ -44,9 +44,26 @@ def corpus(tmp_path: Path) -> Path:
     return write(tmp_path / "verse.txt", VERSE * 40)
 
 
+def load_corpus(source: str, **kwargs) -> list[Document]:
+    """A small corpus in memory, each document's text read once."""
+    return [Document(d.name, (d.text(),)) for d in open_corpus(source, **kwargs).documents()]
+
+
+def split_documents(docs: list[Document],
+                    val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """The split prepare_data makes, applied to documents in memory."""
+    plan = plan_split([(d.name, len(d.text())) for d in docs], val_fraction)
+    if plan.cut is not None:
+        only, text = docs[plan.cut[0]], docs[plan.cut[0]].text()
+        return ([Document(only.name, (text[:plan.cut[1]],))],
+                [Document(only.name, (text[plan.cut[1]:],))])
+    return ([d for i, d in enumerate(docs) if i not in plan.val and d.text()],
+            [d for i, d in enumerate(docs) if i in plan.val])
+
+
 @pytest.fixture(scope="module")
 def plays() -> list[Document]:
-    return load_shakespeare()
+    return load_corpus("shakespeare")
 
 
 def cfg_for(source: Path | str, tmp_path: Path, **overrides) -> DataConfig:
@@ -63,10 +80,10 @@ def test_file_directory_and_glob_sources(tmp_path: Path) -> None:
     write(tmp_path / "docs" / "sub" / "c.txt", "sea\n")
     write(tmp_path / "docs" / "notes.md", "not text")
     single = load_corpus(str(tmp_path / "docs" / "b.txt"))
-    assert [(Path(d.name).name, d.text) for d in single] == [("b.txt", "bee\n")]
+    assert [(Path(d.name).name, d.text()) for d in single] == [("b.txt", "bee\n")]
     folder = load_corpus(str(tmp_path / "docs"))
     assert [Path(d.name).name for d in folder] == ["a.txt", "b.txt", "c.txt"]  # sorted, recursive
-    assert folder[0].text == "ay\nline\n"  # universal newlines, as the datasets text builder reads
+    assert folder[0].text() == "ay\nline\n"  # universal newlines, as text-mode open() reads
     globbed = load_corpus(str(tmp_path / "docs" / "[ab].txt"))
     assert [Path(d.name).name for d in globbed] == ["a.txt", "b.txt"]
 
@@ -91,16 +108,31 @@ def test_invalid_utf8_names_file_and_counts_bad_bytes(tmp_path: Path) -> None:
     assert str(bad) in one_line_error(err)
 
 
+def test_files_are_read_and_checked_in_chunks(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny reads put every boundary inside a character, a BOM or a \r\n; nothing changes."""
+    monkeypatch.setattr(corpus_module, "CHUNK", 3)
+    text = "\ufeffcafé\r\nnaïve\r\rline\n你好🎉\r"
+    path = write(tmp_path / "mixed.txt", text)
+    assert corpus_module.check_text_file(path) == len(path.read_text(encoding="utf-8-sig"))
+    (doc,) = load_corpus(str(path))
+    assert doc.text() == "café\nnaïve\n\nline\n你好🎉\n"
+    write(path, "é".encode() + b"ab\xffcd\xe9" + "你".encode()[:2])
+    assert corpus_module.check_text_file(path) == (4, 4)  # \xff, \xe9, a cut-off 你
+    with pytest.raises(DataError, match=r"has 4 bytes .* \(the first at byte 4\)"):
+        open_corpus(str(path)).sizes()
+
+
 # ---- the embedded corpus
 
 
 def test_shakespeare_is_plain_play_text(plays: list[Document]) -> None:
     names = [d.name for d in plays]
     assert len(plays) >= 37 and "tragedies/hamlet" in names and names == sorted(names)
-    text = "".join(d.text for d in plays)
+    text = "".join(d.text() for d in plays)
     assert 4_500_000 < len(text.encode()) < 5_500_000
     assert not set("#*_\\") & set(text) and "  \n" not in text and "\n\n\n" not in text
-    othello = next(d.text for d in plays if d.name == "tragedies/othello")
+    othello = next(d.text() for d in plays if d.name == "tragedies/othello")
     assert othello.startswith("Othello\n\nACT I\n\nSCENE I. Venice. A street.\n\n"
                               "Enter RODERIGO and IAGO\n\nRODERIGO:\nTush! never tell me;")
 
@@ -145,7 +177,7 @@ def test_shakespeare_holds_out_whole_plays(plays: list[Document]) -> None:
     train, val = split_documents(plays, 0.1)
     assert {d.name for d in train}.isdisjoint(d.name for d in val)
     assert len(train) + len(val) == len(plays) and all(d in plays for d in val)
-    share = sum(len(d.text) for d in val) / sum(len(d.text) for d in plays)
+    share = sum(len(d.text()) for d in val) / sum(len(d.text()) for d in plays)
     assert 0.07 < share <= 0.1
     assert split_documents(plays, 0.1) == (train, val)  # deterministic
 
@@ -154,7 +186,7 @@ def test_shakespeare_prepares_end_to_end(tmp_path: Path, plays: list[Document]) 
     data = prepare_data(cfg_for("shakespeare", tmp_path), block_size=256, progress=False)
     train, val = split_documents(plays, 0.1)
     assert data.meta["val_documents"] == [d.name for d in val]
-    assert data.num_tokens("val") == sum(len(d.text) + 1 for d in val)  # chars + end-of-text
+    assert data.num_tokens("val") == sum(len(d.text()) + 1 for d in val)  # chars + end-of-text
 
 
 # ---- Hugging Face sources
@@ -178,9 +210,51 @@ def test_hub_style_dataset_with_text_column(tmp_path: Path,
     write(tmp_path / "local" / "data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     source = f"hf:{tmp_path / 'local'}"  # a local folder in the hub layout: no network needed
     docs = load_corpus(source, text_column="content")
-    assert [d.text for d in docs] == ["first row", "third row"]
+    assert [d.text() for d in docs] == ["first row", "third row"]
     with pytest.raises(DataError, match="no column 'text'; its columns are content"):
         load_corpus(source)
+
+
+def write_parquet(path: Path, texts: list[str]) -> Path:
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": texts, "n": list(range(len(texts)))}), path,
+                   row_group_size=7)
+    return path
+
+
+def test_hub_parquet_streams_and_holds_out_whole_rows(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [f"row {i}: " + "word " * (i % 5) for i in range(60)] + [""]
+    write_parquet(tmp_path / "pq" / "train-0.parquet", rows)
+    cfg = cfg_for(f"hf:{tmp_path / 'pq'}", tmp_path, val_fraction=0.2)
+    data = prepare_data(cfg, block_size=8, progress=False)
+    eot = data.tokenizer.eot_id
+    splits = {s: data.tokenizer.decode(np.fromfile(getattr(data, f"{s}_path"), dtype=np.uint16)
+                                       .tolist()).split("<|endoftext|>")[:-1]
+              for s in ("train", "val")}
+    assert sorted(splits["train"] + splits["val"]) == sorted(rows[:-1])  # empty row dropped
+    assert splits["train"] == [r for r in rows if r in splits["train"]]  # corpus order
+    assert 5 <= len(splits["val"]) <= 20 and data.meta["splits"]["val"]["documents"] == len(
+        splits["val"]) and eot == data.tokenizer.vocab_size - 1
+    # A complete cache is reused from the dataset's revision alone: no row is read again.
+    monkeypatch.setattr(corpus_module.HubDataset, "documents", lambda self: 1 / 0)
+    assert prepare_data(cfg, block_size=8, progress=False).reused
+    write_parquet(tmp_path / "pq" / "train-0.parquet", rows[:-2])
+    with pytest.raises(ZeroDivisionError):  # new contents: a new revision, read again
+        prepare_data(cfg, block_size=8, progress=False)
+
+
+def test_lone_hub_row_is_split_like_a_single_file(tmp_path: Path) -> None:
+    text = VERSE * 20
+    source = write_parquet(tmp_path / "one.parquet", [text])
+    data = prepare_data(cfg_for(f"hf:{source}", tmp_path), block_size=8, progress=False)
+    val = np.fromfile(data.val_path, dtype=np.uint16).tolist()
+    assert data.tokenizer.decode(val[:-1]) == text[int(len(text) * 0.9):]
+    with pytest.raises(DataError, match="does not hold text; set data.text_column"):
+        list(open_corpus(f"hf:{source}", text_column="n").documents())
+    with pytest.raises(DataError, match="must end in .parquet"):
+        open_corpus(f"hf:{write(tmp_path / 'rows.xml', '<r/>')}")
 
 
 # ---- splits
@@ -188,17 +262,17 @@ def test_hub_style_dataset_with_text_column(tmp_path: Path,
 
 def test_single_document_split_takes_the_last_part_as_nanogpt() -> None:
     text = "".join(chr(65 + i % 26) for i in range(1003))
-    train, val = split_documents([Document("one", text)], 0.1)
+    train, val = split_documents([Document("one", (text,))], 0.1)
     n = int(len(text) * 0.9)
-    assert train[0].text == text[:n] and val[0].text == text[n:]
+    assert train[0].text() == text[:n] and val[0].text() == text[n:]
 
 
 def test_several_documents_split_whole_and_never_empty() -> None:
-    docs = [Document(f"d{i}", "x" * (10 + i)) for i in range(50)]
+    docs = [Document(f"d{i}", ("x" * (10 + i),)) for i in range(50)]
     train, val = split_documents(docs, 0.2)
     assert set(train).isdisjoint(val) and len(train) + len(val) == 50
-    assert 0.15 < sum(len(d.text) for d in val) / sum(len(d.text) for d in docs) <= 0.2
-    big, small = Document("big", "x" * 1000), Document("small", "y" * 900)
+    assert 0.15 < sum(len(d.text()) for d in val) / sum(len(d.text()) for d in docs) <= 0.2
+    big, small = Document("big", ("x" * 1000,)), Document("small", ("y" * 900,))
     assert split_documents([big, small], 0.1)[1] == [small]  # none fits: the closest is held out
 
 
@@ -209,7 +283,7 @@ def test_cuts_encode_exactly_as_the_whole() -> None:
     text = ("a\n\nB x \nC y  \n\nD\n \nE\t\nF 你好\n世界\n🎉\n'sx\n\n\n" + VERSE) * 30
     bpe = train_tokenizer("bpe", [text], vocab_size=300)
     for size in (1, 3, 7, 100):
-        pieces = safe_cuts(text, size)
+        pieces = list(safe_pieces([text], size))
         assert "".join(pieces) == text and len(pieces) > 1
         assert [i for p in pieces for i in bpe.encode(p)] == bpe.encode(text)
 
@@ -302,13 +376,33 @@ def test_interrupted_tokenising_leaves_no_marker(corpus: Path, tmp_path: Path,
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_module, "tokenize_documents", crash)
+    monkeypatch.setattr(prepare_module, "write_tokens", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
     monkeypatch.undo()
     (directory,) = (tmp_path / "cache").iterdir()
     assert not (directory / "meta.json").exists()
     assert not prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False).reused
+
+
+def test_bpe_learns_from_an_even_sample(tmp_path: Path) -> None:
+    docs = [write(tmp_path / "docs" / f"{i:02d}.txt", f"doc{i}\n" + VERSE * 30) for i in range(20)]
+    cfg = cfg_for(tmp_path / "docs", tmp_path, tokenizer="bpe", bpe_vocab_size=300,
+                  bpe_sample_mb=0.02)
+    corpus = open_corpus(cfg.source)
+    sizes = corpus.sizes()
+    plan = plan_split(sizes, cfg.val_fraction)
+    sample = list(training_text(cfg, corpus, sizes, plan))
+    taken = sum(len(p) for p in sample)
+    assert 20_000 <= taken < 20_000 + TASK_CHARS
+    names = {p.split("\n", 1)[0] for p in sample}
+    assert "doc0" in names and max(int(n[3:]) for n in names) >= 15  # spread to the end
+    whole = list(training_text(DataConfig(**{**cfg.__dict__, "bpe_sample_mb": 32}), corpus,
+                               sizes, plan))
+    train_docs = [d for i, d in enumerate(docs) if i not in plan.val]
+    assert "".join(whole) == "".join(d.read_text() for d in train_docs)
+    data = prepare_data(cfg, block_size=16, progress=False)
+    assert data.meta["settings"]["bpe_sample_mb"] == 0.02 and data.tokenizer.vocab_size == 300
 
 
 # ---- bad input through prepare_data

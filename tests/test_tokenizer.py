@@ -8,13 +8,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import regex
 
+from model import tokenizer as tokenizer_module
 from model.errors import TokenizerError
 from model.tokenizer import (
+    GPT2_PATTERN,
     BPETokenizer,
     CharTokenizer,
     count_chunks,
     learn_bpe,
+    safe_pieces,
     tokenizer_from_spec,
     train_tokenizer,
 )
@@ -162,6 +166,36 @@ def test_bpe_merges_match_the_reference_algorithm() -> None:
     text = " ".join(rng.choice(words) for _ in range(3000))
     counts = count_chunks([text, CORPUS])
     assert learn_bpe(counts, 360) == reference_bpe(counts, 360)
+
+
+def test_chunks_are_counted_a_piece_at_a_time_as_the_whole() -> None:
+    text = " ".join(["word", "words,", "'tis", "  spaced", "\n\nNew", "12 345"] * 500)
+    whole = Counter(t.encode() for t in regex.findall(GPT2_PATTERN, text))
+    assert count_chunks([text], piece_size=50) == whole
+
+
+def test_safe_pieces_from_streamed_chunks_encode_as_the_whole(bpe, gpt2) -> None:
+    rng = random.Random(3)
+    text = "".join(rng.choice(["a", "b ", " ", "\n", "é", "  \n", "\t", "'s", "9", ".", "中"])
+                   for _ in range(20_000))
+    for size in (1, 10, 300):
+        cuts = [0, *sorted(rng.sample(range(len(text)), 40)), len(text)]
+        chunks = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+        pieces = list(safe_pieces(chunks, size))
+        assert "".join(pieces) == text and len(pieces) > 5
+        for tok in (bpe, gpt2):
+            assert [i for p in pieces for i in tok.encode(p)] == tok.encode(text)
+
+
+def test_safe_pieces_cut_at_spaces_and_hard_only_as_a_last_resort(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    line = "no newline here, only spaces " * 100
+    pieces = list(safe_pieces([line.strip()], 100))
+    assert len(pieces) > 5 and all(p[-1] != " " and p[0] == " " for p in pieces[1:-1])
+    solid = "字" * 5000
+    assert list(safe_pieces([solid], 100)) == [solid]  # no safe cut, and short enough: whole
+    monkeypatch.setattr(tokenizer_module, "LONGEST_UNCUT", 1000)
+    assert [len(p) for p in safe_pieces([solid], 100)][:2] == [100, 100]
 
 
 def test_bpe_first_merge_is_the_most_frequent_pair() -> None:
