@@ -103,6 +103,9 @@ class TrainConfig:
     compile: bool = False
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     resume: bool = False
+    # "scratch" (random weights), or a model to fine-tune: gpt2, gpt2-medium, gpt2-large,
+    # gpt2-xl, a Hugging Face GPT-2 directory, or a smallgpt run/checkpoint (model/finetune.py)
+    init_from: str = "scratch"
     peak_flops: float | None = None  # for MFU; None looks the GPU up in a table
     wandb: bool = False
     wandb_project: str = "smallgpt"
@@ -135,6 +138,8 @@ class TrainConfig:
             check_positive(f"{prefix}.time_budget_s", self.time_budget_s)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"{prefix}.threads: must be >= 1, got {self.threads}")
+        if not self.init_from:
+            raise ConfigError(f"{prefix}.init_from: must be scratch or name a model, e.g. gpt2")
         check_choice(f"{prefix}.optimizer", self.optimizer, OPTIMIZERS)
         check_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
         check_choice(f"{prefix}.device", self.device, DEVICES)

@@ -41,10 +41,12 @@ from .checkpoint import (
 from .config import Config, TrainConfig
 from .errors import CheckpointError, ConfigError, TrainingError
 from .files import ensure_writable_dir
+from .finetune import adopt_source, copy_weights, load_source
 from .gpt import GPT
 from .monitor import RunLog, gpu_peak_flops
 from .optim import Optimizer, build_optimizer, set_lr
 from .prepare import PreparedData, prepare_data
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -75,8 +77,13 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         runtime.seed_everything(t.seed + ctx.rank)
         run_dir = cfg.out_dir
 
+        # Pretrained weights to start from, if any: they decide the shape and the tokenizer.
+        source = load_source(cfg)
+        if source is not None:
+            cfg = adopt_source(cfg, source)
+
         # Data: token files (prepared once), the training batches and the validation windows.
-        data = prepare_data_once(cfg, ctx, progress)
+        data = prepare_data_once(cfg, ctx, progress, source.tokenizer if source else None)
         cfg = resolve_vocab(cfg, data.tokenizer.vocab_size)
         sampler = BatchSampler(data.train_path, cfg.model.block_size, t.batch_size, t.seed,
                                rank=ctx.rank, world_size=ctx.world_size, device=device)
@@ -84,7 +91,13 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                                    t.eval_steps)
 
         # Model and optimizer; a resumed run then loads weights, moments and the loop's state.
-        model = GPT(cfg.model).to(device)
+        model = GPT(cfg.model)
+        if source is not None:
+            loaded = copy_weights(model, source)
+            source = None  # the source's copy of the weights is no longer needed
+            if ctx.is_main:
+                tqdm.write(loaded)
+        model.to(device)
         if ctx.is_main:
             check_writable(run_dir, 4 * model.num_params())
         optimizer = build_optimizer(model, t, device)
@@ -107,6 +120,9 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                    dynamic_ncols=True, desc=cfg.name)
 
         result = TrainResult(run_dir=run_dir, steps=start_step)
+        if t.init_from != "scratch" and start_step == 0 and ctx.is_main:
+            # Where fine-tuning starts: the pretrained model's own loss on this validation split.
+            validate(model, val_windows, data, device, dtype, 0, log, bar)
         pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet copied to the host
         grad_norm: torch.Tensor | float = 0.0
         compile_seconds = 0.0
@@ -161,14 +177,8 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
 
                     # Evaluate (rank 0 only: the model is the same on every rank).
                     if evaluate_now and ctx.is_main:
-                        val_loss = evaluate(model, val_windows, device, dtype)
-                        bpb = val_loss / math.log(2) / data.bytes_per_token("val")
-                        result.val_loss, result.val_bpb = val_loss, bpb
-                        if log is not None:
-                            log.log({"step": done, "val_loss": val_loss, "val_bpb": bpb})
-                            log.plot()
-                        bar.write(f"step {done}: val loss {val_loss:.4f} nats/token, "
-                                  f"{bpb:.4f} bits/byte")
+                        result.val_loss, result.val_bpb = validate(
+                            model, val_windows, data, device, dtype, done, log, bar)
 
                     # Checkpoint: latest/ always, best/ when validation improved.
                     if save_now and ctx.is_main:
@@ -204,13 +214,14 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
 # -- data and model ---------------------------------------------------------------------------
 
 
-def prepare_data_once(cfg: Config, ctx: runtime.Distributed, progress: bool) -> PreparedData:
+def prepare_data_once(cfg: Config, ctx: runtime.Distributed, progress: bool,
+                      tokenizer: Tokenizer | None = None) -> PreparedData:
     """Rank 0 prepares the token files; the others wait, then read the same cache."""
     if ctx.is_main:
-        data = prepare_data(cfg.data, cfg.model.block_size, progress=progress)
+        data = prepare_data(cfg.data, cfg.model.block_size, progress, tokenizer)
     runtime.barrier(ctx)
     if not ctx.is_main:
-        data = prepare_data(cfg.data, cfg.model.block_size, progress=False)
+        data = prepare_data(cfg.data, cfg.model.block_size, False, tokenizer)
     return data
 
 
@@ -327,6 +338,19 @@ def settle_losses(pending: list[tuple[int, torch.Tensor]], ctx: runtime.Distribu
                 f"{str(run_dir / 'latest')!r}; lower train.lr and resume or restart")
     pending.clear()
     return values
+
+
+def validate(model: nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]],
+             data: PreparedData, device: torch.device, dtype: torch.dtype, step: int,
+             log: RunLog | None, bar: tqdm) -> tuple[float, float]:
+    """Evaluate, log and print the validation loss at `step`: (nats/token, bits/byte)."""
+    val_loss = evaluate(model, windows, device, dtype)
+    bpb = val_loss / math.log(2) / data.bytes_per_token("val")
+    if log is not None:
+        log.log({"step": step, "val_loss": val_loss, "val_bpb": bpb})
+        log.plot()
+    bar.write(f"step {step}: val loss {val_loss:.4f} nats/token, {bpb:.4f} bits/byte")
+    return val_loss, bpb
 
 
 @torch.no_grad()
