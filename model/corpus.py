@@ -25,7 +25,7 @@ import os
 import re
 import socket
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -369,12 +369,10 @@ class HubDataset(Corpus):
             raise DataError(f"Hugging Face dataset {self.name!r} has no column {self.column!r}; "
                             f"its columns are {', '.join(columns)}; set data.text_column")
         row = 0
-        batches = stream.select_columns([self.column]).iter(batch_size=HF_BATCH)
+        # Arrow batches, one column: about 4x faster than rows as Python dicts.
+        batches = stream.select_columns([self.column]).with_format("arrow").iter(HF_BATCH)
         try:
-            while True:
-                texts = self._next_texts(batches)
-                if texts is None:
-                    return
+            while (texts := self._next_texts(batches)) is not None:
                 for text in texts:
                     if text:
                         yield Document(f"{self.name}/{self.split}/{row}", (text,))
@@ -387,16 +385,19 @@ class HubDataset(Corpus):
             del batches
             gc.collect()
 
-    def _next_texts(self, batches: Iterator[dict[str, Any]]) -> Sequence[Any] | None:
+    def _next_texts(self, batches: Iterator[Any]) -> list[str | None] | None:
+        import pyarrow as pa
+
         try:
-            batch = next(batches, None)
+            table = next(batches, None)
         except Exception as exc:  # a bad file or a dropped connection, in the middle
             raise DataError(f"reading Hugging Face dataset {self.name!r} failed: "
                             f"{_first_line(exc)}") from exc
-        if batch is None:
+        if table is None:
             return None
-        texts = batch[self.column]
-        if not all(isinstance(t, str) or t is None for t in texts):
-            raise DataError(f"column {self.column!r} of {self.name!r} does not hold text; "
-                            "set data.text_column")
-        return texts
+        column = table.column(0)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+                or pa.types.is_null(column.type)):
+            raise DataError(f"column {self.column!r} of {self.name!r} does not hold text; set "
+                            f"data.text_column (it holds {column.type})")
+        return column.to_pylist()
