@@ -40,7 +40,7 @@ HF_PREFIX = "hf:"
 CHUNK = 1 << 20  # characters (or bytes) per read: memory stays flat however large a file is
 HF_BATCH = 256  # hub rows fetched at a time
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv",
-                      ".txt": "text", ".arrow": "arrow"}
+                      ".txt": "text"}
 
 
 @dataclass(frozen=True)
@@ -100,15 +100,15 @@ def _label(source: str) -> str:
 # Local text files
 
 
-def local_files(source: str, suffix: str = ".txt") -> list[Path]:
+def local_files(source: str) -> list[Path]:
     """The files a local source names: the file itself, *.txt under a directory, or a glob."""
     path = Path(source).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob(f"*{suffix}") if p.is_file())
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
-            raise DataError(f"corpus directory {source!r} holds no {suffix} files; add some or "
+            raise DataError(f"corpus directory {source!r} holds no .txt files; add some or "
                             "point data.source at a file")
         return files
     if any(c in source for c in "*?["):
