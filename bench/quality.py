@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--config", default="shakespeare_fast.yaml")
     parser.add_argument("--budget-seconds", type=float, default=300.0)
     parser.add_argument("--calibration-steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train exactly this many steps, no time budget: compares recipes "
+                             "step for step when the machine is too busy for fair timings")
     parser.add_argument("--corpus", default=None)
     parser.add_argument("--evaluate", metavar="CHECKPOINT",
                         help="only score an already trained checkpoint on the whole split")
@@ -78,15 +81,18 @@ def main() -> None:
         data = prepare_data(cfg.data, cfg.model.block_size, progress=False)
         prep_seconds = time.perf_counter() - t0
 
-        calib = load_config(args.config, base + [
-            f"train.out_dir={out}/calib", f"train.max_steps={args.calibration_steps}",
-            f"train.eval_interval={args.calibration_steps}", "train.eval_steps=1"])
-        step_seconds = statistics.median(train(calib, progress=False).step_seconds[5:])
-        steps = max(10, int(args.budget_seconds / step_seconds * 0.97))
+        if args.steps:
+            steps, step_seconds, budget = args.steps, math.nan, []
+        else:
+            calib = load_config(args.config, base + [
+                f"train.out_dir={out}/calib", f"train.max_steps={args.calibration_steps}",
+                f"train.eval_interval={args.calibration_steps}", "train.eval_steps=1"])
+            step_seconds = statistics.median(train(calib, progress=False).step_seconds[5:])
+            steps = max(10, int(args.budget_seconds / step_seconds * 0.97))
+            budget = [f"train.time_budget_s={args.budget_seconds}"]
 
         run = load_config(args.config, base + [
-            f"train.out_dir={out}/run", f"train.max_steps={steps}",
-            f"train.time_budget_s={args.budget_seconds}"])
+            f"train.out_dir={out}/run", f"train.max_steps={steps}", *budget])
         result = train(run, progress=False)
         model = load_checkpoint(result.run_dir).model
         nats, bpb, scored = whole_split_bits_per_byte(
@@ -98,8 +104,9 @@ def main() -> None:
           f"{model.num_params():,} parameters")
     print(f"data preparation {prep_seconds:.1f} s (outside the budget); calibrated "
           f"{step_seconds * 1e3:.1f} ms/step -> max_steps {steps}")
-    print(f"trained {result.steps} steps in {result.train_seconds:.1f} s of a "
-          f"{args.budget_seconds:.0f} s budget ({result.tokens_per_second:,.0f} tokens/s)")
+    limit = "no time budget" if args.steps else f"a {args.budget_seconds:.0f} s budget"
+    print(f"trained {result.steps} steps in {result.train_seconds:.1f} s of {limit} "
+          f"({result.tokens_per_second:,.0f} tokens/s)")
     print(f"validation (whole last 10%, {scored:,} tokens, non-overlapping windows of "
           f"{run.model.block_size}): {nats:.4f} nats/token = {bpb:.4f} bits/byte")
 

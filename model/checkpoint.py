@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 
 from .config import Config, config_from_dict
 from .errors import CheckpointError, SmallGPTError
+from .files import fsync_dir, fsync_file, write_json_atomic
 from .gpt import GPT
 from .tokenizer import Tokenizer, tokenizer_from_spec
 
@@ -46,20 +46,6 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
-
-
-def _fsync_dir(path: Path) -> None:
-    # On POSIX a rename is durable only once the directory entry is flushed.
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path, os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _swap_in(tmp: Path, target: Path) -> None:
     """Replace `target` by `tmp`; at every instant one complete copy exists on disk."""
     old = target.with_name(f".{target.name}.old")
@@ -68,27 +54,32 @@ def _swap_in(tmp: Path, target: Path) -> None:
     if target.exists():
         target.rename(old)
     tmp.rename(target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if old.exists():
         shutil.rmtree(old)
 
 
-def rng_state() -> dict[str, Any]:
-    """torch's CPU (and CUDA) generator states as JSON-safe base64 strings."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """torch's CPU generator state, and the CUDA one of `device` if it is a GPU, as JSON-safe
+    base64 strings. Only this process's GPU: asking for all of them would start a CUDA context
+    on every GPU of the machine."""
     state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if torch.cuda.is_available():
-        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode()
-                         for s in torch.cuda.get_rng_state_all()]
+    if device.type == "cuda":
+        cuda = torch.cuda.get_rng_state(device)
+        state["cuda"] = base64.b64encode(cuda.numpy().tobytes()).decode()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     def decode(text: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
     torch.set_rng_state(decode(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+    cuda = state.get("cuda")
+    if cuda and device.type == "cuda":
+        if isinstance(cuda, list):  # earlier checkpoints kept one state per visible GPU
+            cuda = cuda[min(device.index or 0, len(cuda) - 1)]
+        torch.cuda.set_rng_state(decode(cuda), device)
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, config: Config,
@@ -102,14 +93,13 @@ def save_checkpoint(directory: str | Path, model: nn.Module, config: Config,
         shutil.rmtree(tmp)  # left by a save that was killed: never used
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / WEIGHTS))  # handles the tied W_E/W_U tensor
-    _write_json(tmp / CONFIG, {"format": FORMAT_VERSION, "config": config.to_dict(),
-                               "tokenizer": tokenizer_spec})
+    fsync_file(tmp / WEIGHTS)
+    write_json_atomic(tmp / CONFIG, {"format": FORMAT_VERSION, "config": config.to_dict(),
+                                     "tokenizer": tokenizer_spec})
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-    _write_json(tmp / STATE, state or {})
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(tmp / OPTIMIZER)
+    write_json_atomic(tmp / STATE, state or {})
     _swap_in(tmp, target)
     return target
 
@@ -121,6 +111,8 @@ def copy_checkpoint(source: str | Path, directory: str | Path) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(source, tmp)
+    for f in tmp.iterdir():
+        fsync_file(f)
     _swap_in(tmp, target)
     return target
 
@@ -165,15 +157,15 @@ def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
         meta = json.loads((ckpt / CONFIG).read_text(encoding="utf-8"))
         config = config_from_dict(meta["config"], name=meta["config"].get("name", "run"))
         return config, meta["tokenizer"]
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise CheckpointError(
-            f"checkpoint {str(ckpt)!r} has no {CONFIG}; it is incomplete") from None
+            f"checkpoint {str(ckpt)!r} has no {CONFIG}; it is incomplete") from exc
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise CheckpointError(
-            f"checkpoint {str(ckpt)!r}: {CONFIG} is corrupt ({type(exc).__name__})") from None
+            f"checkpoint {str(ckpt)!r}: {CONFIG} is corrupt ({type(exc).__name__})") from exc
     except SmallGPTError as exc:
         raise CheckpointError(
-            f"checkpoint {str(ckpt)!r}: stored config is invalid: {exc}") from None
+            f"checkpoint {str(ckpt)!r}: stored config is invalid: {exc}") from exc
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -186,12 +178,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             tokenizer = tokenizer_from_spec(spec)
         except SmallGPTError as exc:
             raise CheckpointError(
-                f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from None
+                f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from exc
         model = GPT(config.model)
         load_weights(model, ckpt, device)
         state = load_state(ckpt)
     except CheckpointError as exc:
-        raise CheckpointError(f"{exc}; {_listing()}") from None
+        raise CheckpointError(f"{exc}; {_listing()}") from exc
     model.to(device).eval()
     return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=ckpt, state=state)
 
@@ -205,7 +197,7 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise CheckpointError(
             f"checkpoint {str(path)!r}: {WEIGHTS} is truncated, corrupt or of another shape "
-            f"({reason}); use another checkpoint, e.g. the run's best/") from None
+            f"({reason}); use another checkpoint, e.g. the run's best/") from exc
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -214,8 +206,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
         return {}
     try:
         return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint {str(path)!r}: {STATE} is corrupt") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {STATE} is corrupt") from exc
 
 
 def load_optimizer_state(path: str | Path) -> dict[str, Any] | None:
@@ -228,4 +220,4 @@ def load_optimizer_state(path: str | Path) -> dict[str, Any] | None:
     except Exception as exc:  # torch raises several types for damaged zip archives
         raise CheckpointError(
             f"checkpoint {str(path)!r}: {OPTIMIZER} is truncated or corrupt "
-            f"({type(exc).__name__})") from None
+            f"({type(exc).__name__})") from exc

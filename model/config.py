@@ -1,10 +1,11 @@
 """Configuration as validated data.
 
-Three dataclasses hold every setting: GPTConfig (the network's shape), DataConfig (corpus and
-tokenizer) and TrainConfig (the optimisation loop). `load_config` reads a YAML file with the
-sections `model`, `data` and `train`, applies `section.key=value` overrides, and validates the
-result before any work starts. Every error names the offending key and, for unknown keys, the
-closest valid one.
+Three dataclasses hold every setting: GPTConfig (the network's shape, defined beside the model
+in model/gpt.py), DataConfig (corpus and tokenizer) and TrainConfig (the optimisation loop).
+Each checks its values once, when it is constructed, so a Config that exists is valid.
+`load_config` reads a YAML file with the sections `model`, `data` and `train` and applies
+`section.key=value` overrides before building them. Every error names the offending key and,
+for unknown keys, the closest valid one.
 """
 
 from __future__ import annotations
@@ -20,120 +21,19 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice, check_positive
+from .gpt import GPTConfig
 
+# The shipped YAML files: configs/ in a source checkout, installed as the package `model.configs`
+# (pyproject.toml maps one onto the other), so they are found with or without `pip install -e`.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PACKAGED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-POS_EMBS = ("learned", "rope")
-NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu2", "swiglu")
 TOKENIZERS = ("gpt2", "char", "bpe")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
-
-
-def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{key}: must be {bound}, got {value}")
-
-
-@dataclass
-class GPTConfig:
-    """The shape of the network. Defaults are a small GPT that trains on a CPU."""
-
-    vocab_size: int | None = 50257  # None: taken from the tokenizer when training starts
-    block_size: int = 256  # context size: the most tokens the model sees at once
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    n_kv_head: int | None = None  # fewer key/value heads than query heads (GQA); None = n_head
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * n_embd
-    pos_emb: str = "learned"  # "learned" absolute positions or "rope" rotary
-    rope_base: float = 10000.0
-    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
-    norm_eps: float = 1e-5
-    activation: str = "gelu"  # "gelu", "gelu_tanh", "relu2" or "swiglu"
-    qk_norm: bool = False  # normalise queries and keys per head before attention
-    bias: bool = True  # biases in linear layers and LayerNorm
-    dropout: float = 0.0
-    tie_embeddings: bool = True  # W_U shares its tensor with W_E
-
-    def __post_init__(self) -> None:
-        self.validate("model")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_head if self.n_kv_head is None else self.n_kv_head
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.mlp_ratio * self.n_embd)
-
-    def validate(self, prefix: str = "model") -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if name == "vocab_size" and value is None:
-                continue  # resolved from the tokenizer before the model is built
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{prefix}.{name}: must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ConfigError(
-                f"{prefix}.n_embd: {self.n_embd} is not divisible by {prefix}.n_head={self.n_head}"
-            )
-        if self.n_kv_head is not None:
-            if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
-                raise ConfigError(
-                    f"{prefix}.n_kv_head: {self.n_kv_head} must be >= 1 and divide "
-                    f"{prefix}.n_head={self.n_head}"
-                )
-        if self.pos_emb == "rope" and self.head_dim % 2:
-            raise ConfigError(
-                f"{prefix}.n_embd: rotary positions need an even head size, "
-                f"got {self.n_embd}/{self.n_head}={self.head_dim}"
-            )
-        _check_choice(f"{prefix}.pos_emb", self.pos_emb, POS_EMBS)
-        _check_choice(f"{prefix}.norm", self.norm, NORMS)
-        _check_choice(f"{prefix}.activation", self.activation, ACTIVATIONS)
-        _check_positive(f"{prefix}.mlp_ratio", self.mlp_ratio)
-        _check_positive(f"{prefix}.norm_eps", self.norm_eps)
-        _check_positive(f"{prefix}.rope_base", self.rope_base)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{prefix}.dropout: must be in [0, 1), got {self.dropout}")
-        if self.mlp_hidden < 1:
-            raise ConfigError(f"{prefix}.mlp_ratio: gives an MLP width of {self.mlp_hidden}")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
-        """A named shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl or gpt3 (175B)."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-
-# GPT-2 shapes from Radford et al. 2019 (Table 2); GPT-3 175B from Brown et al. 2020 (Table 2.1).
-_GPT2_STYLE = dict(
-    vocab_size=50257, pos_emb="learned", norm="layernorm", activation="gelu_tanh", bias=True,
-    tie_embeddings=True, qk_norm=False, dropout=0.0, mlp_ratio=4.0, norm_eps=1e-5,
-)
-PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2": dict(_GPT2_STYLE, n_layer=12, n_head=12, n_embd=768, block_size=1024),
-    "gpt2-medium": dict(_GPT2_STYLE, n_layer=24, n_head=16, n_embd=1024, block_size=1024),
-    "gpt2-large": dict(_GPT2_STYLE, n_layer=36, n_head=20, n_embd=1280, block_size=1024),
-    "gpt2-xl": dict(_GPT2_STYLE, n_layer=48, n_head=25, n_embd=1600, block_size=1024),
-    "gpt3": dict(_GPT2_STYLE, n_layer=96, n_head=96, n_embd=12288, block_size=2048),
-}
 
 
 @dataclass
@@ -155,8 +55,9 @@ class DataConfig:
     cache_dir: str = "out/data"  # token bins and meta.json live here, keyed by a fingerprint
     num_proc: int = 2  # tokenizer threads (tiktoken releases the GIL: one per core)
 
-    def validate(self, prefix: str = "data") -> None:
-        _check_choice(f"{prefix}.tokenizer", self.tokenizer, TOKENIZERS)
+    def __post_init__(self) -> None:
+        prefix = "data"
+        check_choice(f"{prefix}.tokenizer", self.tokenizer, TOKENIZERS)
         if self.tokenizer == "bpe" and self.bpe_vocab_size < 257:
             raise ConfigError(
                 f"{prefix}.bpe_vocab_size: {self.bpe_vocab_size} is too small; it needs at least "
@@ -164,7 +65,7 @@ class DataConfig:
             )
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"{prefix}.val_fraction: must be in (0, 1), got {self.val_fraction}")
-        _check_positive(f"{prefix}.bpe_sample_mb", self.bpe_sample_mb)
+        check_positive(f"{prefix}.bpe_sample_mb", self.bpe_sample_mb)
         if self.num_proc < 1:
             raise ConfigError(f"{prefix}.num_proc: must be >= 1, got {self.num_proc}")
         if not self.source:
@@ -202,23 +103,27 @@ class TrainConfig:
     compile: bool = False
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     resume: bool = False
+    # "scratch" (random weights), or a model to fine-tune: gpt2, gpt2-medium, gpt2-large,
+    # gpt2-xl, a Hugging Face GPT-2 directory, or a smallgpt run/checkpoint (model/finetune.py)
+    init_from: str = "scratch"
     peak_flops: float | None = None  # for MFU; None looks the GPU up in a table
     wandb: bool = False
     wandb_project: str = "smallgpt"
     tensorboard: bool = False
 
-    def validate(self, prefix: str = "train") -> None:
+    def __post_init__(self) -> None:
+        prefix = "train"
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_steps",
                      "log_interval"):
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{prefix}.{name}: must be >= 1, got {value}")
         for name in ("warmup_steps", "checkpoint_interval"):
-            _check_positive(f"{prefix}.{name}", getattr(self, name), allow_zero=True)
+            check_positive(f"{prefix}.{name}", getattr(self, name), allow_zero=True)
         for name in ("lr", "muon_lr"):
-            _check_positive(f"{prefix}.{name}", getattr(self, name))
+            check_positive(f"{prefix}.{name}", getattr(self, name))
         for name in ("min_lr", "weight_decay", "grad_clip"):
-            _check_positive(f"{prefix}.{name}", getattr(self, name), allow_zero=True)
+            check_positive(f"{prefix}.{name}", getattr(self, name), allow_zero=True)
         if self.min_lr > self.lr:
             raise ConfigError(f"{prefix}.min_lr: {self.min_lr} is above {prefix}.lr={self.lr}")
         for name in ("beta1", "beta2", "muon_momentum"):
@@ -230,13 +135,15 @@ class TrainConfig:
                 f"{prefix}.cooldown_fraction: must be in [0, 1], got {self.cooldown_fraction}"
             )
         if self.time_budget_s is not None:
-            _check_positive(f"{prefix}.time_budget_s", self.time_budget_s)
+            check_positive(f"{prefix}.time_budget_s", self.time_budget_s)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"{prefix}.threads: must be >= 1, got {self.threads}")
-        _check_choice(f"{prefix}.optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
-        _check_choice(f"{prefix}.device", self.device, DEVICES)
-        _check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
+        if not self.init_from:
+            raise ConfigError(f"{prefix}.init_from: must be scratch or name a model, e.g. gpt2")
+        check_choice(f"{prefix}.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
+        check_choice(f"{prefix}.device", self.device, DEVICES)
+        check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -255,10 +162,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> None:
-        self.model.validate("model")
-        self.data.validate("data")
-        self.train.validate("train")
 
 
 SECTIONS: dict[str, type] = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
@@ -308,17 +211,7 @@ def _build_section(section: str, values: dict[str, Any]) -> Any:
         if name not in known:
             raise ConfigError(f"{section}.{name}: unknown key{_suggest(name, sorted(known))}")
         kwargs[name] = _coerce(f"{section}.{name}", value, hints[name])
-    if cls is GPTConfig:
-        # GPTConfig validates itself on construction; build it without that so errors name keys.
-        # An absent vocab_size means "whatever the tokenizer has".
-        obj = cls.__new__(cls)
-        for f in fields(cls):
-            setattr(obj, f.name, kwargs.get(f.name, None if f.name == "vocab_size" else f.default))
-        obj.validate(section)
-        return obj
-    obj = cls(**kwargs)
-    obj.validate(section)
-    return obj
+    return cls(**kwargs)  # each section checks its own values on construction
 
 
 def config_from_dict(raw: dict[str, Any], name: str = "run") -> Config:
@@ -334,15 +227,27 @@ def config_from_dict(raw: dict[str, Any], name: str = "run") -> Config:
     return Config(name=name, **parts)
 
 
+def shipped_config_dir() -> Path | None:
+    """Where the shipped configs are: the checkout's configs/, else the installed package's."""
+    for directory in (CONFIG_DIR, PACKAGED_CONFIG_DIR):
+        if directory.is_dir() and any(directory.glob("*.yaml")):
+            return directory
+    return None
+
+
 def resolve_config_path(path: str | Path) -> Path:
-    """`small.yaml` is looked up in configs/ when it is not an existing path."""
+    """An existing file, else a bare name such as `small.yaml` (or `small`) looked up in
+    ./configs, then among the shipped configs."""
     candidate = Path(path)
     if candidate.is_file():
         return candidate
-    for name in (candidate.name, f"{candidate.name}.yaml"):
-        if (CONFIG_DIR / name).is_file() and candidate.parent == Path("."):
-            return CONFIG_DIR / name
-    available = sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    shipped = shipped_config_dir()
+    if candidate.parent == Path("."):
+        for directory in (Path("configs"), shipped):
+            for name in (candidate.name, f"{candidate.name}.yaml"):
+                if directory is not None and (directory / name).is_file():
+                    return directory / name
+    available = sorted(p.name for p in shipped.glob("*.yaml")) if shipped else []
     hint = f"; shipped configs: {', '.join(available)}" if available else ""
     raise ConfigError(f"config file {str(path)!r} not found{hint}")
 
@@ -369,7 +274,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except yaml.YAMLError as exc:
         first_line = str(exc).splitlines()[0]
         raise ConfigError(
-            f"config file {str(resolved)!r} is not valid YAML: {first_line}") from None
+            f"config file {str(resolved)!r} is not valid YAML: {first_line}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(resolved)!r} must hold sections model, data, train")
     for text in overrides:

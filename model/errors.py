@@ -32,3 +32,16 @@ class SamplingError(SmallGPTError, ValueError):
 
 class TrainingError(SmallGPTError):
     """Training cannot go on (non-finite loss, unwritable output directory, ...)."""
+
+
+def check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    """ConfigError naming `key` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    """ConfigError naming `key` unless `value` is > 0 (or >= 0 with allow_zero)."""
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}: must be {bound}, got {value}")

@@ -87,7 +87,7 @@ def word_vector(model: GPT, tokenizer: Tokenizer, word: str) -> WordVector:
         try:
             tokenizer.encode(word)  # to report the tokenizer's own reason (unknown characters)
         except TokenizerError as exc:
-            raise TokenizerError(f"word {word!r}: {exc}") from None
+            raise TokenizerError(f"word {word!r}: {exc}") from exc
         raise TokenizerError(f"word {word!r} encodes to no tokens")
     singles = [form for form in forms if len(encoded.get(form, ())) == 1]
     form = singles[0] if singles else min(encoded, key=lambda f: len(encoded[f]))
@@ -275,20 +275,11 @@ def logit_lens(model: GPT, tokenizer: Tokenizer, prompt: str, k: int = 3) -> Len
     """Read the residual stream after the embeddings and after each block as if it were the last:
     apply the final norm and W_U. The prediction forms layer by layer.
 
-    The residual stream is recorded with hooks during the model's ordinary forward pass, so the
-    last row is exactly the model's own output."""
+    The residual stream comes from `GPT.trace`, so the last row is the model's own output."""
     if k < 1:
         raise ConfigError(f"-k: must be >= 1, got {k}")
     idx = encode_prompt(model, tokenizer, prompt)
-    stream: list[torch.Tensor] = []
-    hooks = [model.drop.register_forward_hook(lambda m, i, out: stream.append(out))]
-    hooks += [b.register_forward_hook(lambda m, i, out: stream.append(out[0]))
-              for b in model.blocks]
-    try:
-        model(idx)
-    finally:
-        for h in hooks:
-            h.remove()
+    stream = model.trace(idx).hidden
     logits = torch.stack([model.lm_head(model.norm_f(x))[0] for x in stream])  # (L+1, T, V)
     probs = logits.float().softmax(dim=-1)
     values, indices = probs.topk(min(k, probs.size(-1)), dim=-1)  # (L+1, T, k)
@@ -313,13 +304,13 @@ def load_for_explore(checkpoint: str | None = None, hf_gpt2: str | None = None,
     """A smallgpt checkpoint (default: the newest under out/), or GPT-2 weights in the Hugging
     Face layout with tiktoken's gpt2 tokenizer."""
     from .checkpoint import find_checkpoints, load_checkpoint
-    from .gpt import GPT
+    from .hf import load_hf_gpt2
     from .runtime import pick_device
     from .tokenizer import tokenizer_from_spec
 
     dev = pick_device(device, setting="--device")
     if hf_gpt2 is not None:
-        model = GPT.from_hf_gpt2(hf_gpt2).to(dev).eval()
+        model = load_hf_gpt2(hf_gpt2).to(dev).eval()
         return Loaded(model, tokenizer_from_spec({"name": "gpt2"}), str(hf_gpt2), Path("."))
     if checkpoint is None:
         found = find_checkpoints("out")

@@ -22,6 +22,12 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to disk, so a rename that publishes it never exposes a hole."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON to a temporary file, flush it, then rename it over `path`: readers see the old
     file or the new one, never half of one."""

@@ -1,88 +1,120 @@
-"""The GPT: token embeddings, a stack of pre-norm transformer blocks, and an unembedding head.
+"""The GPT, in the order a token meets it.
 
-    idx (B, T) -> W_E[idx] (+ learned positions) -> n_layer x [x + attn(norm(x)); x + mlp(norm(x))]
-               -> final norm -> W_U -> logits (B, T, vocab_size)
+    idx (B, T) -> W_E[idx] (+ learned positions)            one vector per token
+               -> n_layer x Block:                           the vectors are refined in place
+                    x = x + attention(norm(x))               vectors exchange information
+                    x = x + MLP(norm(x))                     each vector is transformed alone
+               -> final norm -> W_U                          logits (B, T, vocab_size)
 
-Attention goes through `scaled_dot_product_attention`, which picks a flash kernel on CUDA.
-Generation passes a `KVCache` so each new token costs one position's compute.
+Training scores the logits at every position against the next token (cross-entropy).
+GPTConfig, the network's shape, is defined first; small helpers (norms, rotary positions) follow
+the GPT at the end of the file. Attention goes through `scaled_dot_product_attention`, which
+picks a flash kernel on CUDA; generation passes a KVCache (model/kv_cache.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import GPTConfig
-from .errors import ConfigError
+from .errors import ConfigError, check_choice, check_positive
+from .kv_cache import KVCache
+
+POS_EMBS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu2", "swiglu")
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight: LayerNorm without centring or bias (Zhang & Sennrich, 2019)."""
+@dataclass
+class GPTConfig:
+    """The shape of the network, checked once when it is constructed.
 
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
-
-
-def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
-    dim = dim or config.n_embd
-    if config.norm == "rmsnorm":
-        return RMSNorm(dim, config.norm_eps)
-    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
-
-
-def rope_tables(head_dim: int, length: int, base: float, device: Any = None) -> torch.Tensor:
-    """cos and sin of position * frequency, stacked: (2, length, head_dim // 2), float32."""
-    freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), freqs)
-    return torch.stack((angles.cos(), angles.sin()))
-
-
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head's vector by its position's angle.
-
-    x: (B, H, T, D); table: (2, T, D/2) for the positions of x.
-    """
-    cos, sin = table[0].to(x.dtype), table[1].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated to block_size.
-
-    `length` is how many positions are filled; the model writes new keys and values at
-    [length, length + T) and advances it once per forward pass.
+    Defaults are a small GPT that trains on a CPU. vocab_size None means "the tokenizer's":
+    training fills it in; a GPT cannot be built before it is known.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, device: Any = None,
-                 dtype: torch.dtype = torch.float32) -> None:
-        shape = (batch_size, config.kv_heads, config.block_size, config.head_dim)
-        layers = range(config.n_layer)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
-        self.length = 0
-        self.capacity = config.block_size
+    vocab_size: int | None = None
+    block_size: int = 256  # context size: the most tokens the model sees at once
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    n_kv_head: int | None = None  # fewer key/value heads than query heads (GQA); None = n_head
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * n_embd
+    pos_emb: str = "learned"  # "learned" absolute positions or "rope" rotary
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu"  # "gelu", "gelu_tanh", "relu2" or "swiglu"
+    qk_norm: bool = False  # normalise queries and keys per head before attention
+    bias: bool = True  # biases in linear layers and LayerNorm
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # W_U shares its tensor with W_E
 
-    def reset(self) -> None:
-        self.length = 0
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Store k, v (B, H_kv, T, D) after the filled part; return all keys and values so far."""
-        start, end = self.length, self.length + k.size(2)
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_ratio * self.n_embd)
+
+    def __post_init__(self) -> None:
+        """Every rule about the shape, each error naming its key as in a config file."""
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if name == "vocab_size" and value is None:
+                continue
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.{name}: must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ConfigError(f"model.n_kv_head: {self.n_kv_head} must be >= 1 and divide "
+                              f"model.n_head={self.n_head}")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model.n_embd: rotary positions need an even head size, "
+                              f"got {self.n_embd}/{self.n_head}={self.head_dim}")
+        check_choice("model.pos_emb", self.pos_emb, POS_EMBS)
+        check_choice("model.norm", self.norm, NORMS)
+        check_choice("model.activation", self.activation, ACTIVATIONS)
+        for name in ("mlp_ratio", "norm_eps", "rope_base"):
+            check_positive(f"model.{name}", getattr(self, name))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        if self.mlp_hidden < 1:
+            raise ConfigError(f"model.mlp_ratio: gives an MLP width of {self.mlp_hidden}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        """A named shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl or gpt3 (175B)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# GPT-2 shapes from Radford et al. 2019 (Table 2); GPT-3 175B from Brown et al. 2020 (Table 2.1).
+_GPT2_STYLE = dict(
+    vocab_size=50257, pos_emb="learned", norm="layernorm", activation="gelu_tanh", bias=True,
+    tie_embeddings=True, qk_norm=False, dropout=0.0, mlp_ratio=4.0, norm_eps=1e-5,
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(_GPT2_STYLE, n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-medium": dict(_GPT2_STYLE, n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    "gpt2-large": dict(_GPT2_STYLE, n_layer=36, n_head=20, n_embd=1280, block_size=1024),
+    "gpt2-xl": dict(_GPT2_STYLE, n_layer=48, n_head=25, n_embd=1600, block_size=1024),
+    "gpt3": dict(_GPT2_STYLE, n_layer=96, n_head=96, n_embd=12288, block_size=2048),
+}
 
 
 class CausalSelfAttention(nn.Module):
@@ -90,7 +122,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer = layer  # which slot of the KV cache is ours
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         # One matrix computes queries, keys and values together: one matmul instead of three.
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
@@ -101,9 +133,33 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
-                cache: KVCache | None = None, return_weights: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
+        past = cache.length if cache is not None else 0
+        q, k, v = self._heads(x, rope, cache)
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new token may attend to everything before it: no mask needed
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:
+            mask = causal_mask(T, past, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, H*D)
+        return self.proj(y)
+
+    def weights(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention pattern (B, H, T, T) that forward applies, computed explicitly:
+        softmax(q k^T / sqrt(d) + causal mask). For inspection; the fused kernel never forms it."""
+        q, k, _ = self._heads(x, rope, None)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        mask = causal_mask(q.size(2), 0, q.device)
+        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
+    def _heads(self, x: torch.Tensor, rope: torch.Tensor | None,
+               cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (B, H, S, D), keys and values including cached positions."""
+        B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
              self.n_kv_head * self.head_dim], dim=-1)
@@ -115,42 +171,13 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        past = 0
         if cache is not None:
-            past = cache.length
             k, v = cache.update(self.layer, k, v)
         if self.n_kv_head != self.n_head:
             # Grouped-query attention: each key/value head serves n_head / n_kv_head query heads.
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if return_weights:
-            y, weights = self._explicit_attention(q, k, v, past)
-        else:
-            weights = None
-            dropout = self.dropout if self.training else 0.0
-            if past == 0:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-            elif T == 1:  # one new token may attend to everything before it: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-            else:
-                mask = self._causal_mask(T, past, x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, H*D)
-        return self.proj(y), weights
-
-    @staticmethod
-    def _causal_mask(T: int, past: int, device: Any) -> torch.Tensor:
-        """(T, past + T) booleans: query i (at position past + i) sees keys 0 .. past + i."""
-        rows = torch.arange(T, device=device)[:, None] + past
-        return torch.arange(past + T, device=device)[None, :] <= rows
-
-    def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            past: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """softmax(q k^T / sqrt(d) + causal mask) v, also returning the weights (B, H, T, S)."""
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        mask = self._causal_mask(q.size(2), past, q.device)
-        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        return weights @ v, weights
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -158,26 +185,16 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.activation = config.activation
         hidden = config.mlp_hidden
         # SwiGLU computes a gate and a value from the input: one matrix of twice the width.
-        fc_out = 2 * hidden if self.activation == "swiglu" else hidden
+        fc_out = 2 * hidden if config.activation == "swiglu" else hidden
         self.fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
+        self.act: Callable[[torch.Tensor], torch.Tensor] = ACTIVATION_FNS[config.activation]
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        if self.activation == "gelu":
-            h = F.gelu(h)
-        elif self.activation == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
-        elif self.activation == "relu2":
-            h = F.relu(h).square()
-        else:  # swiglu
-            gate, value = h.chunk(2, dim=-1)
-            h = F.silu(gate) * value
-        return self.dropout(self.proj(h))
+        return self.dropout(self.proj(self.act(self.fc(x))))
 
 
 class Block(nn.Module):
@@ -192,12 +209,9 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
-                cache: KVCache | None = None, return_weights: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_out, weights = self.attn(self.norm1(x), rope, cache, return_weights)
-        x = x + self.resid_dropout(attn_out)
-        x = x + self.mlp(self.norm2(x))
-        return x, weights
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn(self.norm1(x), rope, cache))
+        return x + self.mlp(self.norm2(x))
 
 
 @dataclass
@@ -212,7 +226,6 @@ class ForwardTrace:
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        config.validate("model")
         if config.vocab_size is None:
             raise ConfigError("model.vocab_size: not set; set it, or let training take it from "
                               "the tokenizer")
@@ -233,11 +246,11 @@ class GPT(nn.Module):
             self.rope = None
         self.reset_parameters()
 
-    # -- initialization: every decision in one place -------------------------------------------
     def reset_parameters(self) -> None:
-        """GPT-2 initialization: N(0, 0.02) weights, zero biases, unit norms, and the output
-        projections of each residual branch scaled by 1/sqrt(2 * n_layer) so the residual
-        stream's variance does not grow with depth (Radford et al., 2019, section 2.3)."""
+        """GPT-2 initialization, every decision in one place: N(0, 0.02) weights, zero biases,
+        unit norms, and the output projections of each residual branch scaled by
+        1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth
+        (Radford et al., 2019, section 2.3)."""
         std = 0.02
         residual_std = std / math.sqrt(2 * self.config.n_layer)
         for name, module in self.named_modules():
@@ -253,8 +266,8 @@ class GPT(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    # -- forward ---------------------------------------------------------------------------------
-    def _embed(self, idx: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embed(self, idx: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W_E[idx] plus positions start.. (learned), and the rotary table for those positions."""
         T = idx.size(1)
         if start + T > self.config.block_size:
             raise ConfigError(
@@ -276,12 +289,12 @@ class GPT(nn.Module):
         With a cache, idx holds only the new tokens; their positions follow the cached ones.
         """
         start = cache.length if cache is not None else 0
-        x, rope = self._embed(idx, start)
+        x, rope = self.embed(idx, start)
         for block in self.blocks:
-            x, _ = block(x, rope, cache)
+            x = block(x, rope, cache)
         if cache is not None:
             cache.length += idx.size(1)
-        logits = self.lm_head(self.norm_f(x))
+        logits = self.lm_head(self.norm_f(x))  # W_U: (B, T, C) -> (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
@@ -290,18 +303,17 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def trace(self, idx: torch.Tensor) -> ForwardTrace:
-        """A forward pass that keeps the residual stream after every block and the attention
-        weights, computed explicitly (slower than the fused kernel; for inspection only)."""
-        x, rope = self._embed(idx, 0)
+        """The forward pass, keeping the residual stream after every block and each layer's
+        attention weights (computed explicitly beside the fused kernel; for inspection)."""
+        x, rope = self.embed(idx, 0)
         hidden, attention = [x], []
         for block in self.blocks:
-            x, weights = block(x, rope, None, return_weights=True)
+            attention.append(block.attn.weights(block.norm1(x), rope))
+            x = block(x, rope)
             hidden.append(x)
-            attention.append(weights)
         logits = self.lm_head(self.norm_f(x))
         return ForwardTrace(logits=logits, hidden=hidden, attention=attention)
 
-    # -- conveniences ----------------------------------------------------------------------------
     def num_params(self) -> int:
         """Trainable parameters, a tied W_E/W_U counted once."""
         return sum(p.numel() for p in self.parameters())
@@ -316,23 +328,77 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size: int, device: Any = None,
                   dtype: torch.dtype | None = None) -> KVCache:
-        ref = self.tok_emb.weight
-        return KVCache(self.config, batch_size, device or ref.device, dtype or ref.dtype)
+        c, ref = self.config, self.tok_emb.weight
+        return KVCache(c.n_layer, batch_size, c.kv_heads, c.block_size, c.head_dim,
+                       device or ref.device, dtype or ref.dtype)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPT:
+        """Randomly initialised weights in a named shape (gpt2, ..., gpt3)."""
         return cls(GPTConfig.from_preset(name, **overrides))
 
     @classmethod
-    def from_hf_gpt2(cls, path_or_state_dict: str | Path | dict[str, torch.Tensor],
-                     n_head: int | None = None) -> GPT:
-        """Load GPT-2 weights in the Hugging Face layout (directory, or state dict and n_head)."""
-        from .hf import load_hf_gpt2
+    def from_pretrained(cls, name: str, device: Any = "cpu") -> GPT:
+        """Trained weights by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl (from the Hugging
+        Face hub, cached), a Hugging Face GPT-2 directory, or a smallgpt run/checkpoint."""
+        # The one deferred import in this file: loading builds on the model, not the reverse.
+        from .pretrained import load_model
 
-        return load_hf_gpt2(path_or_state_dict, n_head)
+        return load_model(name, device).model
 
-    def to_hf_gpt2(self, directory: str | Path) -> Path:
-        """Write this model as a Hugging Face GPT-2 directory (config.json + model.safetensors)."""
-        from .hf import save_hf_gpt2
 
-        return save_hf_gpt2(self, directory)
+# -- building blocks used above ------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight: LayerNorm without centring or bias (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.n_embd
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, value = h.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
+ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,  # exact (erf) form
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),  # GPT-2's approximation
+    "relu2": lambda h: F.relu(h).square(),  # ReLU squared (So et al., 2021)
+    "swiglu": _swiglu,  # Shazeer, 2020
+}
+
+
+def causal_mask(T: int, past: int, device: Any) -> torch.Tensor:
+    """(T, past + T) booleans: query i (at position past + i) sees keys 0 .. past + i."""
+    rows = torch.arange(T, device=device)[:, None] + past
+    return torch.arange(past + T, device=device)[None, :] <= rows
+
+
+def rope_tables(head_dim: int, length: int, base: float, device: Any = None) -> torch.Tensor:
+    """cos and sin of position * frequency, stacked: (2, length, head_dim // 2), float32."""
+    freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), freqs)
+    return torch.stack((angles.cos(), angles.sin()))
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head's vector by its position's angle.
+
+    x: (B, H, T, D); table: (2, T, D/2) for the positions of x.
+    """
+    cos, sin = table[0].to(x.dtype), table[1].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)

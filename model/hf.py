@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import GPTConfig
 from .errors import CheckpointError, ConfigError
-from .gpt import GPT
+from .gpt import GPT, GPTConfig
 
 # Per block: (our module, Hugging Face module). The blocks live under `blocks.i` / `h.i`.
 BLOCK_NAMES = (
@@ -81,7 +80,7 @@ def _read_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(
             f"{str(config_path)!r} is not valid JSON ({_first_line(exc)})"
-        ) from None
+        ) from exc
     if not isinstance(hf_config, dict):
         raise CheckpointError(f"{str(config_path)!r} must hold a JSON object")
     if hf_config.get("model_type", "gpt2") != "gpt2":
@@ -104,7 +103,7 @@ def _read_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as exc:  # each format fails in its own way on a truncated or corrupt file
         raise CheckpointError(
             f"cannot read {str(path)!r}, it looks truncated or corrupt ({_first_line(exc)})"
-        ) from None
+        ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} does not hold a state dict")
     return state, hf_config

@@ -88,11 +88,55 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     if not muon:
         return adamw
-    muon_opt = torch.optim.Muon(
-        [{"params": hidden, "muon": True}], lr=cfg.muon_lr,
-        weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-    )
+    muon_opt = Muon([{"params": hidden, "muon": True}], lr=cfg.muon_lr,
+                    weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
     return CombinedOptimizer([muon_opt, adamw])
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then the update's nearest semi-orthogonal matrix (Jordan et al., 2024).
+
+    torch.optim.Muon runs its Newton-Schulz iterations in bfloat16, which CPUs without bf16
+    units compute slowly and which costs precision at these tiny widths; this one stays in the
+    parameter's dtype (float32 here). Nesterov momentum, decoupled weight decay, and the
+    update scaled by sqrt(max(1, rows / cols)) as in the original recipe.
+    """
+
+    def __init__(self, params: Any, lr: float = 0.02, momentum: float = 0.95,
+                 weight_decay: float = 0.0, ns_steps: int = 5) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"])  # Nesterov: look one step ahead
+                update = orthogonalize(update, group["ns_steps"])
+                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U V^T of g = U S V^T by a quintic Newton-Schulz iteration whose
+    coefficients (3.4445, -4.7750, 2.0315) push every singular value towards 1 quickly
+    (Jordan et al., 2024). Works on the wide orientation so X X^T is the smaller product."""
+    tall = g.size(0) > g.size(1)
+    x = g.T if tall else g
+    x = x / (x.norm() + 1e-7)  # singular values <= 1, where the iteration converges
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
 
 
 def set_lr(optimizer: Optimizer, step: int, cfg: TrainConfig) -> float:

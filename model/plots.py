@@ -27,7 +27,7 @@ def _save(fig: Figure, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     except OSError as exc:
-        raise ConfigError(f"--out: cannot write {str(path)!r} ({exc.strerror})") from None
+        raise ConfigError(f"--out: cannot write {str(path)!r} ({exc.strerror})") from exc
     return path
 
 

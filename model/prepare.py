@@ -296,11 +296,15 @@ class PreparedData:
         return self.meta["splits"][split]
 
 
-def _settings(cfg: DataConfig) -> dict[str, Any]:
-    """Every setting that changes the token files (block_size does not: windows are cut later)."""
+def _settings(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """Every setting that changes the token files (block_size does not: windows are cut later).
+    A given tokenizer (fine-tuning keeps the checkpoint's) counts by its full spec."""
     settings: dict[str, Any] = {"format": FORMAT_VERSION, "source": cfg.source,
                                 "tokenizer": cfg.tokenizer, "val_fraction": cfg.val_fraction}
-    if cfg.tokenizer == "bpe":
+    if tokenizer is not None:
+        spec = json.dumps(tokenizer.spec(), sort_keys=True)
+        settings["tokenizer"] = {"given": hashlib.sha256(spec.encode()).hexdigest()}
+    elif cfg.tokenizer == "bpe":
         settings.update(bpe_vocab_size=cfg.bpe_vocab_size, bpe_sample_mb=cfg.bpe_sample_mb)
     if cfg.source.startswith(HF_PREFIX):
         settings.update(hf_config=cfg.hf_config, hf_split=cfg.hf_split,
@@ -308,10 +312,13 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
     return settings
 
 
-def fingerprint(cfg: DataConfig, corpus: Corpus) -> str:
+def fingerprint(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer | None = None) -> str:
     """A readable, unique cache name, e.g. shakespeare-bpe4096-1f3a9c0e5d7b2a64."""
-    blob = json.dumps({"settings": _settings(cfg), "source": corpus.state()}, sort_keys=True)
+    blob = json.dumps({"settings": _settings(cfg, tokenizer), "source": corpus.state()},
+                      sort_keys=True)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    if tokenizer is not None:
+        return f"{corpus.label}-{tokenizer.name}{tokenizer.vocab_size}-{digest}"
     vocab = str(cfg.bpe_vocab_size) if cfg.tokenizer == "bpe" else ""
     return f"{corpus.label}-{cfg.tokenizer}{vocab}-{digest}"
 
@@ -327,16 +334,19 @@ def _check_windows(data: PreparedData, block_size: int) -> None:
                 "change data.val_fraction")
 
 
-def prepare_data(cfg: DataConfig, block_size: int, progress: bool = True) -> PreparedData:
+def prepare_data(cfg: DataConfig, block_size: int, progress: bool = True,
+                 tokenizer: Tokenizer | None = None) -> PreparedData:
     """Tokenize cfg.source into <cfg.cache_dir>/<fingerprint>/, or reuse a complete cache there.
 
+    The tokenizer is cfg.tokenizer's (trained on the corpus for char and bpe) unless one is
+    given: fine-tuning encodes the new corpus with the pretrained model's own tokenizer.
     Raises DataError / TokenizerError with a one-line message for every bad input.
     """
     check_tokenizer_choice(cfg.tokenizer, cfg.bpe_vocab_size)  # fail before any work
     if not 0.0 < cfg.val_fraction < 1.0:
         raise DataError(f"data.val_fraction must be between 0 and 1, got {cfg.val_fraction}")
     corpus = open_corpus(cfg.source, cfg.hf_config, cfg.hf_split, cfg.text_column)
-    directory = Path(cfg.cache_dir).expanduser() / fingerprint(cfg, corpus)
+    directory = Path(cfg.cache_dir).expanduser() / fingerprint(cfg, corpus, tokenizer)
     data = None
     if (directory / "meta.json").exists():
         try:
@@ -345,7 +355,7 @@ def prepare_data(cfg: DataConfig, block_size: int, progress: bool = True) -> Pre
         except DataError:
             data = None  # damaged or half-written: never used, rebuilt below
     if data is None:
-        data = _build_cache(cfg, directory, corpus, progress)
+        data = _build_cache(cfg, directory, corpus, progress, tokenizer)
     _check_windows(data, block_size)
     return data
 
@@ -355,8 +365,8 @@ def _bar(desc: str, total: int | None, progress: bool) -> tqdm:
                 disable=not progress, dynamic_ncols=True)
 
 
-def _build_cache(cfg: DataConfig, directory: Path, corpus: Corpus,
-                 progress: bool) -> PreparedData:
+def _build_cache(cfg: DataConfig, directory: Path, corpus: Corpus, progress: bool,
+                 tokenizer: Tokenizer | None = None) -> PreparedData:
     try:
         ensure_writable_dir(directory)
     except OSError as exc:
@@ -376,10 +386,13 @@ def _build_cache(cfg: DataConfig, directory: Path, corpus: Corpus,
         raise DataError(f"corpus {cfg.source!r} is empty: it holds no text")
     plan = SplitPlan(by_hash=cfg.val_fraction) if sizes is None else plan_split(
         sizes, cfg.val_fraction)
-    texts = training_text(cfg, corpus, sizes, plan) if cfg.tokenizer != "gpt2" else ()
-    with _bar(f"reading for {cfg.tokenizer}", None, progress and cfg.tokenizer != "gpt2") as bar:
-        tokenizer = train_tokenizer(cfg.tokenizer, _counted(texts, bar.update),
-                                    cfg.bpe_vocab_size)
+    given = tokenizer
+    if tokenizer is None:
+        learns = cfg.tokenizer != "gpt2"
+        texts = training_text(cfg, corpus, sizes, plan) if learns else ()
+        with _bar(f"reading for {cfg.tokenizer}", None, progress and learns) as bar:
+            tokenizer = train_tokenizer(cfg.tokenizer, _counted(texts, bar.update),
+                                        cfg.bpe_vocab_size)
 
     tmp = {split: directory / f"{split}.bin.tmp-{os.getpid()}" for split in SPLITS}
     try:
@@ -401,7 +414,7 @@ def _build_cache(cfg: DataConfig, directory: Path, corpus: Corpus,
     meta = {
         "format_version": FORMAT_VERSION,
         "fingerprint": directory.name,
-        "settings": _settings(cfg),
+        "settings": _settings(cfg, given),
         "tokenizer": tokenizer.spec(),
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,

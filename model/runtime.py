@@ -1,4 +1,5 @@
-"""Where and how the model runs: device and dtype choice, autocast, seeding, torchrun/DDP set-up.
+"""Where and how the model runs: device and dtype choice, autocast, threads, seeding, and
+torchrun jobs (set-up and the collectives training uses).
 
 Nothing here runs at import; the training and sampling code call these with explicit arguments.
 """
@@ -9,7 +10,7 @@ import contextlib
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -54,10 +55,15 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def configure_backends(device: torch.device, threads: int | None = None) -> None:
-    """TF32 matmuls on CUDA (Ampere and newer run them on tensor cores); CPU thread count."""
+def configure_threads(threads: int | None) -> None:
+    """CPU intra-op threads for this process. None keeps torch's default (one per core); a
+    number is for tuning, e.g. 1 per process when several processes share the cores."""
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def configure_backends(device: torch.device) -> None:
+    """TF32 matmuls on CUDA (Ampere and newer run them on tensor cores)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -69,13 +75,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# -- torchrun jobs ------------------------------------------------------------------------------
+# NCCL, the backend for CUDA, only takes tensors on the process's own GPU; gloo takes CPU tensors.
+# So every collective below puts its tensor on `Distributed.device`, the device the job trains
+# on: a CPU tensor would work in a CPU (gloo) job and fail at the first step on GPUs.
+
+
 @dataclass
 class Distributed:
-    """This process's place in a torchrun job; a single process is rank 0 of 1."""
+    """This process's place in a torchrun job; a single process is rank 0 of 1. `device` is
+    where this process trains and where its collectives' tensors live (cuda:<local_rank>)."""
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def enabled(self) -> bool:
@@ -87,24 +101,32 @@ class Distributed:
 
 
 def setup_distributed(device: torch.device) -> Distributed:
-    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set): NCCL on CUDA,
-    gloo on CPU. Each CUDA process takes the GPU of its local rank."""
+    """Join the process group when launched by torchrun (RANK and WORLD_SIZE > 1 set).
+
+    On CUDA each process takes the GPU of its local rank before the group starts, and the group
+    gets NCCL for CUDA tensors and gloo for CPU ones (torch's form for mixed use), bound to that
+    GPU. On the CPU it is gloo alone.
+    """
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Distributed()
-    ctx = Distributed(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
-                      int(os.environ["WORLD_SIZE"]))
+        return Distributed(device=device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
-        torch.cuda.set_device(ctx.local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return ctx
-
-
-def local_device(device: torch.device, ctx: Distributed) -> torch.device:
-    """On multi-GPU jobs each process uses cuda:<local_rank>."""
-    if device.type == "cuda" and ctx.enabled:
-        return torch.device("cuda", ctx.local_rank)
-    return device
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"train.device: process {local_rank} of this node needs GPU "
+                              f"{local_rank} but {torch.cuda.device_count()} are visible; start "
+                              "at most one process per GPU (torchrun --nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="cuda:nccl,cpu:gloo", device_id=device)
+    elif device.type == "cpu":
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+    else:
+        raise ConfigError(f"train.device: {device.type} cannot run a multi-process job; "
+                          "use cuda or cpu with torchrun")
+    return Distributed(rank, local_rank, world_size, device)
 
 
 def teardown_distributed() -> None:
@@ -114,8 +136,33 @@ def teardown_distributed() -> None:
 
 @contextlib.contextmanager
 def distributed_job(device: torch.device) -> Iterator[Distributed]:
+    """setup_distributed, and the group destroyed at the end however the job ends."""
     ctx = setup_distributed(device)
     try:
         yield ctx
     finally:
         teardown_distributed()
+
+
+def barrier(ctx: Distributed) -> None:
+    """Wait for every rank; on CUDA on this process's GPU, as NCCL requires."""
+    if ctx.enabled:
+        dist.barrier(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def all_agree(ctx: Distributed, *flags: bool) -> tuple[bool, ...]:
+    """Each flag becomes true on every rank if it is true on any rank."""
+    if not ctx.enabled:
+        return flags
+    values = torch.tensor([float(f) for f in flags], device=ctx.device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in values.tolist())
+
+
+def mean_over_ranks(ctx: Distributed, values: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of `values` over all ranks (as a tensor on the job's device)."""
+    if not ctx.enabled:
+        return values
+    values = values.to(ctx.device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)  # AVG exists for NCCL only, not for gloo
+    return values / ctx.world_size

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import GPTConfig
-from .gpt import GPT
+from .gpt import GPT, GPTConfig
 
 COMPONENTS = ("token embedding (W_E)", "positions", "attention", "MLP", "norms",
               "unembedding (W_U)")

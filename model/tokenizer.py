@@ -114,7 +114,7 @@ class GPT2Tokenizer(TiktokenTokenizer):
             reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
             raise TokenizerError(
                 f"the GPT-2 vocabulary could not be downloaded ({reason}); set TIKTOKEN_CACHE_DIR "
-                "to a folder holding tiktoken's gpt2 files, or use tokenizer char or bpe") from None
+                "to a folder holding tiktoken's gpt2 files, or use tokenizer char or bpe") from exc
         super().__init__("gpt2", encoding)
 
     def spec(self) -> dict[str, Any]:
@@ -386,7 +386,7 @@ def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
         raise
     except (KeyError, TypeError, ValueError) as exc:
         raise TokenizerError(f"{name} tokenizer spec is invalid ({type(exc).__name__}: {exc}); "
-                             "the checkpoint or meta.json may be damaged") from None
+                             "the checkpoint or meta.json may be damaged") from exc
     expected = spec.get("vocab_size", tokenizer.vocab_size)
     if expected != tokenizer.vocab_size:
         raise TokenizerError(f"{name} tokenizer spec says {expected} tokens but holds "

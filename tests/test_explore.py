@@ -20,6 +20,7 @@ from model.explore import (
     word_vector,
 )
 from model.gpt import GPT
+from model.hf import save_hf_gpt2
 from model.tally import parameter_tally
 
 
@@ -320,8 +321,8 @@ def test_hf_gpt2_weights_are_explored_with_the_gpt2_tokenizer(tmp_path, monkeypa
 
     monkeypatch.setattr(tokenizer_module, "tokenizer_from_spec", fake_gpt2)
     torch.manual_seed(0)
-    GPT(GPTConfig(vocab_size=char.vocab_size, n_embd=16, n_head=2, n_layer=1, block_size=16,
-                  activation="gelu_tanh")).to_hf_gpt2(tmp_path / "hf")
+    save_hf_gpt2(GPT(GPTConfig(vocab_size=char.vocab_size, n_embd=16, n_head=2, n_layer=1,
+                               block_size=16, activation="gelu_tanh")), tmp_path / "hf")
     monkeypatch.chdir(tmp_path)
     code, out, _ = explore(capsys, "lens", "the", "--hf-gpt2", str(tmp_path / "hf"))
     assert code == 0 and "block 0" in out and asked == [{"name": "gpt2"}]

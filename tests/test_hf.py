@@ -56,7 +56,7 @@ def test_load_directory_matches_transformers(tmp_path):
 def test_from_hf_gpt2_delegates(tmp_path):
     theirs = hf_model()
     theirs.save_pretrained(tmp_path)
-    assert_same_logits(GPT.from_hf_gpt2(tmp_path), theirs, tokens())
+    assert_same_logits(load_hf_gpt2(tmp_path), theirs, tokens())
 
 
 @pytest.mark.parametrize("prefixed", [True, False])
@@ -123,7 +123,7 @@ def test_save_loads_in_transformers(tmp_path):
 def test_to_hf_gpt2_delegates(tmp_path):
     ours = GPT(GPTConfig(vocab_size=101, block_size=32, n_layer=1, n_head=2, n_embd=32,
                          activation="gelu"))
-    theirs = transformers.GPT2LMHeadModel.from_pretrained(ours.to_hf_gpt2(tmp_path)).eval()
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(save_hf_gpt2(ours, tmp_path)).eval()
     assert theirs.config.activation_function == "gelu"
     assert_same_logits(ours, theirs, tokens())
 

@@ -72,7 +72,10 @@ def test_training_lowers_loss_and_writes_checkpoint_and_logs(tmp_path):
     assert result.steps == 30 and len(result.losses) == 30
     assert result.losses[-1] < result.losses[0] - 0.5
     assert result.val_bpb is not None and math.isfinite(result.val_bpb)
-    assert cfg.model.vocab_size == load_checkpoint(result.run_dir).tokenizer.vocab_size
+    # The vocabulary comes from the tokenizer into the saved config; the caller's is untouched.
+    assert cfg.model.vocab_size is None
+    saved = load_checkpoint(result.run_dir)
+    assert saved.config.model.vocab_size == saved.tokenizer.vocab_size
     for name in ("latest/model.safetensors", "latest/config.json", "latest/optimizer.pt",
                  "latest/state.json", "best/model.safetensors", "metrics.jsonl", "loss.png"):
         assert (result.run_dir / name).exists(), name

@@ -1,0 +1,85 @@
+"""Starting a run from pretrained weights (train.init_from) instead of random ones.
+
+The network's shape and the tokenizer come from the weights, not from the config:
+  - a `model.*` key that contradicts them is an error naming the key, except block_size (a
+    smaller one crops the position table, as nanoGPT's crop_block_size) and dropout;
+    a key left at its default takes the pretrained value;
+  - GPT-2 weights bring GPT-2's tokenizer; a smallgpt checkpoint brings its own, and the new
+    corpus is encoded with it (never a newly trained one).
+The optimizer, the schedule and the step count start afresh; the run writes to its own out_dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .config import Config, DataConfig
+from .errors import ConfigError
+from .gpt import GPT, GPTConfig
+from .pretrained import Pretrained, load_model
+
+# Keys a fine-tuning config may set freely: block_size can only shrink (checked below).
+FREE_KEYS = ("block_size", "dropout")
+
+
+def load_source(cfg: Config) -> Pretrained | None:
+    """The pretrained model named by train.init_from (on the CPU), or None for "scratch"."""
+    if cfg.train.init_from == "scratch":
+        return None
+    source = load_model(cfg.train.init_from, "cpu")
+    run_dir = cfg.out_dir.resolve()
+    if run_dir == source.path.resolve() or run_dir in source.path.resolve().parents:
+        raise ConfigError(f"train.out_dir: {str(cfg.out_dir)!r} holds the checkpoint that "
+                          "train.init_from starts from; write the new run somewhere else")
+    return source
+
+
+def adopt_source(cfg: Config, source: Pretrained) -> Config:
+    """`cfg` with the source's shape (block_size cropped if asked) and tokenizer settings; a new
+    Config, the caller's is left as it was."""
+    loaded, default = source.model.config, GPTConfig()
+    shape = {}
+    for field in dataclasses.fields(GPTConfig):
+        mine, theirs = getattr(cfg.model, field.name), getattr(loaded, field.name)
+        if field.name in FREE_KEYS or mine == theirs:
+            continue
+        if mine != getattr(default, field.name):
+            raise ConfigError(
+                f"model.{field.name}: {mine!r} contradicts the weights of "
+                f"{cfg.train.init_from!r}, which have {theirs!r}; remove the key (the shape "
+                "comes from the weights)")
+        shape[field.name] = theirs
+    block_size = cfg.model.block_size
+    if block_size > loaded.block_size:
+        if block_size != default.block_size:
+            raise ConfigError(
+                f"model.block_size: {block_size} is larger than the {loaded.block_size} "
+                f"positions of {cfg.train.init_from!r}; it can only be cropped")
+        block_size = loaded.block_size
+    model = dataclasses.replace(loaded, **{**shape, "block_size": block_size,
+                                           "dropout": cfg.model.dropout})
+    return dataclasses.replace(cfg, model=model, data=_adopt_tokenizer(cfg, source))
+
+
+def _adopt_tokenizer(cfg: Config, source: Pretrained) -> DataConfig:
+    wanted, theirs = cfg.data.tokenizer, source.tokenizer.name
+    if wanted != theirs and wanted != DataConfig().tokenizer:
+        raise ConfigError(
+            f"data.tokenizer: {wanted!r} cannot be used with {cfg.train.init_from!r}, whose "
+            f"tokenizer is {theirs!r}; remove the key (the pretrained tokenizer is used)")
+    return dataclasses.replace(cfg.data, tokenizer=theirs)
+
+
+def copy_weights(model: GPT, source: Pretrained) -> str:
+    """Load the source's tensors into `model` (its position table cropped to model's
+    block_size); return a line saying what was loaded."""
+    state = source.model.state_dict()
+    before = source.model.config.block_size
+    after = model.config.block_size
+    if "pos_emb.weight" in state:
+        state["pos_emb.weight"] = state["pos_emb.weight"][:after]
+    model.load_state_dict(state)
+    crop = f", block_size cropped {before} -> {after}" if after < before else ""
+    tensors = len({id(t) for t in state.values()})
+    return (f"init_from {source.description}: {tensors} tensors loaded, "
+            f"{model.num_params():,} parameters{crop}")
