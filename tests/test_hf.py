@@ -53,7 +53,7 @@ def test_load_directory_matches_transformers(tmp_path):
     assert_same_logits(ours, theirs, tokens())
 
 
-def test_from_hf_gpt2_delegates(tmp_path):
+def test_load_hf_gpt2_logits(tmp_path):
     theirs = hf_model()
     theirs.save_pretrained(tmp_path)
     assert_same_logits(load_hf_gpt2(tmp_path), theirs, tokens())
@@ -154,7 +154,7 @@ def test_save_loads_in_transformers(tmp_path):
     assert_same_logits(again, theirs, tokens())
 
 
-def test_to_hf_gpt2_delegates(tmp_path):
+def test_save_hf_gpt2_exact_gelu(tmp_path):
     ours = GPT(GPTConfig(vocab_size=101, block_size=32, n_layer=1, n_head=2, n_embd=32,
                          activation="gelu"))
     theirs = transformers.GPT2LMHeadModel.from_pretrained(save_hf_gpt2(ours, tmp_path)).eval()
