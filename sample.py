@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -19,7 +20,7 @@ from model.checkpoint import Checkpoint, find_checkpoints, load_checkpoint
 from model.cli import run_cli
 from model.errors import CheckpointError, SamplingError
 from model.runtime import pick_device, pick_dtype
-from model.sampling import Conversation, Step, check_sampling_args, generate
+from model.sampling import Step, check_sampling_args, generate
 
 VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
 TOKEN_WIDTH = 10  # columns for a token in the --show-probs table; longer tokens are shortened
@@ -159,6 +160,26 @@ class Printer:
         return (f"{label}{step.index:>5}  {cell(step.text):<{TOKEN_WIDTH}} {step.prob:>6.3f}  | "
                 f"{alternatives}{end}\n")
 
+
+@dataclass
+class Conversation:
+    """The context of an interactive session: an optional system prompt, then each exchange.
+
+    A turn's prompt is the system text and the earlier exchanges, each on its own line(s),
+    followed by the new user text and a newline; the model's reply continues from there.
+    """
+
+    system: str = ""
+    turns: list[tuple[str, str]] = field(default_factory=list)  # (user text, reply)
+
+    def prompt(self, user: str) -> str:
+        parts = [self.system] if self.system else []
+        for said, reply in self.turns:
+            parts += [said, reply]
+        return "\n".join([*parts, user]) + "\n"
+
+    def add(self, user: str, reply: str) -> None:
+        self.turns.append((user, reply))
 
 def read_lines(stdin: TextIO, err: TextIO) -> Iterator[str]:
     while True:

@@ -14,10 +14,10 @@ from .errors import (
     TrainingError,
 )
 from .gpt import GPT, KVCache
-from .tally import format_tally, parameter_tally
+from .tally import parameter_tally
 
 __all__ = [
     "GPT", "GPTConfig", "KVCache", "Config", "DataConfig", "TrainConfig", "load_config",
-    "parameter_tally", "format_tally", "SmallGPTError", "ConfigError", "DataError",
+    "parameter_tally", "SmallGPTError", "ConfigError", "DataError",
     "TokenizerError", "CheckpointError", "SamplingError", "TrainingError",
 ]

@@ -197,6 +197,14 @@ def test_interactive_appends_each_exchange(cli, monkeypatch):
     assert err.count("> ") == 3  # asked twice, then once more before "exit"
 
 
+def test_conversation_appends_each_exchange():
+    chat = sample.Conversation("You are terse.")
+    assert chat.prompt("Hi") == "You are terse.\nHi\n"
+    chat.add("Hi", "Hello.")
+    assert chat.prompt("Bye") == "You are terse.\nHi\nHello.\nBye\n"
+    assert sample.Conversation().prompt("Hi") == "Hi\n"
+
+
 def test_device_dtype_and_compile_options(cli, monkeypatch):
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.setdefault("compiled", m))
