@@ -183,6 +183,7 @@ class Conversation:
     def add(self, user: str, reply: str) -> None:
         self.turns.append((user, reply))
 
+
 def read_lines(stdin: TextIO, err: TextIO) -> Iterator[str]:
     while True:
         err.write("> ")
