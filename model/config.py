@@ -101,7 +101,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA when supported, else float32
     compile: bool = False
-    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    threads: int | None = None  # CPU threads; None: the cores not busy when the run starts
     resume: bool = False
     # "scratch" (random weights), or a model to fine-tune: gpt2, gpt2-medium, gpt2-large,
     # gpt2-xl, a Hugging Face GPT-2 directory, or a smallgpt run/checkpoint (model/finetune.py)
