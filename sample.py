@@ -21,14 +21,11 @@ import torch
 from model.cli import load_named_model, run_cli
 from model.errors import SamplingError
 from model.pretrained import Pretrained
-from model.runtime import configure_threads, pick_device, pick_dtype
+from model.runtime import configure_threads, generation_threads, pick_device, pick_dtype
 from model.sampling import Step, check_sampling_args, generate
 
 VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
 TOKEN_WIDTH = 10  # columns for a token in the --show-probs table; longer tokens are shortened
-# Decoding runs one token at a time: each op is too small to split across cores, and on a busy
-# laptop a second thread mostly waits for the first, so one thread is the fastest default.
-GENERATION_THREADS = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--threads", type=int, default=GENERATION_THREADS, metavar="N",
-                   help=f"CPU threads for generation (default {GENERATION_THREADS})")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for generation (default: model.runtime.generation_threads, "
+                        "one: decoding one token at a time gains little from more)")
     return p
 
 
@@ -217,9 +215,9 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None,
         raise SamplingError("--interactive generates one reply at a time; drop --num-samples")
     if args.system is not None and not args.interactive:
         raise SamplingError("--system only applies with --interactive; put the text in --prompt")
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise SamplingError(f"--threads must be >= 1, got {args.threads}")
-    configure_threads(args.threads)
+    configure_threads(args.threads or generation_threads())
     prompt = "" if args.interactive else read_prompt(args, stdin)
     loaded = load_model(args, err)
 
