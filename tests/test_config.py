@@ -188,9 +188,9 @@ def test_lookup_order(tmp_path, monkeypatch):
     assert config_module.shipped_config_dir() == packaged
 
 
-def test_installed_package_ships_configs_and_every_subpackage():
-    """pyproject lists model's packages by hand (configs/ is mapped in as model/configs); a
-    subpackage missing there would be absent from a non-editable install."""
+def test_installed_package_ships_data_and_every_subpackage():
+    """pyproject lists model's packages and data by hand (configs/ is mapped in as
+    model/configs); anything missing there would be absent from a non-editable install."""
     tomllib = pytest.importorskip("tomllib")
     root = CONFIG_DIR.parent
     setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -199,6 +199,9 @@ def test_installed_package_ships_configs_and_every_subpackage():
     assert subpackages <= set(setup["packages"])
     assert setup["package-dir"]["model.configs"] == "configs"
     assert setup["package-data"]["model.configs"] == ["*.yaml"]
+    data = setup["package-data"]["model"]
+    assert all(any(p.match(f"model/{pattern}") for pattern in data)
+               for p in (root / "model" / "assets").iterdir())
 
 
 def test_resolved_config_round_trips(tiny):
