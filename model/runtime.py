@@ -101,7 +101,9 @@ def training_threads() -> int:
     using when the run starts (at least one). Training's matmuls are large enough to gain from
     every free core, but a thread on a busy core would hold every operation up."""
     cores = usable_cores()
-    return max(1, min(cores, round(cores - busy_cores())))
+    # Under torchrun the processes of one machine share its cores.
+    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(share, round(cores - busy_cores())))
 
 
 def generation_threads() -> int:
