@@ -44,13 +44,14 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._running: _Job | None = None  # the job the worker is stepping now
         self.steps = 0  # items produced, for tests and monitoring
 
     @property
     def active(self) -> int:
-        """Jobs waiting for their next step."""
+        """Jobs in progress: waiting for their next step or being stepped."""
         with self._wake:
-            return len(self._jobs)
+            return len(self._jobs) + (self._running is not None)
 
     def start(self) -> None:
         if self._thread is None:
@@ -104,9 +105,11 @@ class Engine:
                 if self._stopping:
                     jobs, self._jobs = list(self._jobs), deque()
                     break
-                job = self._jobs.popleft()
-            if self._step(job):
-                with self._wake:
+                job = self._running = self._jobs.popleft()
+            more = self._step(job)
+            with self._wake:
+                self._running = None
+                if more:
                     self._jobs.append(job)  # to the back: every other job steps first
         for job in jobs:
             self._close(job)

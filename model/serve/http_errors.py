@@ -42,8 +42,8 @@ class APIError(Exception):
 
 def from_library(exc: SmallGPTError, param: str | None) -> APIError:
     """A library error (bad text for the tokenizer, a sampling argument out of range) as a 400
-    about `param`."""
-    return APIError(str(exc), param)
+    about `param`, which the message names first."""
+    return APIError(f"'{param}': {exc}" if param else str(exc), param)
 
 
 # Messages for fields whose pydantic errors (one per branch of a union) say little on their own.
