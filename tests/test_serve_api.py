@@ -267,6 +267,14 @@ def test_a_client_that_disconnects_stops_its_generation(server):
         time.sleep(0.05)
     assert engine.active == 0
     assert engine.steps - before < LIMIT / 2  # it stopped long before max_tokens
+    before = engine.steps
+    with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up
+        httpx.post(f"{url}/v1/completions", timeout=0.1, json={
+            "prompt": PROMPT, "max_tokens": LIMIT, "temperature": 0})
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.active == 0 and engine.steps - before < LIMIT
 
 
 def test_distribution_endpoint_reproduces_the_streamed_steps(server, pretrained):

@@ -111,8 +111,9 @@ class Engine:
                 self._running = None
                 if more:
                     self._jobs.append(job)  # to the back: every other job steps first
-        for job in jobs:
+        for job in jobs:  # requests still waiting end with an error instead of hanging
             self._close(job)
+            self._deliver(job, _Failure(RuntimeError("the server is shutting down")))
 
     def _step(self, job: _Job) -> bool:
         """Advance `job` by one item; whether it has more to give."""

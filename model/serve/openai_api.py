@@ -14,6 +14,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
@@ -191,6 +192,7 @@ async def read_prompts(req: CompletionRequest, served: Served) -> list[Prompt]:
             if bad:
                 raise APIError(f"'prompt' holds token id {bad[0]}, outside the vocabulary "
                                f"(0..{tokenizer.vocab_size - 1})", "prompt", "invalid_value")
+            served.check_context(ids, "prompt")
             text = tokenizer.decode(ids)
         served.check_context(ids, "prompt")
         prompts.append(Prompt(ids or [tokenizer.eot_id], text, ids))
@@ -260,11 +262,14 @@ class Completion:
             choice.finish_reason = "length" if step.finished == "length" else "stop"
         return choice
 
-    async def run_prompt(self, p: int) -> None:
+    async def run_prompt(self, p: int, request: Request) -> None:
         if self.req.echo:
             self.echo(p, await self.score(p))
-        async for step in self.steps(p):
-            self.take(p, step)
+        async with aclosing(self.steps(p)) as steps:
+            async for step in steps:
+                self.take(p, step)
+                if step.index % 16 == 15 and await request.is_disconnected():
+                    return  # nobody is waiting for the answer: stop generating it
         for s in range(self.req.n):  # max_tokens 0: nothing was generated
             self.choices[p * self.req.n + s].finish_reason = (
                 self.choices[p * self.req.n + s].finish_reason or "length")
@@ -335,7 +340,7 @@ async def completions(request: Request) -> Any:
         return StreamingResponse(job.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     for p in range(len(job.prompts)):
-        await job.run_prompt(p)
+        await job.run_prompt(p, request)
     return JSONResponse(job.body())
 
 
@@ -383,6 +388,6 @@ async def detokenize(request: Request) -> dict[str, Any]:
     req = await parse_body(request, DetokenizeRequest)
     check_model(served, req.model)
     try:
-        return {"prompt": served.tokenizer.decode(req.tokens)}
+        return {"prompt": await run_in_threadpool(served.tokenizer.decode, req.tokens)}
     except SmallGPTError as exc:
         raise from_library(exc, "tokens") from exc
