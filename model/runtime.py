@@ -11,6 +11,7 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -166,3 +167,14 @@ def mean_over_ranks(ctx: Distributed, values: torch.Tensor) -> torch.Tensor:
     values = values.to(ctx.device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)  # AVG exists for NCCL only, not for gloo
     return values / ctx.world_size
+
+
+def gather_objects(ctx: Distributed, obj: Any) -> list[Any]:
+    """Every rank's `obj` (small, picklable), in rank order, on every rank. Objects are
+    pickled into bytes: on CUDA jobs they travel through gloo on the CPU (torch's choice for
+    object collectives in a mixed group), so they never wait for the GPU."""
+    if not ctx.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered

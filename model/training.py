@@ -180,12 +180,15 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                         result.val_loss, result.val_bpb = validate(
                             model, val_windows, data, device, dtype, done, log, bar)
 
-                    # Checkpoint: latest/ always, best/ when validation improved.
+                    # Checkpoint: latest/ always, best/ when validation improved. It holds
+                    # every rank's random generators, so a resumed run draws the same dropout.
+                    if save_now:
+                        rngs = runtime.gather_objects(ctx, rng_state(device))
                     if save_now and ctx.is_main:
                         improved = result.val_loss is not None and result.val_loss < best_val
                         if improved:
                             best_val = result.val_loss
-                        state = run_state(done, best_val, sampler, device, result)
+                        state = run_state(done, best_val, sampler, rngs, result)
                         latest = save_checkpoint(run_dir / "latest", model, cfg,
                                                  data.tokenizer.spec(), optimizer, state)
                         if improved:
@@ -216,11 +219,17 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
 
 def prepare_data_once(cfg: Config, ctx: runtime.Distributed, progress: bool,
                       tokenizer: Tokenizer | None = None) -> PreparedData:
-    """Rank 0 prepares the token files; the others wait, then read the same cache."""
+    """Rank 0 prepares the token files while the others wait. Then the first process of each
+    other machine finds them on shared storage, or prepares its own copy; then the rest read.
+    So no two processes ever write the same cache."""
+    data = None
     if ctx.is_main:
         data = prepare_data(cfg.data, cfg.model.block_size, progress, tokenizer)
     runtime.barrier(ctx)
-    if not ctx.is_main:
+    if ctx.local_rank == 0 and not ctx.is_main:
+        data = prepare_data(cfg.data, cfg.model.block_size, False, tokenizer)
+    runtime.barrier(ctx)
+    if data is None:
         data = prepare_data(cfg.data, cfg.model.block_size, False, tokenizer)
     return data
 
@@ -268,8 +277,12 @@ def resume(run_dir: Path, model: GPT, optimizer: Optimizer, sampler: BatchSample
     state = load_state(ckpt)
     if "sampler" in state:
         sampler.load_state_dict(state["sampler"])
-    # Only rank 0 saves its generators; the other ranks keep their own seeds' streams.
-    if "rng" in state and ctx.is_main:
+    # Each rank's own generators where the checkpoint has them for this many ranks; else (saved
+    # by one process, or by a job of another size) rank 0 takes the first's, the others reseed.
+    per_rank = state.get("rng_per_rank")
+    if per_rank and len(per_rank) == ctx.world_size:
+        set_rng_state(per_rank[ctx.rank], ctx.device)
+    elif "rng" in state and ctx.is_main:
         set_rng_state(state["rng"], ctx.device)
     return state.get("step", 0), state.get("best_val_loss", math.inf)
 
@@ -368,11 +381,15 @@ def evaluate(model: nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]],
     return (total / len(windows)).item()
 
 
-def run_state(step: int, best_val: float, sampler: BatchSampler, device: torch.device,
+def run_state(step: int, best_val: float, sampler: BatchSampler, rngs: list[dict[str, Any]],
               result: TrainResult) -> dict[str, Any]:
-    """What a checkpoint needs besides weights and optimizer to continue the run exactly."""
-    return {"step": step, "best_val_loss": best_val, "sampler": sampler.state_dict(),
-            "rng": rng_state(device), "val_loss": result.val_loss, "val_bpb": result.val_bpb}
+    """What a checkpoint needs besides weights and optimizer to continue the run exactly;
+    `rngs` holds every rank's generator states, rank 0's first."""
+    state = {"step": step, "best_val_loss": best_val, "sampler": sampler.state_dict(),
+             "rng": rngs[0], "val_loss": result.val_loss, "val_bpb": result.val_bpb}
+    if len(rngs) > 1:
+        state["rng_per_rank"] = rngs
+    return state
 
 
 class _GracefulStop:
