@@ -130,19 +130,17 @@ def setup_distributed(device: torch.device) -> Distributed:
     return Distributed(rank, local_rank, world_size, device)
 
 
-def teardown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @contextlib.contextmanager
 def distributed_job(device: torch.device) -> Iterator[Distributed]:
-    """setup_distributed, and the group destroyed at the end however the job ends."""
+    """setup_distributed, and the group it started destroyed at the end however the job ends
+    (a group the caller started before stays theirs)."""
+    started_before = dist.is_available() and dist.is_initialized()
     ctx = setup_distributed(device)
     try:
         yield ctx
     finally:
-        teardown_distributed()
+        if not started_before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def barrier(ctx: Distributed) -> None:

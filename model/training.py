@@ -134,33 +134,38 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                     step_start = time.perf_counter()
                     loss, norm = train_step(forward_model, model, optimizer, scaler, sampler, t,
                                             step, dtype, ctx.enabled)
-                    step_time = time.perf_counter() - step_start
-                    if step == start_step and t.compile:
-                        compile_seconds = step_time  # the first call compiles
                     done = step + 1
                     pending.append((done, loss))
                     if norm is not None:
                         grad_norm = norm
+
+                    # Log. Reading a loss waits for the GPU, so on GPUs only every log_interval.
+                    # The wait counts in the step's time: the GPU ran the queued steps meanwhile.
+                    if done % t.log_interval == 0 or done == t.max_steps or device.type == "cpu":
+                        result.losses += settle_losses(pending, ctx, run_dir)
+                    step_time = time.perf_counter() - step_start
+                    if step == start_step and t.compile:
+                        compile_seconds = step_time  # the first call compiles
                     result.steps = done
                     result.train_seconds += step_time
                     result.step_seconds.append(step_time)
-
-                    # Log. Reading a loss waits for the GPU, so on GPUs only every log_interval.
-                    if done % t.log_interval == 0 or done == t.max_steps or device.type == "cpu":
-                        result.losses += settle_losses(pending, ctx, run_dir)
+                    # Speed over the last log_interval steps: on a GPU one step's time says when
+                    # the host waited for it, not how long the GPU worked.
+                    recent = result.step_seconds[-t.log_interval:]
+                    seconds_per_step = sum(recent) / len(recent)
                     if done % t.log_interval == 0 and log is not None:
                         record = {"step": done, "loss": result.losses[-1],
                                   "lr": optimizer.param_groups[0]["lr"],
                                   "grad_norm": float(grad_norm),
-                                  "tokens_per_s": tokens_per_step / step_time,
+                                  "tokens_per_s": tokens_per_step / seconds_per_step,
                                   "elapsed_s": time.perf_counter() - t0}
                         if peak:
-                            record["mfu"] = flops_per_step / step_time / peak
+                            record["mfu"] = flops_per_step / seconds_per_step / peak
                         log.log(record)
                     bar.update(1)
                     bar.set_postfix(loss=f"{result.losses[-1]:.3f}" if result.losses else "-",
                                     lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    tok_s=f"{tokens_per_step / step_time:,.0f}")
+                                    tok_s=f"{tokens_per_step / seconds_per_step:,.0f}")
 
                     # Stop? Ranks must agree, or the others would wait for them forever.
                     out_of_time = (t.time_budget_s is not None

@@ -24,6 +24,7 @@ from test_training import step_losses, tiny_raw
 from torch.overrides import TorchFunctionMode
 
 from model import runtime
+from model.config import config_from_dict
 from model.errors import ConfigError
 
 # Functions that create a tensor and take `device=`; without it the tensor lands on the CPU.
@@ -105,7 +106,6 @@ def rank_main(rank: int, world_size: int, jobs: list[tuple[int, dict]], report: 
     """One process of a torchrun-like job: trains each (port, config) in turn, collectives
     checked, and writes the collectives it ran to `report`.<rank>. Each run gets its own port:
     a rank that finishes first must not find the previous run's rendezvous still open."""
-    from model.config import config_from_dict
     from model.training import train
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -231,3 +231,32 @@ def test_a_single_process_joins_no_group(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: pytest.fail("no group"))
     ctx = runtime.setup_distributed(torch.device("cpu"))
     assert not ctx.enabled and ctx.is_main and ctx.device == torch.device("cpu")
+
+
+def test_a_group_the_caller_started_stays_open(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        with runtime.distributed_job(torch.device("cpu")):
+            pass
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("rank", "local_rank", "order"), [
+    (0, 0, ["prepare", "barrier", "barrier"]),  # rank 0 first
+    (8, 0, ["barrier", "prepare", "barrier"]),  # then the first process of each other machine
+    (9, 1, ["barrier", "barrier", "prepare"]),  # then the rest, which only read
+])
+def test_token_files_are_prepared_by_one_process_at_a_time_per_machine(monkeypatch, rank,
+                                                                       local_rank, order):
+    from model import training
+
+    seen: list[str] = []
+    monkeypatch.setattr(training, "prepare_data", lambda *args: seen.append("prepare") or args)
+    monkeypatch.setattr(runtime, "barrier", lambda ctx: seen.append("barrier"))
+    ctx = runtime.Distributed(rank=rank, local_rank=local_rank, world_size=16)
+    training.prepare_data_once(config_from_dict({}), ctx, progress=False)
+    assert seen == order
