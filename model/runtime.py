@@ -1,5 +1,5 @@
-"""Where and how the model runs: device and dtype choice, autocast, threads, seeding, and
-torchrun jobs (set-up and the collectives training uses).
+"""Where and how the model runs: device and dtype choice, autocast, threads, seeding, Ctrl-C
+as a request to stop, and torchrun jobs (set-up and the collectives training uses).
 
 Nothing here runs at import; the training and sampling code call these with explicit arguments.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,32 @@ def seed_everything(seed: int) -> None:
     """Seed Python's and torch's generators (dropout and initialization draw from torch's)."""
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+class GracefulStop:
+    """Turn Ctrl-C (and SIGTERM from schedulers) into a flag checked between steps, so the loop
+    can finish the step, save a checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # -- torchrun jobs ------------------------------------------------------------------------------

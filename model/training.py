@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import math
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +126,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         grad_norm: torch.Tensor | float = 0.0
         compile_seconds = 0.0
         t0 = time.perf_counter()
-        with _GracefulStop() as stop:
+        with runtime.GracefulStop() as stop:
             try:
                 for step in range(start_step, t.max_steps):
                     # Step.
@@ -395,29 +394,3 @@ def run_state(step: int, best_val: float, sampler: BatchSampler, rngs: list[dict
     if len(rngs) > 1:
         state["rng_per_rank"] = rngs
     return state
-
-
-class _GracefulStop:
-    """Turn Ctrl-C (and SIGTERM from schedulers) into a flag checked between steps, so the loop
-    can finish the step, save a checkpoint and exit cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _GracefulStop:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
