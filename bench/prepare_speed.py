@@ -1,93 +1,252 @@
-"""Data preparation speed: BPE training time and tokenization throughput.
+"""Data preparation: wall time, throughput and peak memory, against tiktoken's own speed.
 
-    python bench/prepare_speed.py                      # the embedded Shakespeare (~5 MB)
-    python bench/prepare_speed.py --corpus some/dir --vocab-size 8192
+    python bench/prepare_speed.py --size 10MB,200MB,1GB --layout file,dir --tokenizer gpt2,bpe
+    python bench/prepare_speed.py --size 200MB --source hf-parquet
+    python bench/prepare_speed.py --corpus some/dir --tokenizer bpe      # an existing corpus
 
-Trains a byte-level BPE on the corpus, then tokenizes the corpus with gpt2 (when its files are
-available), the trained bpe and char, through `tokenize_documents`, the function prepare_data
-uses (threads, in-order writes to a .bin file). Wall-clock and CPU seconds are both printed:
-on a shared machine CPU time shows how much of the wall time was ours.
+Each corpus is generated from tiny-shakespeare with variation (lines drawn at random from the
+original and from variants with words swapped and capitalised, seeded), so nothing repeats in a
+way a cache could exploit. Layouts: one .txt file, a directory of 250 KB files, or (--source
+hf-parquet) a local Parquet dataset of ~5 KB rows read through hf:. Every combination runs
+prepare_data in a fresh subprocess, which reports its own peak RSS (getrusage) and the time of
+its phases (timers around train_tokenizer and write_tokens). Beside each run,
+the raw speed of tiktoken's encode_ordinary_batch with 2 threads on 20 MB of the same text and
+the same tokenizer is measured, so the ratio is comparable on a shared machine. Generated files
+live in a temporary directory that is deleted at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import statistics
+import random
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
-from common import SHARED, machine_line
-
-from model.corpus import load_corpus
-from model.errors import SmallGPTError
-from model.prepare import tokenize_documents
-from model.tokenizer import Tokenizer, train_tokenizer
+import numpy as np
+from common import ROOT, SHARED, machine_line, require_tiny_shakespeare
 
 SHARED_TIKTOKEN = SHARED / "tiktoken_cache"
+FILE_BYTES = 250_000  # directory layout: one file per 250 KB
+ROW_BYTES = 5_000  # hf-parquet layout: rows of about this size (OpenWebText's are ~5 KB)
+RAW_SAMPLE = 20_000_000  # bytes of text for the raw tiktoken measurement
+
+# Runs in the subprocess: prepare_data with timers around its phases, results as JSON.
+CHILD = """
+import json, resource, sys, time
+import model.prepare as p
+from model.config import DataConfig
+phases = {}
+def timed(name, fn):
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+    return run
+p.train_tokenizer = timed("tokenizer", p.train_tokenizer)
+p.write_tokens = timed("tokenizing", p.write_tokens)
+start = time.perf_counter()
+data = p.prepare_data(DataConfig(**json.loads(sys.argv[1])), 64, progress=False)
+wall = time.perf_counter() - start
+split_bytes = sum(data.meta["splits"][s]["bytes"] for s in p.SPLITS)
+usage = resource.getrusage(resource.RUSAGE_SELF)  # ru_maxrss: the peak, in KiB on Linux
+print(json.dumps({"wall": wall, "phases": phases, "bytes": split_bytes, "dir": str(data.dir),
+                  "rss": usage.ru_maxrss / 1024, "cpu": usage.ru_utime + usage.ru_stime}))
+"""
+
+# Runs in a subprocess too: encode_ordinary_batch with 2 threads, the tokenizer from meta.json.
+RAW = """
+import json, sys, time
+from model.tokenizer import tokenizer_from_spec
+meta = json.load(open(sys.argv[1]))
+encoding = tokenizer_from_spec(meta["tokenizer"]).encoding
+with open(sys.argv[2], encoding="utf-8") as f:
+    text = f.read(int(sys.argv[3]))
+texts = [text[i:i + (1 << 18)] for i in range(0, len(text), 1 << 18)]
+best = 0.0
+for _ in range(2):
+    start = time.perf_counter()
+    encoding.encode_ordinary_batch(texts, num_threads=2)
+    best = max(best, len(text.encode()) / (time.perf_counter() - start))
+print(json.dumps({"raw": best}))
+"""
 
 
-def timed(fn, *args, **kwargs) -> tuple[object, float, float]:
-    """(result, wall seconds, CPU seconds of this process, all threads)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - wall, time.process_time() - cpu
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*([\d.]+)\s*(KB|MB|GB)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"size {text!r}: write e.g. 10MB, 200MB or 1GB")
+    unit = {"KB": 1e3, "MB": 1e6, "GB": 1e9}[(match.group(2) or "MB").upper()]
+    return int(float(match.group(1)) * unit)
 
 
-def throughput(tokenizer: Tokenizer, docs, megabytes: float, workers: int, repeats: int) -> str:
-    walls, cpus = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(repeats):
-            counts, wall, cpu = timed(tokenize_documents, tokenizer, docs, Path(tmp) / "t.bin",
-                                      workers, progress=False)
-            walls.append(wall)
-            cpus.append(cpu)
-    best, median = min(walls), statistics.median(walls)
-    return (f"{megabytes / median:6.1f} MB/s median, {megabytes / best:6.1f} MB/s best "
-            f"({median:.2f} s wall, {statistics.median(cpus):.2f} s CPU, "
-            f"{counts['bytes'] / counts['tokens']:.2f} bytes/token)")
+def varied_lines(seed: int) -> list[str]:
+    """Tiny-shakespeare's lines plus nine variants of each with words swapped or capitalised."""
+    lines = require_tiny_shakespeare().read_text(encoding="utf-8").splitlines(keepends=True)
+    words = sorted({w for line in lines for w in line.split()})
+    rng = random.Random(seed)
+    pool = list(lines)
+    for _ in range(9):
+        for line in lines:
+            parts = line.split(" ")
+            for _ in range(1 + len(parts) // 4):
+                k = rng.randrange(len(parts))
+                if parts[k].strip():
+                    word = rng.choice(words)
+                    parts[k] = word.upper() if rng.random() < 0.1 else word
+            text = " ".join(parts)
+            pool.append(text if text.endswith("\n") else text + "\n")
+    return pool
+
+
+def text_stream(total: int, seed: int) -> Iterator[str]:
+    """Blocks of about 4 MB of varied text, `total` bytes in all."""
+    pool = varied_lines(seed)
+    rng = np.random.default_rng(seed)
+    written = 0
+    while written < total:
+        block = "".join(pool[i] for i in rng.integers(0, len(pool), 100_000))
+        block = block.encode()[:total - written].decode("utf-8", errors="ignore")
+        written += len(block.encode())
+        yield block
+
+
+def generate(kind: str, size: int, where: Path, seed: int) -> tuple[str, Path]:
+    """Write a corpus; returns its data.source and a file of its first 20 MB for the raw speed."""
+    sample = where / "sample.txt"
+    with open(sample, "w", encoding="utf-8") as sample_file:
+        if kind == "file":
+            path = where / "corpus.txt"
+            with open(path, "w", encoding="utf-8") as f:
+                for block in text_stream(size, seed):
+                    f.write(block)
+                    if sample_file.tell() < RAW_SAMPLE:
+                        sample_file.write(block)
+            return str(path), sample
+        blocks = text_stream(size, seed)
+        if kind == "dir":
+            folder, count = where / "corpus", 0
+            folder.mkdir()
+            for block in blocks:
+                if sample_file.tell() < RAW_SAMPLE:
+                    sample_file.write(block)
+                start = 0
+                while start < len(block):  # files of about FILE_BYTES, ending at a line's end
+                    cut = block.find("\n", start + FILE_BYTES) + 1 or len(block)
+                    (folder / f"{count:06d}.txt").write_text(block[start:cut], encoding="utf-8")
+                    start, count = cut, count + 1
+            return str(folder), sample
+        return f"hf:{write_parquet(blocks, where / 'parquet', sample_file)}", sample
+
+
+def write_parquet(blocks: Iterator[str], folder: Path, sample_file: TextIO) -> Path:
+    """Rows of about ROW_BYTES in shards of about 256 MB, as hub datasets come."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    schema = pa.schema([("text", pa.string())])
+    writer, shard, in_shard = None, 0, 0
+    for block in blocks:
+        if sample_file.tell() < RAW_SAMPLE:
+            sample_file.write(block)
+        rows, start = [], 0
+        while start < len(block):
+            cut = block.find("\n", start + ROW_BYTES) + 1 or len(block)
+            rows.append(block[start:cut])
+            start = cut
+        if writer is None:
+            writer = pq.ParquetWriter(folder / f"train-{shard:05d}.parquet", schema)
+        writer.write_table(pa.table({"text": rows}, schema=schema), row_group_size=1000)
+        in_shard += len(block)
+        if in_shard >= 256_000_000:
+            writer.close()
+            writer, shard, in_shard = None, shard + 1, 0
+    if writer is not None:
+        writer.close()
+    return folder
+
+
+def run(args: list[str], env: dict[str, str]) -> dict:
+    """The JSON that a Python subprocess prints last."""
+    proc = subprocess.run([sys.executable, "-c", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise SystemExit(f"subprocess failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default="shakespeare",
-                        help="shakespeare (default), a .txt file, a directory, a glob or hf:NAME")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--workers", type=int, default=2, help="tokenizer threads (data.num_proc)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", default="10MB", help="comma-separated, e.g. 10MB,200MB,1GB")
+    parser.add_argument("--layout", default="file", help="file, dir or both: file,dir")
+    parser.add_argument("--tokenizer", default="gpt2", help="gpt2, bpe or both: gpt2,bpe")
+    parser.add_argument("--source", default="text", help="text (--layout), hf-parquet, or both")
+    parser.add_argument("--corpus", default=None, help="an existing source instead (sizes unused)")
+    parser.add_argument("--bpe-vocab-size", type=int, default=4096)
+    parser.add_argument("--workers", type=int, default=2, help="data.num_proc")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tmp", default=None, help="where generated corpora go (deleted after)")
     args = parser.parse_args()
 
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)
+    env = dict(os.environ)
+    if "TIKTOKEN_CACHE_DIR" not in env and SHARED_TIKTOKEN.is_dir():
+        env["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     print(machine_line())
-    print(f"{len(os.sched_getaffinity(0))} CPUs usable, load average {os.getloadavg()[0]:.2f} "
-          f"at start, tokenizer threads {args.workers}")
+    print(f"{len(os.sched_getaffinity(0))} CPUs usable, load average "
+          f"{os.getloadavg()[0]:.2f} at start, tokenizer threads {args.workers}")
+    base = run(["import json, resource, model.prepare, model.tokenizer as t; "
+                "t.train_tokenizer('gpt2', []); "
+                "print(json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))"],
+               env)
+    print(f"a process that only imports model.prepare and loads gpt2: {base['rss'] / 1024:.0f} "
+          "MiB peak RSS")
+    print("| corpus | tokenizer | wall s | MB/s | tokenizing MB/s | raw 2-thread MB/s | ratio | "
+          "tokenizer s | peak RSS MiB | CPU % |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
 
-    try:
-        docs, wall, _ = timed(load_corpus, args.corpus)
-    except SmallGPTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    megabytes = sum(len(d.text.encode("utf-8")) for d in docs) / 1e6
-    print(f"corpus: {args.corpus}, {len(docs)} documents, {megabytes:.2f} MB, "
-          f"loaded in {wall:.2f} s")
-
-    bpe, wall, cpu = timed(train_tokenizer, "bpe", [d.text for d in docs], args.vocab_size)
-    print(f"bpe training, vocabulary {bpe.vocab_size}: {wall:.1f} s wall, {cpu:.1f} s CPU")
-
-    tokenizers: list[tuple[str, Tokenizer]] = []
-    try:
-        tokenizers.append(("gpt2", train_tokenizer("gpt2", [])))
-    except SmallGPTError as exc:
-        print(f"gpt2 skipped: {exc}")
-    tokenizers += [(f"bpe{bpe.vocab_size}", bpe),
-                   ("char", train_tokenizer("char", [d.text for d in docs]))]
-    for name, tokenizer in tokenizers:
-        for workers in sorted({1, args.workers}):
-            result = throughput(tokenizer, docs, megabytes, workers, args.repeats)
-            print(f"tokenize {name:8s} {workers} thread{'s' if workers > 1 else ' '}: {result}")
+    layouts = [layout for source in args.source.split(",") for layout in
+               (args.layout.split(",") if source == "text" else [source])]
+    sizes = [0] if args.corpus else [parse_size(s) for s in args.size.split(",")]
+    with tempfile.TemporaryDirectory(prefix="smallgpt-bench-", dir=args.tmp) as tmp:
+        for size in sizes:
+            for layout in dict.fromkeys(layouts):
+                where = Path(tmp) / f"{layout}-{size}"
+                where.mkdir()
+                if args.corpus:
+                    source, sample, name = args.corpus, None, args.corpus
+                else:
+                    source, sample = generate(layout, size, where, args.seed)
+                    name = f"{size / 1e6:g} MB {layout}"
+                for tokenizer in args.tokenizer.split(","):
+                    cfg = {"source": source, "tokenizer": tokenizer, "num_proc": args.workers,
+                           "bpe_vocab_size": args.bpe_vocab_size,
+                           "cache_dir": str(where / f"cache-{tokenizer}")}
+                    result = run([CHILD, json.dumps(cfg)], env)
+                    raw = None
+                    if sample is not None:
+                        raw = run([RAW, str(Path(result["dir"]) / "meta.json"), str(sample),
+                                   str(RAW_SAMPLE)], env)["raw"] / 1e6
+                    mb = result["bytes"] / 1e6
+                    tokenizing = mb / result["phases"]["tokenizing"]
+                    print(f"| {name} | {tokenizer} | {result['wall']:.1f} | "
+                          f"{mb / result['wall']:.1f} | {tokenizing:.1f} | "
+                          f"{f'{raw:.1f}' if raw else '-'} | "
+                          f"{f'{tokenizing / raw:.2f}' if raw else '-'} | "
+                          f"{result['phases'].get('tokenizer', 0):.1f} | {result['rss']:.0f} | "
+                          f"{100 * result['cpu'] / result['wall']:.0f} |", flush=True)
+                    shutil.rmtree(cfg["cache_dir"], ignore_errors=True)
+                shutil.rmtree(where, ignore_errors=True)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     return 0
 

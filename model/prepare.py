@@ -170,9 +170,9 @@ def training_text(cfg: DataConfig, corpus: Corpus, sizes: list[tuple[str, int]] 
             total -= sizes[plan.cut[0]][1] - plan.cut[1] if plan.cut is not None else 0
         seen = taken = 0
         for split, _, chunks in stream:
+            if split == "val":
+                continue  # its chunks are never asked for, so a file is never even opened
             for piece in safe_pieces(chunks, TASK_CHARS):
-                if split == "val":
-                    continue
                 if total is None and taken >= sample:
                     return  # a stream: its first part is the sample
                 seen += len(piece)

@@ -10,6 +10,7 @@ import contextlib
 import os
 import random
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,11 +58,62 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def configure_threads(threads: int | None) -> None:
-    """CPU intra-op threads for this process. None keeps torch's default (one per core); a
-    number is for tuning, e.g. 1 per process when several processes share the cores."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+# -- CPU threads --------------------------------------------------------------------------------
+# A laptop always runs something else. torch's default is one OpenMP thread per core, and every
+# parallel operation ends when its slowest thread does: if another process holds a core, the
+# thread on it is descheduled and every operation waits for it. Small operations suffer most.
+
+
+def configure_threads(threads: int) -> None:
+    """Set this process's CPU intra-op thread count."""
+    torch.set_num_threads(threads)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def busy_cores(interval: float = 0.25) -> float:
+    """How many cores other processes keep busy, measured from /proc/stat over `interval`
+    seconds (Linux); 0.0 where that is not available."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    elapsed = total1 - total0
+    if elapsed <= 0:
+        return 0.0
+    return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / elapsed)
+
+
+def training_threads() -> int:
+    """Threads for training when train.threads is not set: the cores no other process is
+    using when the run starts (at least one). Training's matmuls are large enough to gain from
+    every free core, but a thread on a busy core would hold every operation up."""
+    cores = usable_cores()
+    # Under torchrun the processes of one machine share its cores.
+    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(share, round(cores - busy_cores())))
+
+
+def generation_threads() -> int:
+    """Threads for generating text when --threads is not given: one. Decoding runs one small
+    matrix-vector product after another; a second thread gains little on a quiet machine
+    (bench/sample_speed.py) and, on a busy one, makes each of those products wait for a
+    descheduled thread (bench/busy_machine.py)."""
+    return 1
 
 
 def configure_backends(device: torch.device) -> None:

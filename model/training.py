@@ -67,7 +67,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     """Train the model described by `cfg` (already validated; it is not modified) and return
     what the run did. The config saved with checkpoints is `cfg` with the vocabulary resolved."""
     t = cfg.train
-    runtime.configure_threads(t.threads)
+    runtime.configure_threads(t.threads or runtime.training_threads())
     with runtime.distributed_job(runtime.pick_device(t.device)) as ctx:
         device = ctx.device
         dtype = runtime.pick_dtype(t.dtype, device)
@@ -103,7 +103,8 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         start_step, best_val = 0, math.inf
         if t.resume:
-            start_step, best_val = resume(run_dir, model, optimizer, sampler, ctx)
+            start_step, best_val = resume(run_dir, model, optimizer, sampler, ctx,
+                                          t.threads is not None)
 
         # Wrap from outside: compile, then DDP; checkpoints always store the plain `model`.
         forward_model = wrap(model, t.compile, ctx)
@@ -266,9 +267,10 @@ def check_writable(run_dir: Path, model_bytes: int) -> None:
 
 
 def resume(run_dir: Path, model: GPT, optimizer: Optimizer, sampler: BatchSampler,
-           ctx: runtime.Distributed) -> tuple[int, float]:
+           ctx: runtime.Distributed, threads_chosen: bool) -> tuple[int, float]:
     """Load the run's latest checkpoint into `model`, `optimizer` and `sampler`; return the step
-    it was taken at and the best validation loss so far."""
+    it was taken at and the best validation loss so far. Unless train.threads is set, the run
+    goes on with the thread count it had (sums split over threads round differently)."""
     try:
         ckpt = resolve_checkpoint(run_dir)
     except CheckpointError as exc:
@@ -288,6 +290,8 @@ def resume(run_dir: Path, model: GPT, optimizer: Optimizer, sampler: BatchSample
         set_rng_state(per_rank[ctx.rank], ctx.device)
     elif "rng" in state and ctx.is_main:
         set_rng_state(state["rng"], ctx.device)
+    if not threads_chosen and state.get("threads"):
+        runtime.configure_threads(state["threads"])
     return state.get("step", 0), state.get("best_val_loss", math.inf)
 
 
@@ -390,7 +394,8 @@ def run_state(step: int, best_val: float, sampler: BatchSampler, rngs: list[dict
     """What a checkpoint needs besides weights and optimizer to continue the run exactly;
     `rngs` holds every rank's generator states, rank 0's first."""
     state = {"step": step, "best_val_loss": best_val, "sampler": sampler.state_dict(),
-             "rng": rngs[0], "val_loss": result.val_loss, "val_bpb": result.val_bpb}
+             "rng": rngs[0], "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+             "threads": torch.get_num_threads()}
     if len(rngs) > 1:
         state["rng_per_rank"] = rngs
     return state

