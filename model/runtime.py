@@ -1,5 +1,5 @@
-"""Where and how the model runs: device and dtype choice, autocast, threads, seeding, and
-torchrun jobs (set-up and the collectives training uses).
+"""Where and how the model runs: device and dtype choice, autocast, threads, seeding, Ctrl-C
+as a request to stop, and torchrun jobs (set-up and the collectives training uses).
 
 Nothing here runs at import; the training and sampling code call these with explicit arguments.
 """
@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -127,6 +129,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class GracefulStop:
+    """Turn Ctrl-C (and SIGTERM from schedulers) into a flag checked between steps, so the loop
+    can finish the step, save a checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 # -- torchrun jobs ------------------------------------------------------------------------------
 # NCCL, the backend for CUDA, only takes tensors on the process's own GPU; gloo takes CPU tensors.
 # So every collective below puts its tensor on `Distributed.device`, the device the job trains
@@ -181,19 +209,17 @@ def setup_distributed(device: torch.device) -> Distributed:
     return Distributed(rank, local_rank, world_size, device)
 
 
-def teardown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @contextlib.contextmanager
 def distributed_job(device: torch.device) -> Iterator[Distributed]:
-    """setup_distributed, and the group destroyed at the end however the job ends."""
+    """setup_distributed, and the group it started destroyed at the end however the job ends
+    (a group the caller started before stays theirs)."""
+    started_before = dist.is_available() and dist.is_initialized()
     ctx = setup_distributed(device)
     try:
         yield ctx
     finally:
-        teardown_distributed()
+        if not started_before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def barrier(ctx: Distributed) -> None:
@@ -218,3 +244,14 @@ def mean_over_ranks(ctx: Distributed, values: torch.Tensor) -> torch.Tensor:
     values = values.to(ctx.device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)  # AVG exists for NCCL only, not for gloo
     return values / ctx.world_size
+
+
+def gather_objects(ctx: Distributed, obj: Any) -> list[Any]:
+    """Every rank's `obj` (small, picklable), in rank order, on every rank. Objects are
+    pickled into bytes: on CUDA jobs they travel through gloo on the CPU (torch's choice for
+    object collectives in a mixed group), so they never wait for the GPU."""
+    if not ctx.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +20,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_training import step_losses, tiny_raw
 from torch.overrides import TorchFunctionMode
 
 from model import runtime
+from model.config import config_from_dict
 from model.errors import ConfigError
 
 # Functions that create a tensor and take `device=`; without it the tensor lands on the CPU.
@@ -90,50 +93,70 @@ def checked_collectives(job_device: torch.device, calls: list[str]) -> Iterator[
         dist.barrier = original_barrier
 
 
-def tiny_job(tmp_path: Path) -> dict:
-    words = ["to", "be", "or", "not", "the", "question", "whether", "nobler", "mind", "suffer"]
-    text = "\n".join(" ".join(words[(i * k) % len(words)] for k in range(1, 5)) + "."
-                     for i in range(2000))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(text + "\n", encoding="utf-8")
-    return {
-        "model": dict(block_size=16, n_layer=1, n_head=2, n_embd=32),
-        "data": dict(source=str(corpus), tokenizer="char", cache_dir=str(tmp_path / "cache"),
-                     num_proc=1),
-        "train": dict(out_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, lr=3e-3,
-                      warmup_steps=1, eval_interval=2, eval_steps=1, log_interval=1, seed=7,
-                      device="cpu", threads=1),
-    }
+def tiny_job(tmp_path: Path, name: str, **train: object) -> dict:
+    """A 2-process job of a few steps on a small corpus, with dropout so that each rank's
+    random generators matter."""
+    raw = tiny_raw(tmp_path, max_steps=4, eval_interval=2, eval_steps=1, batch_size=2, **train)
+    raw["model"]["dropout"] = 0.1
+    raw["train"]["out_dir"] = str(tmp_path / name)
+    return raw
 
 
-def _rank_main(rank: int, world_size: int, port: int, raw: dict, report: str) -> None:
-    from model.config import config_from_dict
+def rank_main(rank: int, world_size: int, jobs: list[tuple[int, dict]], report: str) -> None:
+    """One process of a torchrun-like job: trains each (port, config) in turn, collectives
+    checked, and writes the collectives it ran to `report`.<rank>. Each run gets its own port:
+    a rank that finishes first must not find the previous run's rendezvous still open."""
     from model.training import train
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1")
     calls: list[str] = []
-    with checked_collectives(torch.device(raw["train"]["device"]), calls):
-        train(config_from_dict(raw, name="ddp"), progress=False)
+    for port, raw in jobs:
+        os.environ["MASTER_PORT"] = str(port)
+        device = torch.device(raw["train"]["device"])
+        if device.type == "cuda":
+            device = torch.device("cuda", rank)
+        with checked_collectives(device, calls):
+            train(config_from_dict(raw, name="ddp"), progress=False)
     Path(f"{report}.{rank}").write_text(" ".join(calls))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_every_collective_of_a_two_process_job_uses_the_job_device(tmp_path):
-    """Fails on a collective over a CPU tensor made without device= (the bug NCCL jobs hit
-    at their first step) and on any tensor off the job's device."""
-    raw = tiny_job(tmp_path)
+def run_job(world_size: int, jobs: list[dict], report: str, timeout: float = 240) -> None:
+    """rank_main in `world_size` fresh processes; a hang fails the test instead of stalling it."""
+    ctx = mp.start_processes(rank_main, args=(world_size, [(free_port(), raw) for raw in jobs],
+                                              report), nprocs=world_size, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):  # raises when a process fails
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"the {world_size}-process job did not finish in {timeout} s")
+
+
+def test_two_process_job_uses_the_job_device_and_resumes_bit_for_bit(tmp_path):
+    """Every collective is checked (this fails on a collective over a CPU tensor made without
+    device=, the bug NCCL jobs hit at their first step). The job then stops after one step
+    and resumes: with dropout on, the losses equal an uninterrupted run's only when every
+    rank's generators were saved and restored."""
+    jobs = [tiny_job(tmp_path, "full"),
+            tiny_job(tmp_path, "resumed", time_budget_s=1e-9),  # stops after step 1
+            tiny_job(tmp_path, "resumed", resume=True)]
     report = str(tmp_path / "calls")
-    mp.spawn(_rank_main, args=(2, _free_port(), raw, report), nprocs=2, join=True)
+    run_job(2, jobs, report)
     for rank in range(2):
         calls = Path(f"{report}.{rank}").read_text().split()
-        # Agreeing on stopping and averaging the losses at least, every step.
-        assert calls.count("all_reduce") >= 3, calls
+        # Agreeing on stopping and averaging the losses, at every step of every run.
+        assert calls.count("all_reduce") >= 2 * 8, calls
+    full, resumed = step_losses(tmp_path / "full"), step_losses(tmp_path / "resumed")
+    assert full.keys() == {1, 2, 3, 4}
+    assert resumed == full
 
 
 def test_the_tracker_catches_a_tensor_made_without_device():
@@ -208,3 +231,32 @@ def test_a_single_process_joins_no_group(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: pytest.fail("no group"))
     ctx = runtime.setup_distributed(torch.device("cpu"))
     assert not ctx.enabled and ctx.is_main and ctx.device == torch.device("cpu")
+
+
+def test_a_group_the_caller_started_stays_open(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        with runtime.distributed_job(torch.device("cpu")):
+            pass
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("rank", "local_rank", "order"), [
+    (0, 0, ["prepare", "barrier", "barrier"]),  # rank 0 first
+    (8, 0, ["barrier", "prepare", "barrier"]),  # then the first process of each other machine
+    (9, 1, ["barrier", "barrier", "prepare"]),  # then the rest, which only read
+])
+def test_token_files_are_prepared_by_one_process_at_a_time_per_machine(monkeypatch, rank,
+                                                                       local_rank, order):
+    from model import training
+
+    seen: list[str] = []
+    monkeypatch.setattr(training, "prepare_data", lambda *args: seen.append("prepare") or args)
+    monkeypatch.setattr(runtime, "barrier", lambda ctx: seen.append("barrier"))
+    ctx = runtime.Distributed(rank=rank, local_rank=local_rank, world_size=16)
+    training.prepare_data_once(config_from_dict({}), ctx, progress=False)
+    assert seen == order
