@@ -324,13 +324,25 @@ def test_binding_beyond_this_machine_warns():
     assert "anyone who can reach" in bind_warning("0.0.0.0")
 
 
-@pytest.mark.slow
-def test_ctrl_c_shuts_the_server_down_cleanly(run_dir):
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+HAS_SERVE_FLAG = "--serve" in (ROOT / "sample.py").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("front", [
+    ["-m", "model.serve"],
+    pytest.param(["sample.py", "--serve"], marks=pytest.mark.skipif(
+        not HAS_SERVE_FLAG, reason="sample.py has no --serve option yet")),
+])
+def test_ctrl_c_shuts_the_server_down_cleanly(run_dir, front):
+    port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "model.serve", "--checkpoint", str(run_dir), "--port", str(port)],
+        [sys.executable, *front, "--checkpoint", str(run_dir), "--port", str(port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -343,6 +355,8 @@ def test_ctrl_c_shuts_the_server_down_cleanly(run_dir):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == str(
+            run_dir)
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json={
                 "prompt": PROMPT, "max_tokens": 1000, "stream": True}) as r:
             next(r.iter_lines())  # a stream is open when Ctrl-C comes
@@ -352,3 +366,16 @@ def test_ctrl_c_shuts_the_server_down_cleanly(run_dir):
         proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "server stopped" in err
+    assert "playground: http://127.0.0.1:" in err and "anyone who can reach" not in err
+
+
+def test_a_busy_port_is_one_line(run_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "model.serve", "--checkpoint", str(run_dir),
+                              "--port", str(port)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr

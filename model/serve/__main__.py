@@ -5,11 +5,12 @@ the address is reachable from other machines, and serves until Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from typing import TextIO
 
 from ..cli import load_named_model, run_cli
-from ..errors import SamplingError
+from ..errors import ConfigError, SamplingError
 from ..runtime import configure_threads, generation_threads, pick_device, pick_dtype
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -28,8 +29,12 @@ def run(name: str | None, host: str = "127.0.0.1", port: int = 8000, device: str
         dtype: str = "auto", threads: int | None = None, max_tokens: int | None = None,
         err: TextIO | None = None) -> int:
     """Load the model `name` and serve the playground and API on host:port until Ctrl-C."""
-    import uvicorn
-
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise ConfigError("serving needs FastAPI and uvicorn, the optional serve extra: "
+                          "pip install -e '.[serve]'") from exc
     from .app import DEFAULT_MAX_TOKENS, create_app
 
     err = err or sys.stderr
@@ -41,23 +46,37 @@ def run(name: str | None, host: str = "127.0.0.1", port: int = 8000, device: str
         raise SamplingError(f"--max-tokens must be >= 1, got {max_tokens}")
     configure_threads(threads or generation_threads())
     dev = pick_device(device, setting="--device")
-    loaded = load_named_model(name, dev, err)
-    loaded.model.to(pick_dtype(dtype, dev, setting="--dtype"))
-    app = create_app(loaded, name, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
     warning = bind_warning(host)
     if warning:
         print(warning, file=err)
-    shown = f"[{host}]" if ":" in host else host
-    print(f"playground: http://{shown}:{port}/   API: http://{shown}:{port}/v1 "
-          f"(model {app.state.served.model_id!r}); Ctrl-C stops", file=err)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=GRACE_S)
+    sock = listen(host, port)  # before the (slow) load: a busy port fails at once
     try:
-        uvicorn.Server(config).run()
+        loaded = load_named_model(name, dev, err)
+        loaded.model.to(pick_dtype(dtype, dev, setting="--dtype"))
+        app = create_app(loaded, name, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
+        port = sock.getsockname()[1]  # the one the OS chose, for --port 0
+        shown = f"[{host}]" if ":" in host else host
+        print(f"playground: http://{shown}:{port}/   API: http://{shown}:{port}/v1 "
+              f"(model {app.state.served.model_id!r}); Ctrl-C stops", file=err)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACE_S)
+        uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after shutting down
         pass
+    finally:
+        sock.close()
     print("server stopped", file=err)
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, opened here so that a busy port or a bad address is one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}; pick another --port or "
+                          "--host") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
