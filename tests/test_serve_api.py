@@ -101,10 +101,21 @@ def test_streamed_chunks_join_to_the_same_text(client, server):
     assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
     with httpx.stream("POST", f"{server[0]}/v1/completions", timeout=30,
-                      json={"prompt": PROMPT, "max_tokens": 3, "stream": True}) as r:
+                      json={"prompt": PROMPT, "max_tokens": 3, "stream": True,
+                            "stream_options": {"include_usage": True}}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and all(x.startswith("data: ") for x in lines)
+    usage = json.loads(lines[-2][6:])
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+
+
+def test_stop_strings_end_the_text_as_generate_does(client, pretrained):
+    resp = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=40, temperature=0,
+                                     stop=["he", "xyz"])
+    expected = reference(pretrained, PROMPT, 40, temperature=0, stop=["he", "xyz"])[0]
+    assert resp.choices[0].text == expected and "he" not in expected
+    assert resp.choices[0].finish_reason == "stop"
 
 
 def test_seeded_sampling_equals_generate(client, pretrained):
@@ -112,6 +123,9 @@ def test_seeded_sampling_equals_generate(client, pretrained):
     resp = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, n=2, **kw)
     expected = reference(pretrained, PROMPT, 20, num_samples=2, **kw)
     assert [c.text for c in sorted(resp.choices, key=lambda c: c.index)] == expected
+    top_k = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, seed=5,
+                                      extra_body={"top_k": 3})  # vLLM's extension
+    assert top_k.choices[0].text == reference(pretrained, PROMPT, 20, seed=5, top_k=3)[0]
     again = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, n=2, **kw)
     assert [c.text for c in again.choices] == [c.text for c in resp.choices]
 
