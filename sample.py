@@ -1,7 +1,9 @@
-"""Generate text from a trained checkpoint: `python sample.py --prompt "ROMEO:" --temperature 0.8`.
+"""Generate text from a model: `python sample.py --prompt "ROMEO:" --temperature 0.8`.
 
-A thin front over model.sampling.generate: parse arguments, load the checkpoint, print the steps
-(streamed text, a probability table with --show-probs, or JSON lines with --json).
+A thin front over model.sampling.generate: parse arguments, load the model --checkpoint names
+(a smallgpt run, gpt2, a Hugging Face GPT-2 directory; see model.pretrained), print the steps
+(streamed text, a probability table with --show-probs, or JSON lines with --json), or hold a
+conversation with --interactive.
 """
 
 from __future__ import annotations
@@ -10,16 +12,17 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
-from model.checkpoint import Checkpoint, find_checkpoints, load_checkpoint
-from model.cli import run_cli
-from model.errors import CheckpointError, SamplingError
-from model.runtime import pick_device, pick_dtype
-from model.sampling import Conversation, Step, check_sampling_args, generate
+from model.cli import load_named_model, run_cli
+from model.errors import SamplingError
+from model.pretrained import Pretrained
+from model.runtime import configure_threads, generation_threads, pick_device, pick_dtype
+from model.sampling import Step, check_sampling_args, generate
 
 VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
 TOKEN_WIDTH = 10  # columns for a token in the --show-probs table; longer tokens are shortened
@@ -27,7 +30,9 @@ TOKEN_WIDTH = 10  # columns for a token in the --show-probs table; longer tokens
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate text from a smallgpt checkpoint.")
-    p.add_argument("--checkpoint", help="checkpoint or run directory (default: newest under out/)")
+    p.add_argument("--checkpoint", metavar="NAME",
+                   help="a run or checkpoint dir, gpt2[-medium|-large|-xl], or a Hugging Face "
+                        "GPT-2 dir (default: the newest checkpoint under out/)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="text to continue (empty: start from end-of-text)")
     source.add_argument("--prompt-file", help="read the prompt from a file; - reads stdin")
@@ -47,27 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for generation (default: model.runtime.generation_threads, "
+                        "one: decoding one token at a time gains little from more)")
     return p
 
 
-def load_model(args: argparse.Namespace, err: TextIO) -> Checkpoint:
-    """The checkpoint asked for, or the newest under out/."""
-    path = args.checkpoint
-    if path is None:
-        found = find_checkpoints("out")
-        if not found:
-            raise CheckpointError("no checkpoint under out/; train one first: "
-                                  "python train.py --config tiny.yaml")
-        path = found[0]
-        print(f"using checkpoint {path}", file=err)
+def load_model(args: argparse.Namespace, err: TextIO) -> Pretrained:
+    """The model --checkpoint names (default: the newest checkpoint under out/), in --dtype on
+    --device, compiled with --compile; stderr says which model it is."""
     device = pick_device(args.device, setting="--device")
     dtype = pick_dtype(args.dtype, device, setting="--dtype")
-    ckpt = load_checkpoint(path, device)  # its errors list the checkpoints that exist
-    ckpt.model.to(dtype)
+    loaded = load_named_model(args.checkpoint, device, err)  # errors list what exists
+    loaded.model.to(dtype)
     if args.compile:
         # dynamic shapes: one graph for every cache length instead of a recompile per token
-        ckpt.model = torch.compile(ckpt.model, dynamic=True)
-    return ckpt
+        loaded.model = torch.compile(loaded.model, dynamic=True)
+    return loaded
 
 
 def read_prompt(args: argparse.Namespace, stdin: TextIO) -> str:
@@ -160,6 +161,27 @@ class Printer:
                 f"{alternatives}{end}\n")
 
 
+@dataclass
+class Conversation:
+    """The context of an interactive session: an optional system prompt, then each exchange.
+
+    A turn's prompt is the system text and the earlier exchanges, each on its own line(s),
+    followed by the new user text and a newline; the model's reply continues from there.
+    """
+
+    system: str = ""
+    turns: list[tuple[str, str]] = field(default_factory=list)  # (user text, reply)
+
+    def prompt(self, user: str) -> str:
+        parts = [self.system] if self.system else []
+        for said, reply in self.turns:
+            parts += [said, reply]
+        return "\n".join([*parts, user]) + "\n"
+
+    def add(self, user: str, reply: str) -> None:
+        self.turns.append((user, reply))
+
+
 def read_lines(stdin: TextIO, err: TextIO) -> Iterator[str]:
     while True:
         err.write("> ")
@@ -193,13 +215,16 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None,
         raise SamplingError("--interactive generates one reply at a time; drop --num-samples")
     if args.system is not None and not args.interactive:
         raise SamplingError("--system only applies with --interactive; put the text in --prompt")
+    if args.threads is not None and args.threads < 1:
+        raise SamplingError(f"--threads must be >= 1, got {args.threads}")
+    configure_threads(args.threads or generation_threads())
     prompt = "" if args.interactive else read_prompt(args, stdin)
-    ckpt = load_model(args, err)
+    loaded = load_model(args, err)
 
     def run(text: str, seed: int | None, stop: list[str]) -> str:
         printer = Printer(out, "" if args.interactive else text, args.num_samples,
                           args.show_probs, args.json)
-        steps = generate(ckpt.model, ckpt.tokenizer, text, max_new_tokens=args.max_new_tokens,
+        steps = generate(loaded.model, loaded.tokenizer, text, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          seed=seed, stop=stop, num_samples=args.num_samples,
                          show_top=show or (5 if args.json else 0),

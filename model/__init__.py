@@ -1,23 +1,52 @@
-"""smallgpt: a small, readable GPT. `from model import GPT, GPTConfig`.
+"""smallgpt: a small, readable GPT.
 
-Importing this package does no work: no device set-up, no downloads, no global state.
+    from model import GPT, GPTConfig, train, generate, load_checkpoint, load_config
+
+Importing this package does no work: no device set-up, no downloads, no global state, and not
+even torch is imported. Each name below is looked up in its module on first use (PEP 562), so
+`import model` stays instant and a script pays only for what it touches.
 """
 
-from .config import Config, DataConfig, GPTConfig, TrainConfig, load_config
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    SamplingError,
-    SmallGPTError,
-    TokenizerError,
-    TrainingError,
-)
-from .gpt import GPT, KVCache
-from .tally import format_tally, parameter_tally
+from __future__ import annotations
 
-__all__ = [
-    "GPT", "GPTConfig", "KVCache", "Config", "DataConfig", "TrainConfig", "load_config",
-    "parameter_tally", "format_tally", "SmallGPTError", "ConfigError", "DataError",
-    "TokenizerError", "CheckpointError", "SamplingError", "TrainingError",
-]
+import importlib
+from typing import Any
+
+# Public name -> the module that defines it. Start reading at model/gpt.py.
+_EXPORTS = {
+    "GPT": "gpt",
+    "GPTConfig": "gpt",
+    "KVCache": "kv_cache",
+    "Config": "config",
+    "DataConfig": "config",
+    "TrainConfig": "config",
+    "load_config": "config",
+    "Tokenizer": "tokenizer",
+    "prepare_data": "prepare",
+    "train": "training",
+    "generate": "sampling",
+    "load_checkpoint": "checkpoint",
+    "load_model": "pretrained",
+    "SmallGPTError": "errors",
+    "ConfigError": "errors",
+    "DataError": "errors",
+    "TokenizerError": "errors",
+    "CheckpointError": "errors",
+    "SamplingError": "errors",
+    "TrainingError": "errors",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        # AttributeError also lets `from model import tokenizer` fall back to the submodule.
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -48,6 +48,7 @@ class Checkpoint:
 
 def _swap_in(tmp: Path, target: Path) -> None:
     """Replace `target` by `tmp`; at every instant one complete copy exists on disk."""
+    fsync_dir(tmp)  # the files' names in `tmp` reach the disk before `tmp` takes target's place
     old = target.with_name(f".{target.name}.old")
     if old.exists():
         shutil.rmtree(old)

@@ -1,11 +1,18 @@
-"""Shared plumbing for the command-line fronts: user errors become one line and an exit code."""
+"""Shared plumbing for the command-line fronts: user errors become one line and an exit code,
+and a model named on the command line is loaded with a note on what it is."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO
 
 from .errors import SmallGPTError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .pretrained import Pretrained
 
 
 def run_cli(main: Callable[[], int | None]) -> int:
@@ -23,3 +30,15 @@ def run_cli(main: Callable[[], int | None]) -> int:
         return 130
     except BrokenPipeError:  # e.g. `python sample.py ... | head`
         return 0
+
+
+def load_named_model(name: str | None, device: str | torch.device,
+                     err: TextIO | None = None) -> Pretrained:
+    """`pretrained.load_model(name, device)`, saying on stderr what was loaded: with no name,
+    the newest checkpoint under out/ is taken, and the user should know which one."""
+    from .pretrained import load_model
+
+    loaded = load_model(name, device)
+    which = "" if name else "the newest checkpoint under out/: "
+    print(f"using {which}{loaded.description}", file=err or sys.stderr)
+    return loaded

@@ -26,8 +26,8 @@ from .gpt import GPTConfig
 
 # The shipped YAML files: configs/ in a source checkout, installed as the package `model.configs`
 # (pyproject.toml maps one onto the other), so they are found with or without `pip install -e`.
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PACKAGED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 TOKENIZERS = ("gpt2", "char", "bpe")
 OPTIMIZERS = ("adamw", "muon")
@@ -101,7 +101,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA when supported, else float32
     compile: bool = False
-    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    threads: int | None = None  # CPU threads; None: the cores not busy when the run starts
     resume: bool = False
     # "scratch" (random weights), or a model to fine-tune: gpt2, gpt2-medium, gpt2-large,
     # gpt2-xl, a Hugging Face GPT-2 directory, or a smallgpt run/checkpoint (model/finetune.py)
@@ -228,8 +228,12 @@ def config_from_dict(raw: dict[str, Any], name: str = "run") -> Config:
 
 
 def shipped_config_dir() -> Path | None:
-    """Where the shipped configs are: the checkout's configs/, else the installed package's."""
-    for directory in (CONFIG_DIR, PACKAGED_CONFIG_DIR):
+    """Where the shipped configs are: the installed package's, else the checkout's configs/.
+
+    The installed copy comes first: installed, the "checkout" directory is site-packages/configs,
+    which another distribution may own.
+    """
+    for directory in (PACKAGED_CONFIG_DIR, CONFIG_DIR):
         if directory.is_dir() and any(directory.glob("*.yaml")):
             return directory
     return None

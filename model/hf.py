@@ -96,7 +96,9 @@ def _read_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
         )
     try:
         if path == safetensors_path:
-            state = load_file(path)
+            # pread: each tensor is read into memory of its own. The default (mmap) keeps the
+            # whole file mapped, and resident beside the model, until the last tensor is freed.
+            state = load_file(path, backend="pread")
         else:
             # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code.
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -128,36 +130,17 @@ def _check_hf_config(hf_config: dict) -> tuple[str, float]:
     return ACTIVATIONS_IN[name], float(hf_config.get("layer_norm_epsilon", 1e-5))
 
 
-def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
-                 n_head: int | None = None) -> GPT:
-    """Build a GPT from a Hugging Face GPT-2 directory or state dict.
+def _to_our_layout(state: dict, owned: bool) -> dict[str, torch.Tensor]:
+    """Our names, with Conv1D weights turned into nn.Linear's (out, in) layout, float32.
 
-    The shape comes from the tensors: vocab_size from wte, block_size from wpe, n_embd, n_layer
-    from the h.N blocks and the MLP width from c_fc. The head count is not visible in any tensor
-    shape, so it is read from config.json, or must be passed as `n_head` with a bare state dict.
-    Names may carry GPT2LMHeadModel's `transformer.` prefix or not.
+    Converts one tensor at a time. A state read from disk (`owned`) is emptied as it goes, so
+    every weight is held about once, even for gpt2-xl; a caller's dict is left as it was, and
+    its tensors are copied so that the model never shares memory with them.
     """
-    if isinstance(source, dict):
-        state, hf_config = source, {}
-        if n_head is None:
-            raise ConfigError(
-                "a bare GPT-2 state dict does not record n_head (no tensor shape shows it); "
-                "pass n_head=..., e.g. 12 for the 124M model"
-            )
-    else:
-        state, hf_config = _read_directory(Path(source))
-        if "n_head" not in hf_config and n_head is None:
-            raise CheckpointError(f"{str(Path(source) / 'config.json')!r} does not give n_head")
-        saved = hf_config.get("n_head", n_head)
-        if n_head is not None and n_head != saved:
-            raise ConfigError(f"n_head={n_head} disagrees with config.json n_head={saved}")
-        n_head = saved
-    activation, norm_eps = _check_hf_config(hf_config)
-
-    # Our names, with Conv1D weights turned into nn.Linear's (out, in) layout.
     ours: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        key = key.removeprefix("transformer.")
+    for hf_key in list(state):
+        tensor = state.pop(hf_key) if owned else state[hf_key]
+        key = hf_key.removeprefix("transformer.")
         # Causal-mask buffers of older transformers versions, and the head tied to wte.
         if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
             continue
@@ -166,7 +149,44 @@ def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
             raise CheckpointError(f"GPT-2 state dict has an unexpected tensor {key!r}")
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"GPT-2 state dict entry {key!r} is not a tensor")
-        ours[name] = (tensor.t() if _is_conv1d_weight(key) else tensor).float()
+        if _is_conv1d_weight(key):
+            tensor = tensor.t()
+        # contiguous() writes a transposed weight out as a tensor of its own (its source is
+        # freed on the next turn); clone() copies a caller's tensor.
+        tensor = tensor.contiguous() if owned else tensor.clone(
+            memory_format=torch.contiguous_format)
+        ours[name] = tensor.float()
+    return ours
+
+
+def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
+                 n_head: int | None = None) -> GPT:
+    """Build a GPT from a Hugging Face GPT-2 directory or state dict.
+
+    The shape comes from the tensors: vocab_size from wte, block_size from wpe, n_embd, n_layer
+    from the h.N blocks and the MLP width from c_fc. The head count is not visible in any tensor
+    shape, so it is read from config.json, or must be passed as `n_head` with a bare state dict.
+    Names may carry GPT2LMHeadModel's `transformer.` prefix or not. The model takes the loaded
+    tensors themselves as its parameters: memory holds the weights about once.
+    """
+    if isinstance(source, dict):
+        state, hf_config, owned = source, {}, False
+        if n_head is None:
+            raise ConfigError(
+                "a bare GPT-2 state dict does not record n_head (no tensor shape shows it); "
+                "pass n_head=..., e.g. 12 for the 124M model"
+            )
+    else:
+        state, hf_config = _read_directory(Path(source))
+        owned = True
+        if "n_head" not in hf_config and n_head is None:
+            raise CheckpointError(f"{str(Path(source) / 'config.json')!r} does not give n_head")
+        saved = hf_config.get("n_head", n_head)
+        if n_head is not None and n_head != saved:
+            raise ConfigError(f"n_head={n_head} disagrees with config.json n_head={saved}")
+        n_head = saved
+    activation, norm_eps = _check_hf_config(hf_config)
+    ours = _to_our_layout(state, owned)
     for required in ("tok_emb.weight", "pos_emb.weight", "blocks.0.mlp.fc.weight"):
         if required not in ours:
             raise CheckpointError(f"GPT-2 state dict lacks {required!r} (HF name for it missing)")
@@ -197,7 +217,10 @@ def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
         if key in hf_config and hf_config[key] != value:
             raise CheckpointError(f"config.json {key}={hf_config[key]}, the weights have {value}")
 
-    model = GPT(config)
+    # On the meta device the model has shapes but no memory, and skips the random init that
+    # the loaded weights replace. (GPT-2 has learned positions: no rotary buffer is left behind.)
+    with torch.device("meta"):
+        model = GPT(config)
     ours["lm_head.weight"] = ours["tok_emb.weight"]  # tied: the same tensor under both names
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
@@ -211,7 +234,8 @@ def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
                 f"GPT-2 tensor for {name!r} has shape {tuple(tensor.shape)}, "
                 f"expected {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(ours)
+    model.load_state_dict(ours, assign=True)  # the tensors become the parameters, uncopied
+    model.lm_head.weight = model.tok_emb.weight  # assign gave each name a Parameter of its own
     return model
 
 

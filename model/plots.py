@@ -14,7 +14,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .explore import AttentionMap, NextToken
+    from .analysis import AttentionMap, NextToken
 
 
 def _label(token: str) -> str:

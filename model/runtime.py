@@ -1,5 +1,5 @@
-"""Where and how the model runs: device and dtype choice, autocast, threads, seeding, and
-torchrun jobs (set-up and the collectives training uses).
+"""Where and how the model runs: device and dtype choice, autocast, threads, seeding, Ctrl-C
+as a request to stop, and torchrun jobs (set-up and the collectives training uses).
 
 Nothing here runs at import; the training and sampling code call these with explicit arguments.
 """
@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,11 +58,62 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def configure_threads(threads: int | None) -> None:
-    """CPU intra-op threads for this process. None keeps torch's default (one per core); a
-    number is for tuning, e.g. 1 per process when several processes share the cores."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+# -- CPU threads --------------------------------------------------------------------------------
+# A laptop always runs something else. torch's default is one OpenMP thread per core, and every
+# parallel operation ends when its slowest thread does: if another process holds a core, the
+# thread on it is descheduled and every operation waits for it. Small operations suffer most.
+
+
+def configure_threads(threads: int) -> None:
+    """Set this process's CPU intra-op thread count."""
+    torch.set_num_threads(threads)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def busy_cores(interval: float = 0.25) -> float:
+    """How many cores other processes keep busy, measured from /proc/stat over `interval`
+    seconds (Linux); 0.0 where that is not available."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    elapsed = total1 - total0
+    if elapsed <= 0:
+        return 0.0
+    return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / elapsed)
+
+
+def training_threads() -> int:
+    """Threads for training when train.threads is not set: the cores no other process is
+    using when the run starts (at least one). Training's matmuls are large enough to gain from
+    every free core, but a thread on a busy core would hold every operation up."""
+    cores = usable_cores()
+    # Under torchrun the processes of one machine share its cores.
+    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(share, round(cores - busy_cores())))
+
+
+def generation_threads() -> int:
+    """Threads for generating text when --threads is not given: one. Decoding runs one small
+    matrix-vector product after another; a second thread gains little on a quiet machine
+    (bench/sample_speed.py) and, on a busy one, makes each of those products wait for a
+    descheduled thread (bench/busy_machine.py)."""
+    return 1
 
 
 def configure_backends(device: torch.device) -> None:
@@ -73,6 +127,32 @@ def seed_everything(seed: int) -> None:
     """Seed Python's and torch's generators (dropout and initialization draw from torch's)."""
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+class GracefulStop:
+    """Turn Ctrl-C (and SIGTERM from schedulers) into a flag checked between steps, so the loop
+    can finish the step, save a checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # -- torchrun jobs ------------------------------------------------------------------------------
@@ -129,19 +209,17 @@ def setup_distributed(device: torch.device) -> Distributed:
     return Distributed(rank, local_rank, world_size, device)
 
 
-def teardown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @contextlib.contextmanager
 def distributed_job(device: torch.device) -> Iterator[Distributed]:
-    """setup_distributed, and the group destroyed at the end however the job ends."""
+    """setup_distributed, and the group it started destroyed at the end however the job ends
+    (a group the caller started before stays theirs)."""
+    started_before = dist.is_available() and dist.is_initialized()
     ctx = setup_distributed(device)
     try:
         yield ctx
     finally:
-        teardown_distributed()
+        if not started_before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def barrier(ctx: Distributed) -> None:
@@ -166,3 +244,14 @@ def mean_over_ranks(ctx: Distributed, values: torch.Tensor) -> torch.Tensor:
     values = values.to(ctx.device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)  # AVG exists for NCCL only, not for gloo
     return values / ctx.world_size
+
+
+def gather_objects(ctx: Distributed, obj: Any) -> list[Any]:
+    """Every rank's `obj` (small, picklable), in rank order, on every rank. Objects are
+    pickled into bytes: on CUDA jobs they travel through gloo on the CPU (torch's choice for
+    object collectives in a mixed group), so they never wait for the GPU."""
+    if not ctx.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered

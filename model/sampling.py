@@ -22,11 +22,12 @@ import codecs
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
-from .errors import SamplingError
+from .errors import ConfigError, SamplingError
 from .tokenizer import Tokenizer
 
 
@@ -145,21 +146,29 @@ class TextStream:
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size: int,
+                  on_overflow: Literal["crop", "error"] = "crop",
                   warn: Callable[[str], None] | None = None) -> list[int]:
-    """Prompt tokens: the end-of-text token for an empty prompt; the last block_size tokens,
-    with a warning, for a prompt longer than the context."""
+    """Prompt tokens; an empty prompt is the end-of-text token, where documents start.
+
+    A prompt longer than the context (block_size tokens) is cropped to its last block_size
+    tokens with a warning (on_overflow="crop": generation only needs the latest context), or
+    refused with a ConfigError (on_overflow="error": analysis reports on every prompt token).
+    """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:
         ids = [tokenizer.eot_id]
-    if len(ids) > block_size:
-        message = (f"the prompt has {len(ids)} tokens, more than the context size "
-                   f"block_size={block_size}; using its last {block_size} tokens")
-        if warn is None:
-            warnings.warn(message, stacklevel=3)  # points at the caller of generate
-        else:
-            warn(message)
-        ids = ids[-block_size:]
-    return ids
+    if len(ids) <= block_size:
+        return ids
+    message = (f"the prompt has {len(ids)} tokens, more than the context size "
+               f"block_size={block_size}; ")
+    if on_overflow == "error":
+        raise ConfigError(message + "shorten it")
+    message += f"using its last {block_size} tokens"
+    if warn is None:
+        warnings.warn(message, stacklevel=3)  # points at the caller of generate
+    else:
+        warn(message)
+    return ids[-block_size:]
 
 
 def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int] = "",
@@ -185,7 +194,7 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int]
     shift = window_shift if window_shift is not None else max(1, block_size // 4)
     if not 1 <= shift <= block_size:
         raise SamplingError(f"window shift must be in [1, block_size={block_size}], got {shift}")
-    ids = encode_prompt(tokenizer, prompt, block_size, warn)
+    ids = encode_prompt(tokenizer, prompt, block_size, warn=warn)
     return _generate(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed,
                      tuple(stop), num_samples, show_top, use_cache, block_size + 1 - shift,
                      None if ignore_eot else tokenizer.eot_id)
@@ -250,24 +259,3 @@ def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], max_new_to
                 logits = model(window)[0][:, -1]  # the reference: the whole window from scratch
     finally:
         model.train(was_training)
-
-
-@dataclass
-class Conversation:
-    """The context of an interactive session: an optional system prompt, then each exchange.
-
-    A turn's prompt is the system text and the earlier exchanges, each on its own line(s),
-    followed by the new user text and a newline; the model's reply continues from there.
-    """
-
-    system: str = ""
-    turns: list[tuple[str, str]] = field(default_factory=list)  # (user text, reply)
-
-    def prompt(self, user: str) -> str:
-        parts = [self.system] if self.system else []
-        for said, reply in self.turns:
-            parts += [said, reply]
-        return "\n".join([*parts, user]) + "\n"
-
-    def add(self, user: str, reply: str) -> None:
-        self.turns.append((user, reply))

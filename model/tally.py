@@ -64,18 +64,3 @@ def parameter_tally(model: nn.Module | GPTConfig) -> list[TallyRow]:
         row.count += param.numel()
     return [r for r in rows.values() if r.count or r.shared_with]
 
-
-def format_tally(rows: list[TallyRow]) -> str:
-    """A plain-text table with counts, share of the total, and shapes."""
-    total = sum(r.count for r in rows)
-    lines = [f"{'component':<24}{'parameters':>18}{'share':>8}  shapes"]
-    for r in rows:
-        shapes = ", ".join("x".join(str(d) for d in s) for s in r.shapes)
-        share = f"{100 * r.count / total:.1f}%" if total else "-"
-        count = f"{r.count:,}"
-        if r.shared_with:
-            count, share = "0", "tied"
-            shapes += f" (shared with {r.shared_with})"
-        lines.append(f"{r.component:<24}{count:>18}{share:>8}  {shapes}")
-    lines.append(f"{'total':<24}{total:>18,}{'100%':>8}")
-    return "\n".join(lines)

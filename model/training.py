@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import math
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +67,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     """Train the model described by `cfg` (already validated; it is not modified) and return
     what the run did. The config saved with checkpoints is `cfg` with the vocabulary resolved."""
     t = cfg.train
-    runtime.configure_threads(t.threads)
+    runtime.configure_threads(t.threads or runtime.training_threads())
     with runtime.distributed_job(runtime.pick_device(t.device)) as ctx:
         device = ctx.device
         dtype = runtime.pick_dtype(t.dtype, device)
@@ -104,7 +103,8 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         start_step, best_val = 0, math.inf
         if t.resume:
-            start_step, best_val = resume(run_dir, model, optimizer, sampler, ctx)
+            start_step, best_val = resume(run_dir, model, optimizer, sampler, ctx,
+                                          t.threads is not None)
 
         # Wrap from outside: compile, then DDP; checkpoints always store the plain `model`.
         forward_model = wrap(model, t.compile, ctx)
@@ -127,40 +127,45 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         grad_norm: torch.Tensor | float = 0.0
         compile_seconds = 0.0
         t0 = time.perf_counter()
-        with _GracefulStop() as stop:
+        with runtime.GracefulStop() as stop:
             try:
                 for step in range(start_step, t.max_steps):
                     # Step.
                     step_start = time.perf_counter()
                     loss, norm = train_step(forward_model, model, optimizer, scaler, sampler, t,
                                             step, dtype, ctx.enabled)
-                    step_time = time.perf_counter() - step_start
-                    if step == start_step and t.compile:
-                        compile_seconds = step_time  # the first call compiles
                     done = step + 1
                     pending.append((done, loss))
                     if norm is not None:
                         grad_norm = norm
+
+                    # Log. Reading a loss waits for the GPU, so on GPUs only every log_interval.
+                    # The wait counts in the step's time: the GPU ran the queued steps meanwhile.
+                    if done % t.log_interval == 0 or done == t.max_steps or device.type == "cpu":
+                        result.losses += settle_losses(pending, ctx, run_dir)
+                    step_time = time.perf_counter() - step_start
+                    if step == start_step and t.compile:
+                        compile_seconds = step_time  # the first call compiles
                     result.steps = done
                     result.train_seconds += step_time
                     result.step_seconds.append(step_time)
-
-                    # Log. Reading a loss waits for the GPU, so on GPUs only every log_interval.
-                    if done % t.log_interval == 0 or done == t.max_steps or device.type == "cpu":
-                        result.losses += settle_losses(pending, ctx, run_dir)
+                    # Speed over the last log_interval steps: on a GPU one step's time says when
+                    # the host waited for it, not how long the GPU worked.
+                    recent = result.step_seconds[-t.log_interval:]
+                    seconds_per_step = sum(recent) / len(recent)
                     if done % t.log_interval == 0 and log is not None:
                         record = {"step": done, "loss": result.losses[-1],
                                   "lr": optimizer.param_groups[0]["lr"],
                                   "grad_norm": float(grad_norm),
-                                  "tokens_per_s": tokens_per_step / step_time,
+                                  "tokens_per_s": tokens_per_step / seconds_per_step,
                                   "elapsed_s": time.perf_counter() - t0}
                         if peak:
-                            record["mfu"] = flops_per_step / step_time / peak
+                            record["mfu"] = flops_per_step / seconds_per_step / peak
                         log.log(record)
                     bar.update(1)
                     bar.set_postfix(loss=f"{result.losses[-1]:.3f}" if result.losses else "-",
                                     lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    tok_s=f"{tokens_per_step / step_time:,.0f}")
+                                    tok_s=f"{tokens_per_step / seconds_per_step:,.0f}")
 
                     # Stop? Ranks must agree, or the others would wait for them forever.
                     out_of_time = (t.time_budget_s is not None
@@ -180,12 +185,15 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                         result.val_loss, result.val_bpb = validate(
                             model, val_windows, data, device, dtype, done, log, bar)
 
-                    # Checkpoint: latest/ always, best/ when validation improved.
+                    # Checkpoint: latest/ always, best/ when validation improved. It holds
+                    # every rank's random generators, so a resumed run draws the same dropout.
+                    if save_now:
+                        rngs = runtime.gather_objects(ctx, rng_state(device))
                     if save_now and ctx.is_main:
                         improved = result.val_loss is not None and result.val_loss < best_val
                         if improved:
                             best_val = result.val_loss
-                        state = run_state(done, best_val, sampler, device, result)
+                        state = run_state(done, best_val, sampler, rngs, result)
                         latest = save_checkpoint(run_dir / "latest", model, cfg,
                                                  data.tokenizer.spec(), optimizer, state)
                         if improved:
@@ -216,11 +224,17 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
 
 def prepare_data_once(cfg: Config, ctx: runtime.Distributed, progress: bool,
                       tokenizer: Tokenizer | None = None) -> PreparedData:
-    """Rank 0 prepares the token files; the others wait, then read the same cache."""
+    """Rank 0 prepares the token files while the others wait. Then the first process of each
+    other machine finds them on shared storage, or prepares its own copy; then the rest read.
+    So no two processes ever write the same cache."""
+    data = None
     if ctx.is_main:
         data = prepare_data(cfg.data, cfg.model.block_size, progress, tokenizer)
     runtime.barrier(ctx)
-    if not ctx.is_main:
+    if ctx.local_rank == 0 and not ctx.is_main:
+        data = prepare_data(cfg.data, cfg.model.block_size, False, tokenizer)
+    runtime.barrier(ctx)
+    if data is None:
         data = prepare_data(cfg.data, cfg.model.block_size, False, tokenizer)
     return data
 
@@ -253,9 +267,10 @@ def check_writable(run_dir: Path, model_bytes: int) -> None:
 
 
 def resume(run_dir: Path, model: GPT, optimizer: Optimizer, sampler: BatchSampler,
-           ctx: runtime.Distributed) -> tuple[int, float]:
+           ctx: runtime.Distributed, threads_chosen: bool) -> tuple[int, float]:
     """Load the run's latest checkpoint into `model`, `optimizer` and `sampler`; return the step
-    it was taken at and the best validation loss so far."""
+    it was taken at and the best validation loss so far. Unless train.threads is set, the run
+    goes on with the thread count it had (sums split over threads round differently)."""
     try:
         ckpt = resolve_checkpoint(run_dir)
     except CheckpointError as exc:
@@ -268,9 +283,15 @@ def resume(run_dir: Path, model: GPT, optimizer: Optimizer, sampler: BatchSample
     state = load_state(ckpt)
     if "sampler" in state:
         sampler.load_state_dict(state["sampler"])
-    # Only rank 0 saves its generators; the other ranks keep their own seeds' streams.
-    if "rng" in state and ctx.is_main:
+    # Each rank's own generators where the checkpoint has them for this many ranks; else (saved
+    # by one process, or by a job of another size) rank 0 takes the first's, the others reseed.
+    per_rank = state.get("rng_per_rank")
+    if per_rank and len(per_rank) == ctx.world_size:
+        set_rng_state(per_rank[ctx.rank], ctx.device)
+    elif "rng" in state and ctx.is_main:
         set_rng_state(state["rng"], ctx.device)
+    if not threads_chosen and state.get("threads"):
+        runtime.configure_threads(state["threads"])
     return state.get("step", 0), state.get("best_val_loss", math.inf)
 
 
@@ -368,34 +389,13 @@ def evaluate(model: nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]],
     return (total / len(windows)).item()
 
 
-def run_state(step: int, best_val: float, sampler: BatchSampler, device: torch.device,
+def run_state(step: int, best_val: float, sampler: BatchSampler, rngs: list[dict[str, Any]],
               result: TrainResult) -> dict[str, Any]:
-    """What a checkpoint needs besides weights and optimizer to continue the run exactly."""
-    return {"step": step, "best_val_loss": best_val, "sampler": sampler.state_dict(),
-            "rng": rng_state(device), "val_loss": result.val_loss, "val_bpb": result.val_bpb}
-
-
-class _GracefulStop:
-    """Turn Ctrl-C (and SIGTERM from schedulers) into a flag checked between steps, so the loop
-    can finish the step, save a checkpoint and exit cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _GracefulStop:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    """What a checkpoint needs besides weights and optimizer to continue the run exactly;
+    `rngs` holds every rank's generator states, rank 0's first."""
+    state = {"step": step, "best_val_loss": best_val, "sampler": sampler.state_dict(),
+             "rng": rngs[0], "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+             "threads": torch.get_num_threads()}
+    if len(rngs) > 1:
+        state["rng_per_rank"] = rngs
+    return state

@@ -1,5 +1,7 @@
 """Config files, overrides and validation: every bad input names its key."""
 
+from pathlib import Path
+
 import pytest
 
 import model.config as config_module
@@ -159,6 +161,47 @@ def test_name_finds_config_dir(tmp_path, monkeypatch):
     assert load_config("tiny").model.n_embd == 32
     assert load_config("tiny.yaml", ["model.n_embd=64"]).model.n_embd == 64
     assert "tiny.yaml" in config_error("small", match="not found")  # lists what exists
+
+
+def test_lookup_order(tmp_path, monkeypatch):
+    """An existing path, then ./configs/NAME, then the installed package's copy."""
+    packaged, checkout = tmp_path / "site" / "model" / "configs", tmp_path / "site" / "configs"
+    packaged.mkdir(parents=True)
+    (packaged / "tiny.yaml").write_text(TINY)
+    monkeypatch.setattr(config_module, "PACKAGED_CONFIG_DIR", packaged)
+    monkeypatch.setattr(config_module, "CONFIG_DIR", checkout)  # installed: no checkout
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # no configs/ here: only the packaged copy can supply the name
+    assert config_module.resolve_config_path("tiny.yaml") == packaged / "tiny.yaml"
+    assert config_module.resolve_config_path("tiny") == packaged / "tiny.yaml"
+    assert load_config("tiny.yaml").model.n_embd == 32
+    (work / "configs").mkdir()
+    (work / "configs" / "tiny.yaml").write_text(TINY.replace("n_embd: 32", "n_embd: 64"))
+    assert config_module.resolve_config_path("tiny.yaml") == Path("configs/tiny.yaml")
+    assert load_config("tiny.yaml").model.n_embd == 64
+    (work / "tiny.yaml").write_text(TINY.replace("n_embd: 32", "n_embd: 16"))
+    assert load_config("tiny.yaml").model.n_embd == 16
+    # A site-packages/configs owned by another distribution is never consulted first.
+    checkout.mkdir()
+    (checkout / "other.yaml").write_text(TINY)
+    assert config_module.shipped_config_dir() == packaged
+
+
+def test_installed_package_ships_data_and_every_subpackage():
+    """pyproject lists model's packages and data by hand (configs/ is mapped in as
+    model/configs); anything missing there would be absent from a non-editable install."""
+    tomllib = pytest.importorskip("tomllib")
+    root = CONFIG_DIR.parent
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    subpackages = {".".join(p.parent.relative_to(root).parts)
+                   for p in (root / "model").rglob("__init__.py")}
+    assert subpackages <= set(setup["packages"])
+    assert setup["package-dir"]["model.configs"] == "configs"
+    assert setup["package-data"]["model.configs"] == ["*.yaml"]
+    data = setup["package-data"]["model"]
+    assert all(any(p.match(f"model/{pattern}") for pattern in data)
+               for p in (root / "model" / "assets").iterdir())
 
 
 def test_resolved_config_round_trips(tiny):

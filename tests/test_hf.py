@@ -53,10 +53,44 @@ def test_load_directory_matches_transformers(tmp_path):
     assert_same_logits(ours, theirs, tokens())
 
 
-def test_from_hf_gpt2_delegates(tmp_path):
+def test_load_hf_gpt2_logits(tmp_path):
     theirs = hf_model()
     theirs.save_pretrained(tmp_path)
     assert_same_logits(load_hf_gpt2(tmp_path), theirs, tokens())
+
+
+def weights_match_exactly(ours: GPT, theirs) -> None:
+    """Every parameter bit for bit HF's (Conv1D weights transposed), real, contiguous, trainable."""
+    hf = theirs.transformer
+    assert torch.equal(ours.tok_emb.weight, hf.wte.weight)
+    assert torch.equal(ours.pos_emb.weight, hf.wpe.weight)
+    for block, h in zip(ours.blocks, hf.h):
+        assert torch.equal(block.attn.qkv.weight, h.attn.c_attn.weight.t())
+        assert torch.equal(block.mlp.proj.weight, h.mlp.c_proj.weight.t())
+        assert torch.equal(block.norm2.bias, h.ln_2.bias)
+    assert ours.lm_head.weight is ours.tok_emb.weight  # tied after assign-loading
+    assert ours.num_params() == sum(p.numel() for p in theirs.parameters())
+    for name, p in ours.named_parameters():
+        assert not p.is_meta and p.is_contiguous() and p.requires_grad, name
+    assert all(not b.is_meta for b in ours.buffers())
+
+
+@pytest.mark.parametrize("from_dict", [False, True])
+def test_loaded_weights_are_exact_and_trainable(tmp_path, from_dict):
+    theirs = hf_model()
+    theirs.save_pretrained(tmp_path)
+    state = dict(theirs.state_dict())
+    before = {k: v.clone() for k, v in state.items()}
+    ours = load_hf_gpt2(state, n_head=4) if from_dict else load_hf_gpt2(tmp_path)
+    weights_match_exactly(ours, theirs)
+    _, loss = ours(tokens(), tokens())
+    loss.backward()
+    assert ours.tok_emb.weight.grad is not None
+    with torch.no_grad():  # a caller's dict is neither emptied nor shared with the model
+        for p in ours.parameters():
+            p.zero_()
+    assert state.keys() == before.keys()
+    assert all(torch.equal(state[k], before[k]) for k in state)
 
 
 @pytest.mark.parametrize("prefixed", [True, False])
@@ -120,7 +154,7 @@ def test_save_loads_in_transformers(tmp_path):
     assert_same_logits(again, theirs, tokens())
 
 
-def test_to_hf_gpt2_delegates(tmp_path):
+def test_save_hf_gpt2_exact_gelu(tmp_path):
     ours = GPT(GPTConfig(vocab_size=101, block_size=32, n_layer=1, n_head=2, n_embd=32,
                          activation="gelu"))
     theirs = transformers.GPT2LMHeadModel.from_pretrained(save_hf_gpt2(ours, tmp_path)).eval()

@@ -48,11 +48,16 @@ def cli(saved, monkeypatch, capsys):
     work, run, _, _ = saved
     monkeypatch.chdir(work)
 
-    def call(*args: str, checkpoint: bool = True, stdin: str = "") -> tuple[int, str, str]:
+    def call(*args: str, checkpoint: bool = True, stdin: str = "",
+             keep_loading_line: bool = False) -> tuple[int, str, str]:
+        """stderr's first line names the model loaded; it is left out unless asked for
+        (test_the_model_loaded_is_named checks it), so the other tests see what they test."""
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
         argv = (["--checkpoint", str(run)] if checkpoint else []) + list(args)
         code = sample.cli(argv)
         out, err = capsys.readouterr()
+        if err.startswith("using ") and not keep_loading_line:
+            err = err.partition("\n")[2]
         return code, out, err
 
     return call
@@ -174,8 +179,26 @@ def test_empty_prompt_starts_from_end_of_text(cli, saved):
 
 
 def test_newest_checkpoint_is_used_and_named(cli, saved):
-    code, _, err = cli("--prompt", "B", "--max-new-tokens", "2", checkpoint=False)
-    assert code == 0 and err.strip() == f"using checkpoint {Path('out/t/latest')}"
+    code, _, err = cli("--prompt", "B", "--max-new-tokens", "2", checkpoint=False,
+                       keep_loading_line=True)
+    assert code == 0 and err.startswith("using the newest checkpoint under out/: smallgpt "
+                                        f"checkpoint {Path('out/t/latest')} (step")
+    assert err.count("\n") == 1
+
+
+def test_the_model_loaded_is_named(cli, saved):
+    _, run, _, _ = saved
+    code, _, err = cli("--prompt", "B", "--max-new-tokens", "2", keep_loading_line=True)
+    assert code == 0 and err.startswith(f"using smallgpt checkpoint {run / 'latest'} (step")
+    assert "parameters)" in err and err.count("\n") == 1
+
+
+def test_threads_sets_torch_cpu_threads(cli, monkeypatch):
+    seen = []
+    monkeypatch.setattr(sample, "configure_threads", seen.append)
+    assert cli("--prompt", "B", "--max-new-tokens", "1", "--threads", "3")[0] == 0
+    assert cli("--prompt", "B", "--max-new-tokens", "1")[0] == 0
+    assert seen == [3, sample.generation_threads()]
 
 
 def test_interactive_appends_each_exchange(cli, monkeypatch):
@@ -197,6 +220,14 @@ def test_interactive_appends_each_exchange(cli, monkeypatch):
     assert err.count("> ") == 3  # asked twice, then once more before "exit"
 
 
+def test_conversation_appends_each_exchange():
+    chat = sample.Conversation("You are terse.")
+    assert chat.prompt("Hi") == "You are terse.\nHi\n"
+    chat.add("Hi", "Hello.")
+    assert chat.prompt("Bye") == "You are terse.\nHi\nHello.\nBye\n"
+    assert sample.Conversation().prompt("Hi") == "Hi\n"
+
+
 def test_device_dtype_and_compile_options(cli, monkeypatch):
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.setdefault("compiled", m))
@@ -207,6 +238,22 @@ def test_device_dtype_and_compile_options(cli, monkeypatch):
                        "--dtype", "bfloat16", "--compile")
     assert code == 0 and out.startswith("B")
     assert seen["dtype"] == torch.bfloat16 and isinstance(seen["compiled"], GPT)
+
+
+def test_hugging_face_gpt2_directory_is_a_checkpoint_name(saved, tmp_path, monkeypatch, capsys):
+    from model import pretrained
+    from model.hf import save_hf_gpt2
+
+    _, _, _, tokenizer = saved
+    monkeypatch.setattr(pretrained, "GPT2Tokenizer", lambda: tokenizer)  # no tiktoken download
+    torch.manual_seed(0)
+    save_hf_gpt2(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_embd=16, n_head=2, n_layer=1,
+                               block_size=BLOCK, activation="gelu_tanh")), tmp_path / "hf")
+    code = sample.cli(["--checkpoint", str(tmp_path / "hf"), "--prompt", "B",
+                       "--max-new-tokens", "3", "--seed", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.startswith("B") and len(out) == len("B") + 3 + 1
+    assert err.startswith("using GPT-2 weights") and str(tmp_path / "hf") in err
 
 
 # -- bad input: one line on stderr, non-zero exit ------------------------------------------------
@@ -229,6 +276,7 @@ def one_line_error(result) -> str:
     (["--interactive", "--prompt", "x"], "--interactive"),
     (["--system", "x"], "--system"),
     (["--dtype", "float64"], "--dtype: 'float64'"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_bad_values(cli, args, words):
     assert words in one_line_error(cli("--prompt", "B", *args))

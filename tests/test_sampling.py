@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from model import GPT, GPTConfig, SamplingError, TokenizerError
+from model import GPT, ConfigError, GPTConfig, SamplingError, TokenizerError
 from model.sampling import (
-    Conversation,
     TextStream,
+    encode_prompt,
     filter_logits,
     generate,
     sample_next,
@@ -288,6 +288,16 @@ def test_long_prompt_keeps_its_last_block_size_tokens_with_a_warning(chars):
         generate(model, chars, TEXT, max_new_tokens=1, use_cache=False)
 
 
+def test_encode_prompt_crops_or_refuses_a_long_prompt(chars):
+    ids = chars.encode(TEXT)
+    assert encode_prompt(chars, TEXT, BLOCK, warn=lambda m: None) == ids[-BLOCK:]
+    with pytest.raises(ConfigError, match=f"{len(ids)} tokens, more than the context size"):
+        encode_prompt(chars, TEXT, BLOCK, on_overflow="error")
+    assert encode_prompt(chars, TEXT[:BLOCK], BLOCK, on_overflow="error") == ids[:BLOCK]
+    assert encode_prompt(chars, "", BLOCK, on_overflow="error") == [chars.eot_id]
+    assert encode_prompt(chars, [3, 4], BLOCK) == [3, 4]  # token ids pass through
+
+
 def test_generation_leaves_model_mode_and_grad_mode_alone(chars):
     model = sharp_model(chars.vocab_size).train()
     for _ in generate(model, chars, "F", max_new_tokens=3):
@@ -298,14 +308,6 @@ def test_generation_leaves_model_mode_and_grad_mode_alone(chars):
 
 def test_max_new_tokens_zero_yields_nothing(chars):
     assert list(generate(sharp_model(chars.vocab_size), chars, "F", max_new_tokens=0)) == []
-
-
-def test_conversation_appends_each_exchange():
-    chat = Conversation("You are terse.")
-    assert chat.prompt("Hi") == "You are terse.\nHi\n"
-    chat.add("Hi", "Hello.")
-    assert chat.prompt("Bye") == "You are terse.\nHi\nHello.\nBye\n"
-    assert Conversation().prompt("Hi") == "Hi\n"
 
 
 # -- bad arguments ------------------------------------------------------------------------------
