@@ -57,7 +57,7 @@ def smallgpt_tokens_per_s(steps: int, warmup: int) -> float:
     command = [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--config",
                "shakespeare_char.yaml", "--steps", str(steps), "--warmup", str(warmup)]
     text = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    return float(re.search(r"([\d,]+) tokens/s", text).group(1).replace(",", ""))
+    return float(re.search(r"([\d,]+) tokens/s$", text, re.M).group(1).replace(",", ""))
 
 
 def main() -> None:
