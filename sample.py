@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for generation (default: model.runtime.generation_threads, "
                         "one: decoding one token at a time gains little from more)")
+    serve = p.add_argument_group("web playground and OpenAI-compatible API")
+    serve.add_argument("--serve", action="store_true",
+                       help="serve the playground page and the /v1 API instead of sampling "
+                            "(the serve extra: pip install -e '.[serve]')")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="with --serve: the address to bind (default 127.0.0.1: this "
+                            "machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="with --serve: the port")
     return p
 
 
@@ -202,6 +210,11 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None,
          stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     stdin, out, err = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    if args.serve:
+        from model.serve import run as serve  # FastAPI and uvicorn are loaded only here
+
+        return serve(args.checkpoint, args.host, args.port, args.device, dtype=args.dtype,
+                     threads=args.threads, err=err)
     show = args.show_probs if args.show_probs is not None else 0
     # Check the arguments before the (slow) checkpoint load.
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens,

@@ -95,4 +95,5 @@ def hub_snapshot(name: str) -> Path:
 
 
 def _params(model: GPT) -> str:
-    return f"{model.num_params() / 1e6:.1f}M parameters"
+    n = model.num_params()
+    return f"{n / 1e6:.1f}M parameters" if n >= 1e6 else f"{n:,} parameters"

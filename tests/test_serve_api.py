@@ -1,0 +1,395 @@
+"""The server's API against a tiny trained checkpoint, through real HTTP on a free local port:
+the official openai client (plain and streaming), echo + logprobs against the model's own
+log-softmax, the tokenizer endpoints, every bad request, 32 concurrent requests, a client that
+disconnects, the page's JSON endpoints, and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the server needs the serve extra (fastapi, uvicorn)")
+pytest.importorskip("uvicorn", reason="the server needs the serve extra (fastapi, uvicorn)")
+httpx = pytest.importorskip("httpx", reason="the API tests need httpx")
+openai = pytest.importorskip("openai", reason="the API tests use the official openai client")
+
+from serve_server import load, running_server, train_tiny  # noqa: E402
+
+from model.sampling import generate  # noqa: E402
+from model.serve.__main__ import bind_warning  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "tiny"
+LIMIT = 2000  # the server's max_tokens
+PROMPT = "to be or"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(run_dir):
+    return load(run_dir)
+
+
+@pytest.fixture(scope="module")
+def server(pretrained):
+    with running_server(pretrained, NAME, max_tokens=LIMIT) as (url, app):
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def reference(pretrained, prompt, n_tokens, **kw) -> list[str]:
+    """model.sampling.generate's texts, one per sample."""
+    n = kw.get("num_samples", 1)
+    texts = [""] * n
+    for step in generate(pretrained.model, pretrained.tokenizer, prompt, n_tokens, **kw):
+        texts[step.sample] += step.delta
+    return texts
+
+
+def model_logprobs(pretrained, ids: list[int]) -> list[float]:
+    """log p(ids[t] | ids[:t]) for t >= 1 from the model's own forward pass."""
+    with torch.no_grad():
+        logits = pretrained.model(torch.tensor([ids]))[0][0].float()
+    lp = logits.log_softmax(dim=-1)
+    return [lp[t - 1, ids[t]].item() for t in range(1, len(ids))]
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+
+
+def test_greedy_text_equals_generate(client, pretrained):
+    resp = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=40, temperature=0)
+    assert resp.choices[0].text == reference(pretrained, PROMPT, 40, temperature=0)[0]
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.prompt_tokens == len(PROMPT) and resp.usage.completion_tokens == 40
+
+
+@pytest.mark.slow
+def test_greedy_text_equals_sample_cli(client, run_dir):
+    out = subprocess.run(
+        [sys.executable, "sample.py", "--checkpoint", str(run_dir), "--temperature", "0",
+         "--prompt", PROMPT, "--max-new-tokens", "30"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    resp = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=30, temperature=0)
+    assert out.stdout == PROMPT + resp.choices[0].text + "\n"
+
+
+def test_streamed_chunks_join_to_the_same_text(client, server):
+    plain = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=25, temperature=0)
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=25,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    with httpx.stream("POST", f"{server[0]}/v1/completions", timeout=30,
+                      json={"prompt": PROMPT, "max_tokens": 3, "stream": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(x.startswith("data: ") for x in lines)
+    usage = json.loads(lines[-2][6:])
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+
+
+def test_stop_strings_end_the_text_as_generate_does(client, pretrained):
+    resp = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=40, temperature=0,
+                                     stop=["he", "xyz"])
+    expected = reference(pretrained, PROMPT, 40, temperature=0, stop=["he", "xyz"])[0]
+    assert resp.choices[0].text == expected and "he" not in expected
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_equals_generate(client, pretrained):
+    kw = dict(temperature=0.9, top_p=0.9, seed=3)
+    resp = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, n=2, **kw)
+    expected = reference(pretrained, PROMPT, 20, num_samples=2, **kw)
+    assert [c.text for c in sorted(resp.choices, key=lambda c: c.index)] == expected
+    top_k = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, seed=5,
+                                      extra_body={"top_k": 3})  # vLLM's extension
+    assert top_k.choices[0].text == reference(pretrained, PROMPT, 20, seed=5, top_k=3)[0]
+    again = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, n=2, **kw)
+    assert [c.text for c in again.choices] == [c.text for c in resp.choices]
+
+
+@pytest.mark.parametrize("max_tokens", [0, 6])
+def test_echo_logprobs_equal_the_models_log_softmax(client, pretrained, max_tokens):
+    resp = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=max_tokens,
+                                     temperature=0, echo=True, logprobs=3)
+    choice = resp.choices[0]
+    lp = choice.logprobs
+    generated = reference(pretrained, PROMPT, max_tokens, temperature=0)[0]
+    assert choice.text == PROMPT + generated
+    ids = pretrained.tokenizer.encode(PROMPT + generated)  # char tokens: one per character
+    assert lp.tokens == [pretrained.tokenizer.token_text(i) for i in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(model_logprobs(pretrained, ids), abs=1e-4)
+    assert lp.text_offset == list(range(len(ids)))
+    for token, top in zip(lp.tokens[1:], lp.top_logprobs[1:]):
+        assert token in top and 3 <= len(top) <= 4
+
+
+def test_echo_logprobs_for_token_id_prompts(client, pretrained):
+    first = pretrained.tokenizer.encode("to be or not")
+    second = pretrained.tokenizer.encode("the mind")
+    resp = client.completions.create(model=NAME, prompt=[first, second], max_tokens=0,
+                                     echo=True, logprobs=1)
+    assert [c.index for c in resp.choices] == [0, 1]
+    for choice, ids in zip(resp.choices, (first, second)):
+        assert choice.text == pretrained.tokenizer.decode(ids)
+        assert choice.logprobs.token_logprobs[0] is None
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+            model_logprobs(pretrained, ids), abs=1e-4)
+    single = client.completions.create(model=NAME, prompt=first, max_tokens=0, echo=True,
+                                       logprobs=0)
+    assert single.choices[0].logprobs.token_logprobs == resp.choices[0].logprobs.token_logprobs
+
+
+def test_streamed_logprobs_match_plain(client):
+    kw = dict(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2, echo=True)
+    plain = client.completions.create(**kw).choices[0].logprobs
+    tokens, lps = [], []
+    for chunk in client.completions.create(stream=True, **kw):
+        tokens += chunk.choices[0].logprobs.tokens
+        lps += chunk.choices[0].logprobs.token_logprobs
+    assert tokens == plain.tokens and lps == pytest.approx(plain.token_logprobs)
+
+
+def test_tokenize_detokenize_round_trip(server, pretrained):
+    url = server[0]
+    text = "whether the nobler mind\nto suffer"
+    tok = httpx.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert tok["tokens"] == pretrained.tokenizer.encode(text) and tok["count"] == len(text)
+    back = httpx.post(f"{url}/detokenize", json={"tokens": tok["tokens"]}).json()
+    assert back == {"prompt": text}
+    info = httpx.get(f"{url}/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["tokenizer_name"] == "char"
+    assert info["vocab_size"] == pretrained.tokenizer.vocab_size
+
+
+BAD = [  # (path, body or raw bytes, status, param)
+    ("/v1/completions", b'{"prompt": "to be", ', 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1, "a"]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "to", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "to", "temperature": -0.5}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "to", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "to", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "to", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "to", "max_tokens": LIMIT + 1}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "to", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "to be " * 10}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [0, 9999]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "ROMEO"}, 400, "prompt"),  # not in the char vocabulary
+    ("/v1/completions", {"prompt": "to", "model": "gpt-4"}, 404, "model"),
+    ("/v1/completions", {"prompt": "to", "model": "../../etc/passwd"}, 404, "model"),
+    ("/v1/completions", {"prompt": "to", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "to", "logprobs": 99}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "to", "stop": ""}, 400, "stop"),
+    ("/v1/completions", {"prompt": "to", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"prompt": "to", "echo": 1}, 400, "echo"),
+    ("/v1/completions", {"prompt": "to", "seed": 1.5}, 400, "seed"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {}, 400, "prompt"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/api/attention", {"prompt": "to be", "layer": 99}, 400, "layer"),
+    ("/api/distribution", {"tokens": [1, 2], "temperatures": [3]}, 400, "temperature"),
+    ("/api/neighbors", {"word": "ROMEO"}, 400, "word"),
+    ("/api/generate", {"prompt": "to", "top_k": 0}, 400, "top_k"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD)
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, path, body,
+                                                                        status, param):
+    url = server[0]
+    if isinstance(body, bytes):
+        r = httpx.post(url + path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = httpx.post(url + path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    if param:
+        assert param in error["message"]
+    ok = httpx.post(f"{url}/v1/completions", json={"prompt": "to", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_the_openai_client_reports_errors(client):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=NAME, prompt="to", temperature=-1)
+    with pytest.raises(openai.NotFoundError, match="gpt-4"):
+        client.completions.create(model="gpt-4", prompt="to")
+
+
+def test_no_request_reaches_the_filesystem(server):
+    url = server[0]
+    for path in ("/static/../../pyproject.toml", "/static/%2e%2e/app.py", "/../../etc/passwd"):
+        assert httpx.get(url + path).status_code == 404
+    assert httpx.get(url + "/").status_code == 200 and "smallgpt" in httpx.get(url + "/").text
+
+
+def test_32_concurrent_requests_all_complete_correctly(client, pretrained):
+    jobs = [(p, seed, stream) for p in ("to be", "the mind", "or not")
+            for seed in range(6) for stream in (False, True)][:32]
+    expected = [reference(pretrained, p, 20, temperature=0.8, seed=seed)[0]
+                for p, seed, _ in jobs]
+
+    def call(job):
+        prompt, seed, stream = job
+        kw = dict(model=NAME, prompt=prompt, max_tokens=20, temperature=0.8, seed=seed)
+        if not stream:
+            return client.completions.create(**kw).choices[0].text
+        return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        assert list(pool.map(call, jobs)) == expected
+
+
+def test_a_client_that_disconnects_stops_its_generation(server):
+    url, app = server
+    engine = app.state.served.engine
+    before = engine.steps
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=30, json={
+            "prompt": PROMPT, "max_tokens": LIMIT, "temperature": 0, "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.active == 0
+    assert engine.steps - before < LIMIT / 2  # it stopped long before max_tokens
+    before = engine.steps
+    with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up
+        httpx.post(f"{url}/v1/completions", timeout=0.1, json={
+            "prompt": PROMPT, "max_tokens": LIMIT, "temperature": 0})
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.active == 0 and engine.steps - before < LIMIT
+
+
+def test_distribution_endpoint_reproduces_the_streamed_steps(server, pretrained):
+    """The page's live temperature view: /api/distribution over each step's context (which
+    slides once the context is full) gives back the probabilities the stream reported."""
+    url = server[0]
+    body = {"prompt": PROMPT, "max_tokens": 60, "temperature": 1.0, "seed": 0, "k": 5}
+    with httpx.stream("POST", f"{url}/api/generate", json=body, timeout=30) as r:
+        events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: ")]
+    assert events[0]["type"] == "prompt" and events[-1]["type"] == "done"
+    steps = [e for e in events if e["type"] == "token"]
+    ids = [t["id"] for t in events[0]["tokens"]] + [s["token"] for s in steps]
+    assert len(steps) == 60 and steps[-1]["context_start"] > 0  # the window has moved on
+    for step in steps[::7]:
+        context = ids[step["context_start"]:len(events[0]["tokens"]) + step["index"]]
+        dist = httpx.post(f"{url}/api/distribution", json={
+            "tokens": context, "temperatures": [1.0, 0.5, 0], "k": 5,
+            "include": [step["token"]]}).json()
+        shown = {t["id"]: p for t, p in zip(dist["tokens"], dist["probs"][0])}
+        assert shown[step["token"]] == pytest.approx(step["prob"], abs=1e-4)
+        for alt in step["top"]:
+            assert shown[alt["id"]] == pytest.approx(alt["prob"], abs=1e-4)
+        for row, rest in zip(dist["probs"], dist["rest"]):
+            assert sum(row) + rest == pytest.approx(1.0, abs=1e-4)
+        assert dist["probs"][1][0] > dist["probs"][0][0]  # T < 1 sharpens
+
+
+def test_attention_and_embedding_endpoints(server, pretrained):
+    url = server[0]
+    att = httpx.post(f"{url}/api/attention", json={"prompt": "to be", "head": 1}).json()
+    assert att["tokens"] == list("to be") and att["head"] == 1 and att["layer"] == 1
+    assert all(sum(row) == pytest.approx(1.0, abs=1e-5) for row in att["weights"])
+    near = httpx.post(f"{url}/api/neighbors", json={"word": "e", "k": 4}).json()
+    assert len(near["neighbors"]) == 4 and near["query"]["ids"] == [pretrained.tokenizer.encode(
+        "e")[0]]
+    ana = httpx.post(f"{url}/api/analogy", json={"a": "b", "b": "t", "c": "o"}).json()
+    assert len(ana["answers"]) == 10
+    way = httpx.post(f"{url}/api/direction", json={"positive": "s", "negative": "t",
+                                                   "words": "e n o"}).json()
+    assert sorted(p["word"]["word"] for p in way["projections"]) == ["e", "n", "o"]
+    info = httpx.get(f"{url}/api/info").json()
+    assert info["model"] == NAME and info["n_layer"] == 2 and info["max_tokens"] == LIMIT
+
+
+def test_binding_beyond_this_machine_warns():
+    assert bind_warning("127.0.0.1") is None and bind_warning("localhost") is None
+    assert "anyone who can reach" in bind_warning("0.0.0.0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HAS_SERVE_FLAG = "--serve" in (ROOT / "sample.py").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("front", [
+    ["-m", "model.serve"],
+    pytest.param(["sample.py", "--serve"], marks=pytest.mark.skipif(
+        not HAS_SERVE_FLAG, reason="sample.py has no --serve option yet")),
+])
+def test_ctrl_c_shuts_the_server_down_cleanly(run_dir, front):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, *front, "--checkpoint", str(run_dir), "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == str(
+            run_dir)
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json={
+                "prompt": PROMPT, "max_tokens": 1000, "stream": True}) as r:
+            next(r.iter_lines())  # a stream is open when Ctrl-C comes
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "server stopped" in err
+    assert "playground: http://127.0.0.1:" in err and "anyone who can reach" not in err
+
+
+def test_a_busy_port_is_one_line(run_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "model.serve", "--checkpoint", str(run_dir),
+                              "--port", str(port)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr

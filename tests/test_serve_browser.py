@@ -1,0 +1,144 @@
+"""The playground in a real headless browser (Debian's chromium and chromedriver, driven by
+selenium): type a prompt, generate, select a token, read the distribution's bars, move the
+temperature, see the attention heatmap and an embedding table, and save a screenshot.
+
+Skipped, saying why, where selenium, chromium or chromedriver is missing; CI installs them
+(apt-get install chromium chromium-driver).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the server needs the serve extra (fastapi, uvicorn)")
+pytest.importorskip("uvicorn", reason="the server needs the serve extra (fastapi, uvicorn)")
+webdriver = pytest.importorskip("selenium.webdriver",
+                                reason="selenium is not installed (pip install selenium)")
+
+from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from serve_server import load, running_server, train_tiny  # noqa: E402
+
+
+def find(names: list[str], env: str) -> str | None:
+    if os.environ.get(env):
+        return os.environ[env]
+    return next((p for p in (shutil.which(n) for n in names) if p), None)
+
+
+CHROMIUM = find(["chromium", "chromium-browser", "google-chrome"], "CHROMIUM")
+CHROMEDRIVER = find(["chromedriver"], "CHROMEDRIVER")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="no headless browser: install Debian's chromium and chromium-driver (or set CHROMIUM "
+           "and CHROMEDRIVER to their paths)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pretrained = load(train_tiny(tmp_path_factory.mktemp("browser")))
+    with running_server(pretrained, "tiny") as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1200"):
+        options.add_argument(arg)
+    try:
+        driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+    except WebDriverException as exc:
+        pytest.skip(f"chromium did not start: {exc.msg}")
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def by_id(testid: str) -> tuple[str, str]:
+    return By.CSS_SELECTOR, f'[data-testid="{testid}"]'
+
+
+def bar_probs(driver) -> list[float]:
+    bars = driver.find_element(*by_id("distribution")).find_elements(*by_id("bar"))
+    return [float(b.get_attribute("data-prob")) for b in bars]
+
+
+def test_generate_select_a_token_move_the_temperature(server, browser, tmp_path: Path):
+    driver = browser
+    wait = WebDriverWait(driver, 30)
+    driver.get(server + "/")
+    wait.until(lambda d: "context 32 tokens" in d.find_element(*by_id("model-info")).text)
+
+    prompt = driver.find_element(*by_id("prompt"))
+    prompt.clear()
+    prompt.send_keys("to be or not")
+    for testid, value in (("max-tokens", "30"), ("seed", "1")):
+        box = driver.find_element(*by_id(testid))
+        box.clear()
+        box.send_keys(value)
+    driver.find_element(*by_id("generate")).click()
+    wait.until(lambda d: "tokens generated" in d.find_element(*by_id("status")).text)
+    tokens = driver.find_element(*by_id("output")).find_elements(*by_id("token"))
+    assert len(tokens) == 30
+    assert len(driver.find_elements(*by_id("prompt-token"))) == len("to be or not")
+    assert all(0 < float(t.get_attribute("data-prob")) <= 1 for t in tokens)
+
+    tokens[4].click()
+    wait.until(lambda d: "softmax" in d.find_element(By.ID, "distribution-caption").text)
+    before = bar_probs(driver)
+    assert len(before) >= 3 and sum(before) == pytest.approx(1.0, abs=1e-3)
+    picked = driver.find_element(*by_id("distribution")).find_elements(By.CSS_SELECTOR,
+                                                                          ".bar-row.picked")
+    assert len(picked) == 1
+
+    slider = driver.find_element(*by_id("temperature"))
+    for _ in range(12):  # 0.80 -> 1.40, one keyboard step (0.05) at a time, as a user would
+        slider.send_keys(Keys.ARROW_RIGHT)
+    wait.until(lambda d: d.find_element(*by_id("distribution")).get_attribute(
+        "data-temperature") == "1.4")
+    after = bar_probs(driver)
+    assert sum(after) == pytest.approx(1.0, abs=1e-3)
+    assert after != before and after[0] < before[0]  # a higher temperature flattens
+
+    wait.until(lambda d: d.find_element(*by_id("attention")).get_attribute("data-cells")
+               == str(len("to be or not") ** 2))
+    canvas = driver.find_element(By.CSS_SELECTOR, '[data-testid="attention"] canvas')
+    assert canvas.size["width"] > 100 and canvas.size["height"] > 100
+    head = driver.find_element(*by_id("attention-head"))
+    head.find_elements(By.TAG_NAME, "option")[2].click()  # head 1
+    wait.until(lambda d: d.find_element(*by_id("attention")).get_attribute("data-head") == "1")
+
+    word = driver.find_element(*by_id("neighbors-word"))
+    word.clear()
+    word.send_keys("e")
+    driver.find_element(*by_id("neighbors-go")).click()
+    wait.until(lambda d: d.find_element(*by_id("embeddings-result")).find_elements(
+        By.TAG_NAME, "tr"))
+    tokens[4].click()  # the distribution panel shown in the screenshot
+    shot = tmp_path / "playground.png"
+    assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    if os.environ.get("SERVE_SCREENSHOT"):  # keep a copy to look at
+        shutil.copy(shot, os.environ["SERVE_SCREENSHOT"])
+
+
+def test_errors_show_in_the_page(server, browser):
+    driver = browser
+    wait = WebDriverWait(driver, 30)
+    driver.get(server + "/")
+    wait.until(lambda d: "context" in d.find_element(*by_id("model-info")).text)
+    prompt = driver.find_element(*by_id("prompt"))
+    prompt.clear()
+    prompt.send_keys("ROMEO")  # capitals are not in the tiny model's char vocabulary
+    driver.find_element(*by_id("generate")).click()
+    wait.until(lambda d: "vocabulary" in d.find_element(*by_id("status")).text)
+    assert "error" in driver.find_element(*by_id("status")).get_attribute("class")
+    assert driver.find_element(*by_id("generate")).is_enabled()
