@@ -7,6 +7,7 @@ Nothing here runs at import; the training and sampling code call these with expl
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -123,6 +125,11 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def derived_seed(*numbers: int) -> int:
+    """One well-mixed 32-bit seed from several numbers, e.g. (seed, rank, step)."""
+    return int(np.random.SeedSequence(numbers).generate_state(1)[0])
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's and torch's generators (dropout and initialization draw from torch's)."""
     random.seed(seed)
@@ -219,6 +226,11 @@ def distributed_job(device: torch.device) -> Iterator[Distributed]:
         yield ctx
     finally:
         if not started_before and dist.is_available() and dist.is_initialized():
+            # DDP wrappers the job dropped live on in reference cycles; collect them while the
+            # group is still registered. Were a DDP freed after the group, it would destroy the
+            # group itself, holding the GIL while it waits for gloo's worker threads, which may
+            # need the GIL to free their last tensors: a hang at exit (pytorch/pytorch#56297).
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -245,13 +257,3 @@ def mean_over_ranks(ctx: Distributed, values: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(values, op=dist.ReduceOp.SUM)  # AVG exists for NCCL only, not for gloo
     return values / ctx.world_size
 
-
-def gather_objects(ctx: Distributed, obj: Any) -> list[Any]:
-    """Every rank's `obj` (small, picklable), in rank order, on every rank. Objects are
-    pickled into bytes: on CUDA jobs they travel through gloo on the CPU (torch's choice for
-    object collectives in a mixed group), so they never wait for the GPU."""
-    if not ctx.enabled:
-        return [obj]
-    gathered: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered

@@ -130,8 +130,12 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         with runtime.GracefulStop() as stop:
             try:
                 for step in range(start_step, t.max_steps):
-                    # Step.
+                    # Step. Under torchrun each rank's dropout masks come from (seed, rank,
+                    # step), so a resumed job draws the same ones without gathering every rank's
+                    # generator state into the checkpoint.
                     step_start = time.perf_counter()
+                    if ctx.enabled:
+                        runtime.seed_everything(runtime.derived_seed(t.seed, ctx.rank, step))
                     loss, norm = train_step(forward_model, model, optimizer, scaler, sampler, t,
                                             step, dtype, ctx.enabled)
                     done = step + 1
@@ -185,15 +189,12 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                         result.val_loss, result.val_bpb = validate(
                             model, val_windows, data, device, dtype, done, log, bar)
 
-                    # Checkpoint: latest/ always, best/ when validation improved. It holds
-                    # every rank's random generators, so a resumed run draws the same dropout.
-                    if save_now:
-                        rngs = runtime.gather_objects(ctx, rng_state(device))
+                    # Checkpoint: latest/ always, best/ when validation improved.
                     if save_now and ctx.is_main:
                         improved = result.val_loss is not None and result.val_loss < best_val
                         if improved:
                             best_val = result.val_loss
-                        state = run_state(done, best_val, sampler, rngs, result)
+                        state = run_state(done, best_val, sampler, device, result)
                         latest = save_checkpoint(run_dir / "latest", model, cfg,
                                                  data.tokenizer.spec(), optimizer, state)
                         if improved:
@@ -211,6 +212,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                 bar.close()
                 if log is not None:
                     log.close()
+                forward_model = None  # DDP goes before its process group (distributed_job)
         # Throughput leaves out the first step when it compiled the model.
         timed_steps = result.steps - start_step - (1 if compile_seconds else 0)
         timed_seconds = result.train_seconds - compile_seconds
@@ -283,12 +285,9 @@ def resume(run_dir: Path, model: GPT, optimizer: Optimizer, sampler: BatchSample
     state = load_state(ckpt)
     if "sampler" in state:
         sampler.load_state_dict(state["sampler"])
-    # Each rank's own generators where the checkpoint has them for this many ranks; else (saved
-    # by one process, or by a job of another size) rank 0 takes the first's, the others reseed.
-    per_rank = state.get("rng_per_rank")
-    if per_rank and len(per_rank) == ctx.world_size:
-        set_rng_state(per_rank[ctx.rank], ctx.device)
-    elif "rng" in state and ctx.is_main:
+    # A single process goes on with its generators' saved state; a multi-process job seeds
+    # every step from (seed, rank, step) instead (see train()).
+    if "rng" in state and not ctx.enabled:
         set_rng_state(state["rng"], ctx.device)
     if not threads_chosen and state.get("threads"):
         runtime.configure_threads(state["threads"])
@@ -389,13 +388,9 @@ def evaluate(model: nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]],
     return (total / len(windows)).item()
 
 
-def run_state(step: int, best_val: float, sampler: BatchSampler, rngs: list[dict[str, Any]],
+def run_state(step: int, best_val: float, sampler: BatchSampler, device: torch.device,
               result: TrainResult) -> dict[str, Any]:
-    """What a checkpoint needs besides weights and optimizer to continue the run exactly;
-    `rngs` holds every rank's generator states, rank 0's first."""
-    state = {"step": step, "best_val_loss": best_val, "sampler": sampler.state_dict(),
-             "rng": rngs[0], "val_loss": result.val_loss, "val_bpb": result.val_bpb,
-             "threads": torch.get_num_threads()}
-    if len(rngs) > 1:
-        state["rng_per_rank"] = rngs
-    return state
+    """What a checkpoint needs besides weights and optimizer to continue the run exactly."""
+    return {"step": step, "best_val_loss": best_val, "sampler": sampler.state_dict(),
+            "rng": rng_state(device), "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+            "threads": torch.get_num_threads()}

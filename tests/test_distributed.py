@@ -10,6 +10,7 @@ to torch's default (the CPU) counts as misplaced, since on a GPU job it would be
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import socket
 import time
@@ -102,12 +103,15 @@ def tiny_job(tmp_path: Path, name: str, **train: object) -> dict:
     return raw
 
 
-def rank_main(rank: int, world_size: int, jobs: list[tuple[int, dict]], report: str) -> None:
+def rank_main(rank: int, world_size: int, jobs: list[tuple[int, dict]], report: str,
+              timeout: float) -> None:
     """One process of a torchrun-like job: trains each (port, config) in turn, collectives
     checked, and writes the collectives it ran to `report`.<rank>. Each run gets its own port:
-    a rank that finishes first must not find the previous run's rendezvous still open."""
+    a rank that finishes first must not find the previous run's rendezvous still open. A
+    process still running after `timeout` seconds prints where it is stuck and exits."""
     from model.training import train
 
+    faulthandler.dump_traceback_later(timeout, exit=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1")
     calls: list[str] = []
@@ -129,8 +133,9 @@ def free_port() -> int:
 
 def run_job(world_size: int, jobs: list[dict], report: str, timeout: float = 240) -> None:
     """rank_main in `world_size` fresh processes; a hang fails the test instead of stalling it."""
-    ctx = mp.start_processes(rank_main, args=(world_size, [(free_port(), raw) for raw in jobs],
-                                              report), nprocs=world_size, join=False,
+    ports = [free_port() for _ in jobs]
+    ctx = mp.start_processes(rank_main, args=(world_size, list(zip(ports, jobs)), report,
+                                              timeout - 20), nprocs=world_size, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):  # raises when a process fails
@@ -144,7 +149,7 @@ def test_two_process_job_uses_the_job_device_and_resumes_bit_for_bit(tmp_path):
     """Every collective is checked (this fails on a collective over a CPU tensor made without
     device=, the bug NCCL jobs hit at their first step). The job then stops after one step
     and resumes: with dropout on, the losses equal an uninterrupted run's only when every
-    rank's generators were saved and restored."""
+    rank draws the same masks after the resume as without it."""
     jobs = [tiny_job(tmp_path, "full"),
             tiny_job(tmp_path, "resumed", time_budget_s=1e-9),  # stops after step 1
             tiny_job(tmp_path, "resumed", resume=True)]
