@@ -223,6 +223,8 @@ def main() -> int:
     layouts = [layout for source in args.source.split(",") for layout in
                (args.layout.split(",") if source == "text" else [source])]
     sizes = [0] if args.corpus else [parse_size(s) for s in args.size.split(",")]
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="smallgpt-bench-", dir=args.tmp) as tmp:
         for size in sizes:
             for layout in dict.fromkeys(layouts):
