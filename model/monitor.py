@@ -7,6 +7,7 @@ dependency. Only rank 0 of a distributed job creates a RunLog.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,17 @@ class RunLog:
                 self.wandb = wandb.init(project=wandb_project, config=config,
                                         name=run_dir.name, resume="allow")
             except ImportError:
-                print("warning: train.wandb is on but wandb is not installed; skipping it")
+                warnings.warn("train.wandb is on but wandb is not installed; skipping it",
+                              stacklevel=2)
         if use_tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
-                print("warning: train.tensorboard is on but tensorboard is not installed")
+                warnings.warn("train.tensorboard is on but tensorboard is not installed; "
+                              "skipping it",
+                              stacklevel=2)
 
     def _drop_after(self, step: int) -> None:
         """On resume from a checkpoint taken after `step` steps, forget the lines of later steps:

@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,10 @@ import torch.distributed as dist
 from .errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How long a rank waits in a collective. The other ranks wait in a barrier while the first
+# process of each machine prepares the token files, which for a corpus of tens of GB takes
+# hours at ~10 MB/s: torch's default (10 minutes for NCCL) would end the job during it.
+COLLECTIVE_TIMEOUT = timedelta(hours=12)
 
 
 def pick_device(name: str = "auto", setting: str = "train.device") -> torch.device:
@@ -206,10 +211,11 @@ def setup_distributed(device: torch.device) -> Distributed:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group(backend="cuda:nccl,cpu:gloo", device_id=device)
+            dist.init_process_group(backend="cuda:nccl,cpu:gloo", device_id=device,
+                                    timeout=COLLECTIVE_TIMEOUT)
     elif device.type == "cpu":
         if not dist.is_initialized():
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
     else:
         raise ConfigError(f"train.device: {device.type} cannot run a multi-process job; "
                           "use cuda or cpu with torchrun")

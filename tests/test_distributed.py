@@ -217,11 +217,15 @@ def test_cuda_jobs_start_nccl_for_gpu_tensors_and_gloo_for_cpu_ones(monkeypatch)
     started = _fake_torchrun(monkeypatch, rank=1, world_size=2, gpus=2)
     ctx = runtime.setup_distributed(torch.device("cuda"))
     assert ctx.device == torch.device("cuda", 1) and ctx.rank == 1 and ctx.enabled
-    assert started == [{"backend": "cuda:nccl,cpu:gloo", "device_id": torch.device("cuda", 1)}]
+    # The timeout outlasts a long data preparation that the other ranks wait for.
+    assert started == [{"backend": "cuda:nccl,cpu:gloo", "device_id": torch.device("cuda", 1),
+                        "timeout": runtime.COLLECTIVE_TIMEOUT}]
+    assert runtime.COLLECTIVE_TIMEOUT.total_seconds() >= 3600
 
     started.clear()
     ctx = runtime.setup_distributed(torch.device("cpu"))
-    assert ctx.device == torch.device("cpu") and started == [{"backend": "gloo"}]
+    assert ctx.device == torch.device("cpu")
+    assert started == [{"backend": "gloo", "timeout": runtime.COLLECTIVE_TIMEOUT}]
 
 
 def test_more_processes_than_gpus_is_a_config_error(monkeypatch):
