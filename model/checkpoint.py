@@ -171,7 +171,15 @@ def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild model and tokenizer from a checkpoint or run directory, ready for eval().
-    Every error, for a missing or a damaged checkpoint, lists the checkpoints that exist."""
+    Every error, for a missing or a damaged checkpoint, lists the checkpoints that exist.
+
+    `path` may also name OpenAI's GPT-2 as everywhere else: gpt2, gpt2-medium, gpt2-large,
+    gpt2-xl or a Hugging Face GPT-2 directory (model/pretrained.py reads those).
+    """
+    from . import pretrained  # deferred: pretrained.py builds on this module
+
+    if pretrained.is_gpt2_name(path):
+        return pretrained.load_gpt2_checkpoint(path, device)
     ckpt = resolve_checkpoint(path)
     try:
         config, spec = read_checkpoint_config(ckpt)

@@ -23,13 +23,13 @@ import yaml
 
 from .errors import ConfigError, check_choice, check_positive
 from .gpt import GPTConfig
+from .tokenizer import MIN_BPE_VOCAB, TOKENIZER_NAMES
 
 # The shipped YAML files: configs/ in a source checkout, installed as the package `model.configs`
 # (pyproject.toml maps one onto the other), so they are found with or without `pip install -e`.
 PACKAGED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-TOKENIZERS = ("gpt2", "char", "bpe")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -57,11 +57,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         prefix = "data"
-        check_choice(f"{prefix}.tokenizer", self.tokenizer, TOKENIZERS)
-        if self.tokenizer == "bpe" and self.bpe_vocab_size < 257:
+        check_choice(f"{prefix}.tokenizer", self.tokenizer, TOKENIZER_NAMES)
+        if self.tokenizer == "bpe" and self.bpe_vocab_size < MIN_BPE_VOCAB:
             raise ConfigError(
                 f"{prefix}.bpe_vocab_size: {self.bpe_vocab_size} is too small; it needs at least "
-                "257 (256 bytes plus end-of-text)"
+                f"{MIN_BPE_VOCAB} (256 bytes plus end-of-text)"
             )
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"{prefix}.val_fraction: must be in (0, 1), got {self.val_fraction}")
@@ -154,14 +154,20 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str = "run"
+    # The "section.key" names its file and overrides spelled out, so fine-tuning can tell a
+    # value the user chose from a default. None: built in Python, where that is not known.
+    # Not a setting: neither compared nor saved.
+    given: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     @property
     def out_dir(self) -> Path:
         return Path(self.train.out_dir or Path("out") / self.name)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
+        """The settings as a nested dict (what checkpoints save); config_from_dict reads it."""
+        settings = dataclasses.asdict(self)
+        del settings["given"]
+        return settings
 
 
 SECTIONS: dict[str, type] = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
@@ -224,7 +230,11 @@ def config_from_dict(raw: dict[str, Any], name: str = "run") -> Config:
         if section not in SECTIONS:
             raise ConfigError(f"{section}: unknown section{_suggest(section, list(SECTIONS))}")
     parts = {s: _build_section(s, raw.get(s) or {}) for s in SECTIONS}
-    return Config(name=name, **parts)
+    # A config saved with a checkpoint spells out every key, so all of them count as given:
+    # it states the shape and tokenizer its run had.
+    given = frozenset(f"{section}.{key}" for section in SECTIONS
+                      for key in (raw.get(section) or {}))
+    return Config(name=name, given=given, **parts)
 
 
 def shipped_config_dir() -> Path | None:

@@ -1,9 +1,9 @@
 """Starting a run from pretrained weights (train.init_from) instead of random ones.
 
 The network's shape and the tokenizer come from the weights, not from the config:
-  - a `model.*` key that contradicts them is an error naming the key, except block_size (a
-    smaller one crops the position table, as nanoGPT's crop_block_size) and dropout;
-    a key left at its default takes the pretrained value;
+  - a `model.*` key the config gives that contradicts them is an error naming the key, except
+    block_size (a smaller one crops the position table, as nanoGPT's crop_block_size) and
+    dropout; a key the config does not give takes the pretrained value, block_size included;
   - GPT-2 weights bring GPT-2's tokenizer; a smallgpt checkpoint brings its own, and the new
     corpus is encoded with it (never a newly trained one).
 The optimizer, the schedule and the step count start afresh; the run writes to its own out_dir.
@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from .config import Config, DataConfig
 from .errors import ConfigError
 from .gpt import GPT, GPTConfig
+from .hf import assign_weights
 from .pretrained import Pretrained, load_model
 
 # Keys a fine-tuning config may set freely: block_size can only shrink (checked below).
@@ -43,15 +46,18 @@ def adopt_source(cfg: Config, source: Pretrained) -> Config:
         mine, theirs = getattr(cfg.model, field.name), getattr(loaded, field.name)
         if field.name in FREE_KEYS or mine == theirs:
             continue
-        if mine != getattr(default, field.name):
+        if _chosen(cfg, f"model.{field.name}", mine != getattr(default, field.name)):
             raise ConfigError(
                 f"model.{field.name}: {mine!r} contradicts the weights of "
                 f"{cfg.train.init_from!r}, which have {theirs!r}; remove the key (the shape "
                 "comes from the weights)")
         shape[field.name] = theirs
     block_size = cfg.model.block_size
-    if block_size > loaded.block_size:
-        if block_size != default.block_size:
+    chosen = _chosen(cfg, "model.block_size", block_size != default.block_size)
+    if cfg.given is not None and not chosen:
+        block_size = loaded.block_size  # unset: the source's whole context, not the default's
+    elif block_size > loaded.block_size:
+        if chosen:
             raise ConfigError(
                 f"model.block_size: {block_size} is larger than the {loaded.block_size} "
                 f"positions of {cfg.train.init_from!r}; it can only be cropped")
@@ -61,25 +67,40 @@ def adopt_source(cfg: Config, source: Pretrained) -> Config:
     return dataclasses.replace(cfg, model=model, data=_adopt_tokenizer(cfg, source))
 
 
+def _chosen(cfg: Config, key: str, differs_from_default: bool) -> bool:
+    """Whether the user set `key`: the config's file or overrides name it. A Config built in
+    Python does not record that; there a value other than the default counts as chosen."""
+    return key in cfg.given if cfg.given is not None else differs_from_default
+
+
 def _adopt_tokenizer(cfg: Config, source: Pretrained) -> DataConfig:
     wanted, theirs = cfg.data.tokenizer, source.tokenizer.name
-    if wanted != theirs and wanted != DataConfig().tokenizer:
+    if wanted != theirs and _chosen(cfg, "data.tokenizer", wanted != DataConfig().tokenizer):
         raise ConfigError(
             f"data.tokenizer: {wanted!r} cannot be used with {cfg.train.init_from!r}, whose "
             f"tokenizer is {theirs!r}; remove the key (the pretrained tokenizer is used)")
     return dataclasses.replace(cfg.data, tokenizer=theirs)
 
 
-def copy_weights(model: GPT, source: Pretrained) -> str:
-    """Load the source's tensors into `model` (its position table cropped to model's
-    block_size); return a line saying what was loaded."""
+def model_from_source(config: GPTConfig, source: Pretrained) -> tuple[GPT, str]:
+    """A model of `config` (adopt_source's) whose parameters are the source's tensors, its
+    position table cropped to config.block_size; and a line saying what was loaded.
+
+    The model is built on the meta device and takes the tensors themselves: no random init
+    runs for weights about to be replaced, and memory holds them once, not twice. The source
+    model shares them afterwards; drop it before training.
+    """
     state = source.model.state_dict()
-    before = source.model.config.block_size
-    after = model.config.block_size
-    if "pos_emb.weight" in state:
-        state["pos_emb.weight"] = state["pos_emb.weight"][:after]
-    model.load_state_dict(state)
+    before, after = source.model.config.block_size, config.block_size
+    if "pos_emb.weight" in state and after < before:
+        # A copy of the kept rows, so the parameter does not hold on to the whole table.
+        state["pos_emb.weight"] = state["pos_emb.weight"][:after].clone()
+    with torch.device("meta"):
+        model = GPT(config)
+    assign_weights(model, state)
     crop = f", block_size cropped {before} -> {after}" if after < before else ""
-    tensors = len({id(t) for t in state.values()})
-    return (f"init_from {source.description}: {tensors} tensors loaded, "
-            f"{model.num_params():,} parameters{crop}")
+    # keep_vars: the Parameters themselves, so a tied W_E/W_U counts once (state_dict's
+    # detached tensors are new objects under each name).
+    tensors = len({id(t) for t in model.state_dict(keep_vars=True).values()})
+    return model, (f"init_from {source.description}: {tensors} tensors loaded, "
+                   f"{model.num_params():,} parameters{crop}")

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, ConfigError
-from .gpt import GPT, GPTConfig
+from .gpt import GPT, GPTConfig, rope_tables
 
 # Per block: (our module, Hugging Face module). The blocks live under `blocks.i` / `h.i`.
 BLOCK_NAMES = (
@@ -234,8 +234,22 @@ def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
                 f"GPT-2 tensor for {name!r} has shape {tuple(tensor.shape)}, "
                 f"expected {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(ours, assign=True)  # the tensors become the parameters, uncopied
-    model.lm_head.weight = model.tok_emb.weight  # assign gave each name a Parameter of its own
+    return assign_weights(model, ours)
+
+
+def assign_weights(model: GPT, state: dict[str, torch.Tensor]) -> GPT:
+    """Make the tensors of `state` the parameters of `model`, uncopied, and return it.
+
+    For a model built on the meta device (`with torch.device("meta"): GPT(config)`): it has
+    shapes but no memory, and skipped the random init these tensors replace. Also used when
+    fine-tuning starts from pretrained weights (model/finetune.py).
+    """
+    model.load_state_dict(state, assign=True)  # the tensors become the parameters, uncopied
+    c = model.config
+    if c.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # assign gave each name a Parameter of its own
+    if model.rope is not None:  # not in a state dict (not persistent): left on meta, so rebuilt
+        model.rope = rope_tables(c.head_dim, c.block_size, c.rope_base)
     return model
 
 

@@ -36,7 +36,6 @@ from .errors import DataError
 from .files import ensure_writable_dir, fsync_dir, write_json_atomic
 from .tokenizer import (
     Tokenizer,
-    check_tokenizer_choice,
     safe_pieces,
     tokenizer_from_spec,
     train_tokenizer,
@@ -342,7 +341,6 @@ def prepare_data(cfg: DataConfig, block_size: int, progress: bool = True,
     given: fine-tuning encodes the new corpus with the pretrained model's own tokenizer.
     Raises DataError / TokenizerError with a one-line message for every bad input.
     """
-    check_tokenizer_choice(cfg.tokenizer, cfg.bpe_vocab_size)  # fail before any work
     if not 0.0 < cfg.val_fraction < 1.0:
         raise DataError(f"data.val_fraction must be between 0 and 1, got {cfg.val_fraction}")
     corpus = open_corpus(cfg.source, cfg.hf_config, cfg.hf_split, cfg.text_column)

@@ -7,8 +7,8 @@ A name is
     and model.safetensors only) and read from there afterwards, offline too;
   - a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin);
   - a smallgpt run directory or checkpoint directory.
-train.init_from, `sample.py --checkpoint`, `python -m model.explore --checkpoint` and
-`GPT.from_pretrained` all go through here.
+train.init_from, `sample.py --checkpoint`, `python -m model.explore --checkpoint`,
+`GPT.from_pretrained` and `load_checkpoint` (model/checkpoint.py) all go through here.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import find_checkpoints, load_checkpoint
-from .config import Config
+from .checkpoint import Checkpoint, find_checkpoints, load_checkpoint
+from .config import Config, DataConfig
 from .errors import CheckpointError
 from .gpt import GPT
 from .hf import load_hf_gpt2
@@ -68,6 +68,21 @@ def load_model(name: str | None = None, device: str | torch.device = "cpu",
     return Pretrained(ckpt.model, ckpt.tokenizer, "smallgpt", ckpt.path,
                       f"smallgpt checkpoint {ckpt.path} (step {step}, "
                       f"{_params(ckpt.model)})", ckpt.config)
+
+
+def is_gpt2_name(name: str | Path) -> bool:
+    """Whether `name` means OpenAI's GPT-2 weights: a hub name or a Hugging Face directory."""
+    return str(name) in HUB_NAMES or is_hf_directory(Path(name))
+
+
+def load_gpt2_checkpoint(name: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """GPT-2 weights as `checkpoint.load_checkpoint` returns a smallgpt run: model, tokenizer,
+    a config holding their shape and tokenizer name, and no training state."""
+    loaded = load_model(str(name), device)
+    config = Config(model=loaded.model.config, data=DataConfig(tokenizer="gpt2"),
+                    name=Path(name).name)
+    return Checkpoint(model=loaded.model, tokenizer=loaded.tokenizer, config=config,
+                      path=loaded.path)
 
 
 def is_hf_directory(path: Path) -> bool:

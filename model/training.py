@@ -40,7 +40,7 @@ from .checkpoint import (
 from .config import Config, TrainConfig
 from .errors import CheckpointError, ConfigError, TrainingError
 from .files import ensure_writable_dir
-from .finetune import adopt_source, copy_weights, load_source
+from .finetune import adopt_source, load_source, model_from_source
 from .gpt import GPT
 from .monitor import RunLog, gpu_peak_flops
 from .optim import Optimizer, build_optimizer, set_lr
@@ -90,10 +90,11 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                                    t.eval_steps)
 
         # Model and optimizer; a resumed run then loads weights, moments and the loop's state.
-        model = GPT(cfg.model)
-        if source is not None:
-            loaded = copy_weights(model, source)
-            source = None  # the source's copy of the weights is no longer needed
+        if source is None:
+            model = GPT(cfg.model)
+        else:  # the source's own tensors, not a random init with a copy of them on top
+            model, loaded = model_from_source(cfg.model, source)
+            source = None  # the model now holds the weights; the source must not use them
             if ctx.is_main:
                 tqdm.write(loaded)
         model.to(device)

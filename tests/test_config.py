@@ -210,6 +210,20 @@ def test_resolved_config_round_trips(tiny):
     assert config_from_dict(raw, name=raw.pop("name")) == cfg
 
 
+def test_config_records_the_keys_given(tiny):
+    cfg = load_config(tiny, ["train.max_steps=5", "train.seed=1337"])  # a default, but given
+    assert cfg.given == {"model.vocab_size", "model.block_size", "model.n_layer",
+                         "model.n_head", "model.n_embd", "data.tokenizer", "train.max_steps",
+                         "train.lr", "train.min_lr", "train.seed"}
+    assert config_from_dict({"model": None}).given == frozenset()
+    assert config_module.Config().given is None  # built in Python: not known
+    # Not a setting: not saved, not compared, so a saved config reloads equal to the original.
+    raw = cfg.to_dict()
+    assert "given" not in raw
+    reloaded = config_from_dict(raw, name=raw.pop("name"))
+    assert reloaded == cfg and reloaded.given >= cfg.given  # a saved config states every key
+
+
 def test_gpt_config_validates_on_construction():
     with pytest.raises(ConfigError, match="n_embd"):
         GPTConfig(n_embd=30, n_head=4)

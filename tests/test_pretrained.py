@@ -4,6 +4,7 @@ transformers, with the real 50257-token vocabulary, stands in for OpenAI's weigh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,14 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
+import model as smallgpt
 from model.batches import BatchSampler
 from model.checkpoint import load_checkpoint
-from model.config import config_from_dict
+from model.config import Config, config_from_dict, load_config
 from model.errors import CheckpointError, ConfigError
-from model.gpt import GPT
+from model.explore.__main__ import main as explore_main
+from model.finetune import adopt_source, model_from_source
+from model.gpt import GPT, GPTConfig
 from model.prepare import prepare_data
-from model.pretrained import is_hf_directory, load_model
+from model.pretrained import Pretrained, is_hf_directory, load_model
 from model.sampling import generate
+from model.tokenizer import GPT2Tokenizer, train_tokenizer
 from model.training import train
 
 transformers = pytest.importorskip("transformers")
@@ -91,6 +96,39 @@ def test_from_pretrained_names_the_same_models(gpt2_dir, tmp_path):
         load_model(None, root=tmp_path / "nothing")
 
 
+def test_load_checkpoint_takes_every_model_name(gpt2_dir):
+    ckpt = smallgpt.load_checkpoint(gpt2_dir)  # the public API, the name sample.py takes
+    assert ckpt.tokenizer.name == "gpt2" and ckpt.path == gpt2_dir and ckpt.state == {}
+    assert ckpt.config.model == ckpt.model.config and ckpt.config.data.tokenizer == "gpt2"
+    idx = torch.randint(0, 50257, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt.model(idx)[0], hf_model(gpt2_dir)(idx).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_explore_commands_run_on_gpt2(gpt2_dir, tmp_path, capsys):
+    def explore(*argv: str) -> str:
+        assert explore_main([*argv, "--checkpoint", str(gpt2_dir)]) == 0
+        captured = capsys.readouterr()
+        assert captured.err.startswith("using GPT-2 weights")
+        return captured.out
+
+    assert "' king' is one token (id 5822)" in explore("neighbors", "king", "-k", "3")
+    assert "' king' - ' man' + ' woman' is nearest to" in explore("analogy", "king", "man",
+                                                                  "woman", "-k", "3")
+    out = explore("direction", "cats", "cat", "--words", "dogs dog houses house")
+    assert "direction ' cats' - ' cat'" in out and out.count("\n") == 6
+    out = explore("next", "Hello world", "--temperatures", "0.5", "2", "-k", "3",
+                  "--out", str(tmp_path / "next.png"))
+    assert "prompt tokens: 'Hello' ' world'" in out and "p@T=2" in out
+    out = explore("lens", "To be, or not", "-k", "2")
+    assert "after ' not' (position 4)" in out and "block 1" in out
+    out = explore("attention", "To be, or not", "--layer", "0", "--head", "1",
+                  "--out", str(tmp_path / "attention.png"))
+    assert "layer 0, head 1" in out and "' not'" in out
+    assert (tmp_path / "attention.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def fill_hub_cache(cache: Path, source: Path, name: str = "gpt2") -> Path:
     """The Hugging Face cache layout: models--<org>--<name>/snapshots/<commit>/ + refs/main."""
     repo = cache / f"models--openai-community--{name}"
@@ -151,6 +189,68 @@ def test_contradicting_keys_and_tokenizers_are_errors(gpt2_dir, tmp_path):
         assert "\n" not in str(err.value)
 
 
+def test_given_keys_contradict_even_at_their_default(gpt2_dir, tmp_path):
+    # GPT-2's activation is gelu_tanh and its n_layer 2; gelu and 6 are the defaults, asked for.
+    raw = finetune_raw(tmp_path, str(gpt2_dir), model={"activation": "gelu"})
+    with pytest.raises(ConfigError, match="model.activation: 'gelu' contradicts"):
+        train(config_from_dict(raw), progress=False)
+    path = tmp_path / "ft.yaml"
+    path.write_text(f"train:\n  init_from: {gpt2_dir}\n", encoding="utf-8")
+    cfg = load_config(path, ["model.n_layer=6", "data.tokenizer=gpt2"])  # overrides count too
+    assert cfg.given == {"train.init_from", "model.n_layer", "data.tokenizer"}
+    with pytest.raises(ConfigError, match="model.n_layer: 6 contradicts"):
+        adopt_source(cfg, load_model(str(gpt2_dir)))
+    # Built in Python nothing is known to be given: a default takes the pretrained value.
+    python_cfg = Config(train=cfg.train)
+    assert python_cfg.given is None
+    assert adopt_source(python_cfg, load_model(str(gpt2_dir))).model.n_layer == 2
+
+
+def long_gpt2(block_size: int = 512) -> Pretrained:
+    """A GPT-2-shaped source with more positions than the default block_size (256)."""
+    shape = GPTConfig(vocab_size=50257, block_size=block_size, n_layer=1, n_head=2, n_embd=8,
+                      activation="gelu_tanh")
+    return Pretrained(GPT(shape), GPT2Tokenizer(), "gpt2", Path("gpt2"), "a long GPT-2")
+
+
+def test_block_size_is_the_sources_unless_given(tmp_path):
+    source = long_gpt2()
+    raw = {"train": {"init_from": "gpt2", "out_dir": str(tmp_path / "ft")}}
+    assert adopt_source(config_from_dict(raw), source).model.block_size == 512
+    raw["model"] = {"block_size": 256}  # given: cropped, even to the default
+    assert adopt_source(config_from_dict(raw), source).model.block_size == 256
+    raw["model"] = {"block_size": 1024}
+    with pytest.raises(ConfigError, match="model.block_size: 1024 is larger than the 512"):
+        adopt_source(config_from_dict(raw), source)
+    # A Config built in Python keeps the rule for unknown provenance: the default crops.
+    assert adopt_source(Config(), source).model.block_size == 256
+
+
+def test_the_model_takes_the_sources_tensors(gpt2_dir, tmp_path):
+    source = load_model(str(gpt2_dir))
+    cfg = adopt_source(config_from_dict(finetune_raw(tmp_path, str(gpt2_dir))), source)
+    model, line = model_from_source(cfg.model, source)
+    # 29 names in the state dict, W_U under lm_head being W_E itself: 28 tensors.
+    assert len(model.state_dict()) == 29 and len(list(model.parameters())) == 28
+    assert "28 tensors loaded" in line and "block_size cropped 64 -> 32" in line
+    assert model.lm_head.weight is model.tok_emb.weight and model.training
+    # Held once: the parameters are the source's tensors (but the cropped position table).
+    assert model.blocks[0].attn.qkv.weight.data_ptr() == \
+        source.model.blocks[0].attn.qkv.weight.data_ptr()
+    assert not any(t.is_meta for t in model.state_dict().values())
+    # Untied, rotary (its table is no tensor of the state dict, so rebuilt), no crop.
+    torch.manual_seed(0)
+    shape = GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=8,
+                      pos_emb="rope", tie_embeddings=False)
+    other = Pretrained(GPT(shape), train_tokenizer("char", ["abcdefghij"]), "smallgpt",
+                       tmp_path, "a rotary model")
+    model, line = model_from_source(shape, other)
+    assert f"{len(model.state_dict())} tensors loaded" in line and "cropped" not in line
+    idx = torch.randint(0, 11, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], other.model(idx)[0], rtol=0, atol=0)
+
+
 def test_finetuning_a_smallgpt_checkpoint_keeps_its_tokenizer(tmp_path):
     first = finetune_raw(tmp_path, "scratch", model={"n_layer": 1, "n_head": 2, "n_embd": 16},
                          data={"tokenizer": "char"}, out_dir=str(tmp_path / "base"))
@@ -165,3 +265,16 @@ def test_finetuning_a_smallgpt_checkpoint_keeps_its_tokenizer(tmp_path):
     with pytest.raises(ConfigError, match="train.out_dir"):
         train(config_from_dict(finetune_raw(tmp_path, str(base.run_dir),
                                             out_dir=str(base.run_dir))), progress=False)
+    # Asking for GPT-2's tokenizer (the default) is an error too, once it is written out.
+    raw = finetune_raw(tmp_path, str(base.run_dir), data={"tokenizer": "gpt2"})
+    with pytest.raises(ConfigError, match="data.tokenizer: 'gpt2' cannot be used"):
+        train(config_from_dict(raw), progress=False)
+    # A config saved with a checkpoint reloads with every key given, and it agrees with its
+    # own weights: fine-tuning from the run with its own saved config works.
+    saved = source.config
+    assert saved.given is not None and "model.n_layer" in saved.given
+    assert "given" not in saved.to_dict()
+    again = dataclasses.replace(saved, train=dataclasses.replace(
+        saved.train, init_from=str(base.run_dir), out_dir=str(tmp_path / "again")))
+    adopted = adopt_source(again, load_model(str(base.run_dir)))
+    assert adopted.model == source.config.model and adopted.data.tokenizer == "char"
