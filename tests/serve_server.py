@@ -5,12 +5,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from model.config import config_from_dict
 from model.pretrained import Pretrained, load_model
+from model.sampling import Step, generate
 from model.training import train
 
 WORDS = ["to", "be", "or", "not", "the", "question", "whether", "nobler", "mind", "suffer"]
@@ -65,3 +66,14 @@ def running_server(pretrained: Pretrained, name: str | None = None,
 
 def load(run_dir: Path) -> Pretrained:
     return load_model(str(run_dir), "cpu")
+
+
+def failing_generate(after: int, error: Exception) -> Callable[..., Iterator[Step]]:
+    """`generate` that raises `error` after `after` steps: a failure in the middle of a stream,
+    once its 200 has gone out (monkeypatch it over a server module's `generate`)."""
+    def broken(*args, **kwargs) -> Iterator[Step]:
+        for i, step in enumerate(generate(*args, **kwargs)):
+            if i == after:
+                raise error
+            yield step
+    return broken

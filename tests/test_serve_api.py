@@ -6,6 +6,7 @@ disconnects, the page's JSON endpoints, and Ctrl-C."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -23,9 +24,10 @@ pytest.importorskip("uvicorn", reason="the server needs the serve extra (fastapi
 httpx = pytest.importorskip("httpx", reason="the API tests need httpx")
 openai = pytest.importorskip("openai", reason="the API tests use the official openai client")
 
-from serve_server import load, running_server, train_tiny  # noqa: E402
+from serve_server import failing_generate, load, running_server, train_tiny  # noqa: E402
 
 from model.sampling import generate  # noqa: E402
+from model.serve import openai_api, pages  # noqa: E402
 from model.serve.__main__ import bind_warning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,13 +210,17 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", {"prompt": "to", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"prompt": "to", "echo": 1}, 400, "echo"),
     ("/v1/completions", {"prompt": "to", "seed": 1.5}, 400, "seed"),
+    ("/v1/completions", {"prompt": "to", "seed": 2**70}, 400, "seed"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
     ("/tokenize", {}, 400, "prompt"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
     ("/api/attention", {"prompt": "to be", "layer": 99}, 400, "layer"),
-    ("/api/distribution", {"tokens": [1, 2], "temperatures": [3]}, 400, "temperature"),
+    ("/api/distribution", {"tokens": [1, 2], "temperatures": [3]}, 400, "temperatures"),
+    ("/api/distribution", {"tokens": [1, 2], "temperatures": [1, -1]}, 400, "temperatures"),
     ("/api/neighbors", {"word": "ROMEO"}, 400, "word"),
     ("/api/generate", {"prompt": "to", "top_k": 0}, 400, "top_k"),
+    ("/api/generate", {"prompt": "to", "seed": 2**70}, 400, "seed"),  # not a late ValueError
+    ("/api/generate", {"prompt": "to", "seed": -(2**64)}, 400, "seed"),
 ]
 
 
@@ -289,6 +295,99 @@ def test_a_client_that_disconnects_stops_its_generation(server):
     while engine.active and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.active == 0 and engine.steps - before < LIMIT
+
+
+def settle(engine, quiet: float = 0.5, limit: float = 20) -> None:
+    """Wait until the engine has been idle for `quiet` seconds: between the prompts of one
+    request it is briefly idle, so `engine.active == 0` alone does not mean the work is over."""
+    deadline = time.monotonic() + limit
+    last, since = engine.steps, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if engine.steps != last or engine.active:
+            last, since = engine.steps, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+
+
+def test_a_client_that_disconnects_stops_a_request_of_many_prompts(server):
+    """Each prompt is shorter than run_prompt's check interval (16 tokens): only the check
+    between prompts can see the client go."""
+    url, app = server
+    engine = app.state.served.engine
+    prompts = ["to be", "or not", "the mind", "whether"] * 4
+    total = len(prompts) * 4 * 15  # n=4 samples of 15 tokens each
+    settle(engine)
+    before = engine.steps
+    with pytest.raises(httpx.TimeoutException):  # the whole request takes ~0.5 s here
+        httpx.post(f"{url}/v1/completions", timeout=0.05, json={
+            "prompt": prompts, "n": 4, "max_tokens": 15, "temperature": 0})
+    settle(engine)
+    assert engine.active == 0 and engine.steps - before < total / 2
+
+
+def sse(response) -> list[str]:
+    return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_failure_mid_stream_ends_with_an_error_then_done(server, monkeypatch, caplog):
+    """A bug that surfaces after the 200 went out: the client gets an OpenAI-style error event
+    and [DONE] (the openai client raises it), the log gets the traceback."""
+    url = server[0]
+    monkeypatch.setattr(openai_api, "generate", failing_generate(3, ValueError("a bug")))
+    body = {"prompt": PROMPT, "max_tokens": 20, "temperature": 0, "stream": True}
+    with caplog.at_level(logging.ERROR, logger="smallgpt.serve"):
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            data = sse(r)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert [len(c["choices"]) for c in chunks[:-1]] == [1, 1, 1]  # the tokens before it failed
+    error = chunks[-1]["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    assert "ValueError" in error["message"]
+    assert "internal error in the stream of /v1/completions" in caplog.text
+    assert "ValueError: a bug" in caplog.text  # with its traceback
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
+    with pytest.raises(openai.APIError, match="internal server error"):
+        list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, stream=True))
+
+
+def test_a_failure_mid_stream_sends_the_page_an_error_event(server, monkeypatch, caplog):
+    url = server[0]
+    monkeypatch.setattr(pages, "generate", failing_generate(2, RuntimeError("a bug")))
+    with caplog.at_level(logging.ERROR, logger="smallgpt.serve"):
+        with httpx.stream("POST", f"{url}/api/generate", timeout=30,
+                          json={"prompt": PROMPT, "max_tokens": 20}) as r:
+            events = [json.loads(d) for d in sse(r)]
+    assert [e["type"] for e in events] == ["prompt", "token", "token", "error"]  # no "done"
+    assert "RuntimeError" in events[-1]["message"] and events[-1]["code"] == "internal_error"
+    assert "internal error in the stream of /api/generate" in caplog.text
+
+
+def test_streams_open_at_shutdown_end_with_an_error_then_done(pretrained):
+    """The engine stops (as at Ctrl-C) while streams are open: each ends saying so, and a
+    request that comes in afterwards is a 503, not a 500."""
+    with running_server(pretrained, NAME, max_tokens=LIMIT) as (url, app):
+        engine = app.state.served.engine
+        body = {"prompt": PROMPT, "max_tokens": LIMIT, "temperature": 0}
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
+                          json={**body, "stream": True}) as api, \
+                httpx.stream("POST", f"{url}/api/generate", timeout=30, json=body) as page:
+            api_lines, page_lines = api.iter_lines(), page.iter_lines()
+            for lines in (api_lines, page_lines):
+                for _ in range(3):
+                    next(lines)
+            engine.stop()
+            api_data = [x[6:] for x in api_lines if x.startswith("data: ")]
+            page_events = [json.loads(x[6:]) for x in page_lines if x.startswith("data: ")]
+        assert api_data[-1] == "[DONE]"
+        error = json.loads(api_data[-2])["error"]
+        assert error["code"] == "server_shutting_down" and "shutting down" in error["message"]
+        assert page_events[-1]["type"] == "error"
+        assert page_events[-1]["code"] == "server_shutting_down"
+        late = httpx.post(f"{url}/v1/completions", json=body)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down"
 
 
 def test_distribution_endpoint_reproduces_the_streamed_steps(server, pretrained):

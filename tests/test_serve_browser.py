@@ -1,9 +1,11 @@
 """The playground in a real headless browser (Debian's chromium and chromedriver, driven by
 selenium): type a prompt, generate, select a token, read the distribution's bars, move the
-temperature, see the attention heatmap and an embedding table, and save a screenshot.
+temperature, see the attention heatmap and an embedding table, and save a screenshot
+(SERVE_SCREENSHOT=path keeps a copy).
 
 Skipped, saying why, where selenium, chromium or chromedriver is missing; CI installs them
-(apt-get install chromium chromium-driver).
+(apt-get install chromium chromium-driver) and sets SMALLGPT_REQUIRE_BROWSER=1, under which a
+missing browser fails these tests instead: CI must not pass without running them.
 """
 
 from __future__ import annotations
@@ -11,19 +13,27 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 pytest.importorskip("fastapi", reason="the server needs the serve extra (fastapi, uvicorn)")
 pytest.importorskip("uvicorn", reason="the server needs the serve extra (fastapi, uvicorn)")
-webdriver = pytest.importorskip("selenium.webdriver",
-                                reason="selenium is not installed (pip install selenium)")
 
-from selenium.common.exceptions import WebDriverException  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from serve_server import load, running_server, train_tiny  # noqa: E402
+from serve_server import failing_generate, load, running_server, train_tiny  # noqa: E402
+
+from model.serve import pages  # noqa: E402
+
+try:  # imported here, not skipped at once: under SMALLGPT_REQUIRE_BROWSER its absence fails
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:
+    webdriver = None
+
+REQUIRED = os.environ.get("SMALLGPT_REQUIRE_BROWSER", "") not in ("", "0")
 
 
 def find(names: list[str], env: str) -> str | None:
@@ -34,10 +44,25 @@ def find(names: list[str], env: str) -> str | None:
 
 CHROMIUM = find(["chromium", "chromium-browser", "google-chrome"], "CHROMIUM")
 CHROMEDRIVER = find(["chromedriver"], "CHROMEDRIVER")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="no headless browser: install Debian's chromium and chromium-driver (or set CHROMIUM "
-           "and CHROMEDRIVER to their paths)")
+MISSING = ("selenium is not installed (pip install selenium)" if webdriver is None else
+           "no headless browser: install Debian's chromium and chromium-driver (or set "
+           "CHROMIUM and CHROMEDRIVER to their paths)" if CHROMIUM is None or CHROMEDRIVER is None
+           else None)
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip, saying why; under SMALLGPT_REQUIRE_BROWSER (CI) fail instead."""
+    if REQUIRED:
+        pytest.fail(f"{reason}; SMALLGPT_REQUIRE_BROWSER is set, so the browser tests must run",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def browser_installed() -> None:
+    # Autouse and module-scoped: it runs before the server fixture trains a model.
+    if MISSING:
+        unavailable(MISSING)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +82,7 @@ def browser():
     try:
         driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
     except WebDriverException as exc:
-        pytest.skip(f"chromium did not start: {exc.msg}")
+        unavailable(f"chromium did not start: {exc.msg}")
     driver.set_script_timeout(30)
     yield driver
     driver.quit()
@@ -141,4 +166,24 @@ def test_errors_show_in_the_page(server, browser):
     driver.find_element(*by_id("generate")).click()
     wait.until(lambda d: "vocabulary" in d.find_element(*by_id("status")).text)
     assert "error" in driver.find_element(*by_id("status")).get_attribute("class")
+    assert driver.find_element(*by_id("generate")).is_enabled()
+
+
+def test_a_failure_mid_stream_shows_in_the_page(server, browser, monkeypatch):
+    """The stream's "error" event: the page says generation failed, in red, and keeps the
+    tokens that came before it."""
+    monkeypatch.setattr(pages, "generate", failing_generate(3, RuntimeError("a bug")))
+    driver = browser
+    wait = WebDriverWait(driver, 30)
+    driver.get(server + "/")
+    wait.until(lambda d: "context" in d.find_element(*by_id("model-info")).text)
+    prompt = driver.find_element(*by_id("prompt"))
+    prompt.clear()
+    prompt.send_keys("to be")
+    driver.find_element(*by_id("generate")).click()
+    wait.until(lambda d: "failed" in d.find_element(*by_id("status")).text)
+    status = driver.find_element(*by_id("status"))
+    assert "after 3 tokens" in status.text and "internal server error" in status.text
+    assert "error" in status.get_attribute("class")
+    assert len(driver.find_element(*by_id("output")).find_elements(*by_id("token"))) == 3
     assert driver.find_element(*by_id("generate")).is_enabled()

@@ -22,6 +22,10 @@ T = TypeVar("T")
 _END = object()  # the iterator is exhausted
 
 
+class EngineStopped(RuntimeError):
+    """The server is shutting down: a request still waiting for the model ends with this."""
+
+
 @dataclass
 class _Failure:
     error: BaseException
@@ -77,7 +81,7 @@ class Engine:
         job = _Job(start, asyncio.get_running_loop())
         with self._wake:
             if self._stopping or self._thread is None:
-                raise RuntimeError("the engine is not running")
+                raise EngineStopped("the engine is not running (the server is shutting down)")
             self._jobs.append(job)
             self._wake.notify()
         try:
@@ -113,7 +117,7 @@ class Engine:
                     self._jobs.append(job)  # to the back: every other job steps first
         for job in jobs:  # requests still waiting end with an error instead of hanging
             self._close(job)
-            self._deliver(job, _Failure(RuntimeError("the server is shutting down")))
+            self._deliver(job, _Failure(EngineStopped("the server is shutting down")))
 
     def _step(self, job: _Job) -> bool:
         """Advance `job` by one item; whether it has more to give."""

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SmallGPTError
+from .engine import EngineStopped
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused before it is parsed
 log = logging.getLogger("smallgpt.serve")
 
@@ -44,6 +48,39 @@ def from_library(exc: SmallGPTError, param: str | None) -> APIError:
     """A library error (bad text for the tokenizer, a sampling argument out of range) as a 400
     about `param`, which the message names first."""
     return APIError(f"'{param}': {exc}" if param else str(exc), param)
+
+
+async def in_thread(fn: Callable[..., T], arg: Any, param: str) -> T:
+    """`fn(arg)` on a worker thread (encoding a long text must not hold up the event loop); a
+    library error (text the tokenizer cannot encode, an unknown id) becomes a 400 about `param`."""
+    try:
+        return await run_in_threadpool(fn, arg)
+    except SmallGPTError as exc:
+        raise from_library(exc, param) from exc
+
+
+def internal_error(exc: Exception) -> APIError:
+    """A bug in the server, said without its details (the log has the traceback)."""
+    return APIError(f"internal server error ({type(exc).__name__}); please report it", None,
+                    "internal_error", 500, "server_error")
+
+
+def shutting_down(exc: EngineStopped) -> APIError:
+    return APIError(str(exc), None, "server_shutting_down", 503, "server_error")
+
+
+def stream_error(exc: Exception, path: str) -> APIError:
+    """What a stream sends when it fails after its 200 went out, so the client learns why it
+    ended. A request was checked before its stream began, so none of these should happen; the
+    server shutting down is the one expected case. Anything else is logged with its traceback."""
+    if isinstance(exc, EngineStopped):
+        log.warning("a stream on %s ended: %s", path, exc)
+        return shutting_down(exc)
+    if isinstance(exc, SmallGPTError):
+        log.warning("a stream on %s ended with a library error: %s", path, exc)
+        return from_library(exc, None)
+    log.error("internal error in the stream of %s", path, exc_info=exc)
+    return internal_error(exc)
 
 
 # Messages for fields whose pydantic errors (one per branch of a union) say little on their own.
@@ -106,8 +143,11 @@ def install_handlers(app: FastAPI) -> None:
                    if exc.status_code in (404, 405) else str(exc.detail))
         return APIError(message, None, code, exc.status_code).response()
 
+    @app.exception_handler(EngineStopped)
+    async def stopped(request: Request, exc: EngineStopped) -> JSONResponse:
+        return shutting_down(exc).response()  # a request that came in as the server stops
+
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return APIError(f"internal server error ({type(exc).__name__}); please report it",
-                        None, "internal_error", 500, "server_error").response()
+        return internal_error(exc).response()

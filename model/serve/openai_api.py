@@ -21,13 +21,11 @@ from typing import TYPE_CHECKING, Any, Union
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
-from starlette.concurrency import run_in_threadpool
 
-from ..errors import SmallGPTError
 from ..sampling import Step, generate
 from ..tokenizer import EOT_TEXT
 from .compute import TokenLogprob, finite, prompt_logprobs
-from .http_errors import APIError, from_library, parse_body
+from .http_errors import APIError, in_thread, parse_body, stream_error
 
 if TYPE_CHECKING:
     from .app import Served
@@ -124,6 +122,14 @@ def check_model(served: Served, name: str | None) -> None:
                        f"{served.model_id!r} (GET /v1/models)", "model", "model_not_found", 404)
 
 
+def check_seed(seed: int | None) -> None:
+    """A seed torch can take: out of range, manual_seed would fail on the engine thread, after
+    the stream's 200 went out. Shared with the page's /api/generate."""
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise APIError(f"'seed' must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1]}), "
+                       f"got {seed}", "seed", "invalid_value")
+
+
 def check_completion(req: CompletionRequest, served: Served) -> None:
     """Every range rule of the request, each failure naming its field."""
     check_model(served, req.model)
@@ -151,8 +157,7 @@ def check_completion(req: CompletionRequest, served: Served) -> None:
     if len(stops) > MAX_STOPS or any(s == "" for s in stops):
         raise APIError(f"'stop' takes at most {MAX_STOPS} non-empty strings", "stop",
                        "invalid_value")
-    if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
-        raise APIError("'seed' must fit in 64 bits", "seed", "invalid_value")
+    check_seed(req.seed)
     if req.best_of not in (None, req.n):
         raise APIError("'best_of' is not supported (it must equal n)", "best_of", "unsupported")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -182,19 +187,15 @@ async def read_prompts(req: CompletionRequest, served: Served) -> list[Prompt]:
     for one in many:
         if isinstance(one, str):
             text = "" if one == EOT_TEXT else one  # OpenAI's default prompt: start a document
-            try:
-                ids = await run_in_threadpool(tokenizer.encode, text)  # long text: off the loop
-            except SmallGPTError as exc:
-                raise from_library(exc, "prompt") from exc
+            ids = await in_thread(tokenizer.encode, text, "prompt")
         else:
             ids = list(one)
             bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
             if bad:
                 raise APIError(f"'prompt' holds token id {bad[0]}, outside the vocabulary "
                                f"(0..{tokenizer.vocab_size - 1})", "prompt", "invalid_value")
-            served.check_context(ids, "prompt")
             text = tokenizer.decode(ids)
-        served.check_context(ids, "prompt")
+        served.check_context(ids, "prompt")  # text or token ids: the same limit
         prompts.append(Prompt(ids or [tokenizer.eot_id], text, ids))
     return prompts
 
@@ -262,17 +263,19 @@ class Completion:
             choice.finish_reason = "length" if step.finished == "length" else "stop"
         return choice
 
-    async def run_prompt(self, p: int, request: Request) -> None:
+    async def run_prompt(self, p: int, request: Request) -> bool:
+        """Prompt p's choices, whole; False if the client went away meanwhile."""
         if self.req.echo:
             self.echo(p, await self.score(p))
         async with aclosing(self.steps(p)) as steps:
             async for step in steps:
                 self.take(p, step)
                 if step.index % 16 == 15 and await request.is_disconnected():
-                    return  # nobody is waiting for the answer: stop generating it
+                    return False  # nobody is waiting for the answer: stop generating it
         for s in range(self.req.n):  # max_tokens 0: nothing was generated
             self.choices[p * self.req.n + s].finish_reason = (
                 self.choices[p * self.req.n + s].finish_reason or "length")
+        return True
 
     def usage(self) -> dict[str, int]:
         prompt = sum(len(p.ids) for p in self.prompts)
@@ -325,8 +328,8 @@ class Completion:
                                       for c in self.choices[p * self.req.n:(p + 1) * self.req.n]])
             if self.req.stream_options and self.req.stream_options.include_usage:
                 yield self.chunk([], self.usage())
-        except SmallGPTError as exc:  # the request was checked: this is not expected
-            yield f"data: {json.dumps(from_library(exc, None).body())}\n\n"
+        except Exception as exc:  # stream_error logs it; the client is told why, then [DONE]
+            yield f"data: {json.dumps(stream_error(exc, '/v1/completions').body())}\n\n"
         yield "data: [DONE]\n\n"
 
 
@@ -340,7 +343,9 @@ async def completions(request: Request) -> Any:
         return StreamingResponse(job.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     for p in range(len(job.prompts)):
-        await job.run_prompt(p, request)
+        # Between prompts too: short prompts never reach run_prompt's own check.
+        if await request.is_disconnected() or not await job.run_prompt(p, request):
+            break  # the client is gone: what was done goes nowhere, stop here
     return JSONResponse(job.body())
 
 
@@ -375,10 +380,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
     served: Served = request.app.state.served
     req = await parse_body(request, TokenizeRequest)
     check_model(served, req.model)
-    try:
-        tokens = await run_in_threadpool(served.tokenizer.encode, req.prompt)
-    except SmallGPTError as exc:
-        raise from_library(exc, "prompt") from exc
+    tokens = await in_thread(served.tokenizer.encode, req.prompt, "prompt")
     return {"tokens": tokens, "count": len(tokens), "max_model_len": served.block_size}
 
 
@@ -387,7 +389,4 @@ async def detokenize(request: Request) -> dict[str, Any]:
     served: Served = request.app.state.served
     req = await parse_body(request, DetokenizeRequest)
     check_model(served, req.model)
-    try:
-        return {"prompt": await run_in_threadpool(served.tokenizer.decode, req.tokens)}
-    except SmallGPTError as exc:
-        raise from_library(exc, "tokens") from exc
+    return {"prompt": await in_thread(served.tokenizer.decode, req.tokens, "tokens")}

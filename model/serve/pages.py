@@ -2,7 +2,8 @@
 
     GET  /api/info          the model: name, context size, layers, heads, vocabulary, limits
     POST /api/generate      server-sent events: the prompt's tokens, then every generated token
-                            with its probability, the alternatives and where its context began
+                            with its probability, the alternatives and where its context began,
+                            then "done" (or "error" if generation failed on the way)
     POST /api/distribution  the next-token distribution after given tokens, at several
                             temperatures (the page's live temperature slider)
     POST /api/attention     one layer's attention over a prompt, for a head or the mean of heads
@@ -19,14 +20,13 @@ from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from .. import analysis  # neighbours, analogy, direction, attention: as python -m model.explore
 from ..errors import SmallGPTError
 from ..sampling import check_sampling_args, generate
 from .compute import distribution, window_start
-from .http_errors import APIError, from_library, parse_body
-from .openai_api import Strict
+from .http_errors import APIError, from_library, in_thread, parse_body, stream_error
+from .openai_api import Strict, check_seed
 
 if TYPE_CHECKING:
     from .app import Served
@@ -95,9 +95,10 @@ def check_ids(served: Served, ids: list[int], param: str) -> None:
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
-                   max_tokens: int = 0) -> None:
-    """model.sampling's own checks, each failure named by the field it is about."""
-    for param, kwargs in (("temperature", {"temperature": temperature}),
+                   max_tokens: int = 0, temperature_field: str = "temperature") -> None:
+    """model.sampling's own checks, each failure named by the field it is about
+    (`temperature_field`: the request's name for the temperature, e.g. "temperatures")."""
+    for param, kwargs in ((temperature_field, {"temperature": temperature}),
                           ("top_k", {"top_k": top_k}), ("top_p", {"top_p": top_p}),
                           ("max_tokens", {"max_new_tokens": max_tokens})):
         try:
@@ -105,8 +106,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
         except SmallGPTError as exc:
             raise from_library(exc, param) from exc
     if temperature > 2:
-        raise APIError(f"'temperature' must be between 0 and 2, got {temperature}",
-                       "temperature", "invalid_value")
+        raise APIError(f"'{temperature_field}' must be between 0 and 2, got {temperature}",
+                       temperature_field, "invalid_value")
 
 
 async def on_model(served: Served, fn: Callable[[], T], param: str | None) -> T:
@@ -136,12 +137,10 @@ async def generate_page(request: Request) -> StreamingResponse:
         raise APIError(f"'max_tokens' must be between 0 and {served.max_tokens}, got "
                        f"{req.max_tokens}", "max_tokens", "invalid_value")
     check_sampling(req.temperature, req.top_k, req.top_p, req.max_tokens)
+    check_seed(req.seed)
     check_k(req.k)
     tokenizer = served.tokenizer
-    try:
-        ids = await run_in_threadpool(tokenizer.encode, req.prompt)
-    except SmallGPTError as exc:
-        raise from_library(exc, "prompt") from exc
+    ids = await in_thread(tokenizer.encode, req.prompt, "prompt")
     served.check_context(ids, "prompt")
     ids = ids or [tokenizer.eot_id]  # an empty prompt starts a document, as in generate
 
@@ -154,12 +153,18 @@ async def generate_page(request: Request) -> StreamingResponse:
         steps = served.engine.stream(lambda: generate(
             served.model, tokenizer, ids, req.max_tokens, req.temperature, req.top_k, req.top_p,
             req.seed, show_top=req.k))
-        async for step in steps:
-            yield send({"type": "token", "index": step.index, "token": step.token,
-                        "text": step.text, "prob": step.prob, "delta": step.delta,
-                        "finished": step.finished,
-                        "context_start": window_start(len(ids), step.index, served.block_size),
-                        "top": [{"id": i, "text": t, "prob": p} for i, t, p in step.top]})
+        try:
+            async for step in steps:
+                yield send({"type": "token", "index": step.index, "token": step.token,
+                            "text": step.text, "prob": step.prob, "delta": step.delta,
+                            "finished": step.finished,
+                            "context_start": window_start(len(ids), step.index,
+                                                          served.block_size),
+                            "top": [{"id": i, "text": t, "prob": p} for i, t, p in step.top]})
+        except Exception as exc:  # the 200 is out: say why the stream ends (stream_error logs)
+            error = stream_error(exc, "/api/generate")
+            yield send({"type": "error", "message": error.message, "code": error.code})
+            return
         yield send({"type": "done"})
 
     return StreamingResponse(events(), media_type="text/event-stream",
@@ -179,7 +184,7 @@ async def distribution_page(request: Request) -> dict[str, Any]:
         raise APIError(f"'temperatures' takes 1 to {MAX_TEMPERATURES} values", "temperatures",
                        "invalid_value")
     for t in req.temperatures:
-        check_sampling(float(t), req.top_k, req.top_p)
+        check_sampling(float(t), req.top_k, req.top_p, temperature_field="temperatures")
     temps = [float(t) for t in req.temperatures]
     result = await on_model(served, lambda: distribution(
         served.model, served.tokenizer, ids, temps, req.k, req.top_k, req.top_p,

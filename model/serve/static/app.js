@@ -70,11 +70,18 @@ async function generate() {
       const data = await res.json().catch(() => ({}));
       throw new Error(data.error ? data.error.message : `HTTP ${res.status}`);
     }
-    await readEvents(res, (event) => { if (run === mine) onEvent(event); });
-    status(`${mine.steps.length} tokens generated`);
+    let done = false; // a stream cut off without "done" (the server went away) is no success
+    await readEvents(res, (event) => {
+      done = done || event.type === "done";
+      if (run === mine) onEvent(event);
+    });
+    if (done) status(`${mine.steps.length} tokens generated`);
+    else status(`the stream ended early, after ${mine.steps.length} tokens`, true);
   } catch (err) {
     if (err.name === "AbortError") status(`stopped after ${mine.steps.length} tokens`);
-    else status(err.message, true);
+    else if (err.name === "StreamError") {
+      status(`generation failed after ${mine.steps.length} tokens: ${err.message}`, true);
+    } else status(err.message, true);
   } finally {
     if (run === mine) {
       run.controller = null;
@@ -86,22 +93,34 @@ async function generate() {
 }
 
 async function readEvents(res, handle) {
-  // Server-sent events over fetch (EventSource cannot POST): "data: {json}" blocks.
+  // Server-sent events over fetch (EventSource cannot POST): "data: {json}" blocks. An "error"
+  // event (generation failed after the stream began) is thrown as a StreamError.
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      for (const line of block.split("\n")) {
-        if (line.startsWith("data: ")) handle(JSON.parse(line.slice(6)));
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        for (const line of block.split("\n")) {
+          if (!line.startsWith("data: ")) continue;
+          const event = JSON.parse(line.slice(6));
+          if (event.type === "error") {
+            const err = new Error(event.message);
+            err.name = "StreamError";
+            throw err;
+          }
+          handle(event);
+        }
       }
     }
+  } finally {
+    reader.cancel().catch(() => {}); // an error left the stream unread: let it go
   }
 }
 
