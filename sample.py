@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads for generation (default: model.runtime.generation_threads, "
-                        "one: decoding one token at a time gains little from more)")
+                   help="CPU threads for generation (default: the cores no other process is "
+                        "busy on at start, model.runtime.generation_threads)")
     serve = p.add_argument_group("web playground and OpenAI-compatible API")
     serve.add_argument("--serve", action="store_true",
                        help="serve the playground page and the /v1 API instead of sampling "

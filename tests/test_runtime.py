@@ -1,4 +1,4 @@
-"""CPU thread policy: free cores for training, one thread for decoding, kept across resume."""
+"""CPU thread policy: the cores idle at start, for training and for decoding; kept across resume."""
 
 from __future__ import annotations
 
@@ -17,12 +17,19 @@ from model.config import config_from_dict
 from model.training import train
 
 
-def test_training_threads_leave_busy_cores_alone(monkeypatch):
+def test_training_and_generation_threads_leave_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
     for busy, expected in ((0.0, 2), (0.3, 2), (1.0, 1), (1.8, 1), (5.0, 1)):
         monkeypatch.setattr(runtime, "busy_cores", lambda interval=0.25, b=busy: b)
         assert runtime.training_threads() == expected, busy
-    assert runtime.generation_threads() == 1
+        assert runtime.generation_threads() == expected, busy
+
+
+def test_processes_of_one_torchrun_machine_share_its_cores(monkeypatch):
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    monkeypatch.setattr(runtime, "busy_cores", lambda interval=0.25: 0.0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert runtime.training_threads() == 2
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="busy_cores reads Linux /proc/stat")
