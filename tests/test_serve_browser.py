@@ -97,20 +97,22 @@ def bar_probs(driver) -> list[float]:
     return [float(b.get_attribute("data-prob")) for b in bars]
 
 
-def test_generate_select_a_token_move_the_temperature(server, browser, tmp_path: Path):
-    driver = browser
+def open_and_generate(driver, server: str, prompt: str, **fields: str) -> WebDriverWait:
+    """Load the page, type `prompt` (and fields such as max-tokens by test id), press Generate."""
     wait = WebDriverWait(driver, 30)
     driver.get(server + "/")
     wait.until(lambda d: "context 32 tokens" in d.find_element(*by_id("model-info")).text)
-
-    prompt = driver.find_element(*by_id("prompt"))
-    prompt.clear()
-    prompt.send_keys("to be or not")
-    for testid, value in (("max-tokens", "30"), ("seed", "1")):
+    for testid, value in (("prompt", prompt), *fields.items()):
         box = driver.find_element(*by_id(testid))
         box.clear()
         box.send_keys(value)
     driver.find_element(*by_id("generate")).click()
+    return wait
+
+
+def test_generate_select_a_token_move_the_temperature(server, browser, tmp_path: Path):
+    driver = browser
+    wait = open_and_generate(driver, server, "to be or not", **{"max-tokens": "30", "seed": "1"})
     wait.until(lambda d: "tokens generated" in d.find_element(*by_id("status")).text)
     tokens = driver.find_element(*by_id("output")).find_elements(*by_id("token"))
     assert len(tokens) == 30
@@ -157,13 +159,8 @@ def test_generate_select_a_token_move_the_temperature(server, browser, tmp_path:
 
 def test_errors_show_in_the_page(server, browser):
     driver = browser
-    wait = WebDriverWait(driver, 30)
-    driver.get(server + "/")
-    wait.until(lambda d: "context" in d.find_element(*by_id("model-info")).text)
-    prompt = driver.find_element(*by_id("prompt"))
-    prompt.clear()
-    prompt.send_keys("ROMEO")  # capitals are not in the tiny model's char vocabulary
-    driver.find_element(*by_id("generate")).click()
+    # Capitals are not in the tiny model's char vocabulary.
+    wait = open_and_generate(driver, server, "ROMEO")
     wait.until(lambda d: "vocabulary" in d.find_element(*by_id("status")).text)
     assert "error" in driver.find_element(*by_id("status")).get_attribute("class")
     assert driver.find_element(*by_id("generate")).is_enabled()
@@ -174,13 +171,7 @@ def test_a_failure_mid_stream_shows_in_the_page(server, browser, monkeypatch):
     tokens that came before it."""
     monkeypatch.setattr(pages, "generate", failing_generate(3, RuntimeError("a bug")))
     driver = browser
-    wait = WebDriverWait(driver, 30)
-    driver.get(server + "/")
-    wait.until(lambda d: "context" in d.find_element(*by_id("model-info")).text)
-    prompt = driver.find_element(*by_id("prompt"))
-    prompt.clear()
-    prompt.send_keys("to be")
-    driver.find_element(*by_id("generate")).click()
+    wait = open_and_generate(driver, server, "to be")
     wait.until(lambda d: "failed" in d.find_element(*by_id("status")).text)
     status = driver.find_element(*by_id("status"))
     assert "after 3 tokens" in status.text and "internal server error" in status.text
