@@ -427,7 +427,7 @@ def _build_cache(cfg: DataConfig, directory: Path, corpus: Corpus, progress: boo
 
 def _counted(texts: Iterable[str], update: Callable[[int], object]) -> Iterator[str]:
     for text in texts:
-        update(len(text))
+        update(len(text.encode("utf-8")))  # the bars count bytes, not characters
         yield text
 
 
