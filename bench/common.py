@@ -6,6 +6,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -43,3 +44,11 @@ def require_tiny_shakespeare() -> Path:
         sys.exit(f"error: {TINY_SHAKESPEARE} not found; this benchmark needs tiny-shakespeare "
                  "(pass --corpus PATH)")
     return TINY_SHAKESPEARE
+
+
+def scratch_dir(prefix: str, parent: str | None) -> tempfile.TemporaryDirectory:
+    """A temporary directory for generated corpora or weights, deleted afterwards; inside
+    `parent` (created if missing) when one is given, else in the system's temporary folder."""
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=parent)

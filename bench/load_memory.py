@@ -16,10 +16,9 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from common import ROOT, machine_line
+from common import ROOT, machine_line, scratch_dir
 
 SHAPES = {  # n_layer, n_head, n_embd of OpenAI's four GPT-2 sizes
     "gpt2": (12, 12, 768),
@@ -62,9 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     print(machine_line())
 
-    if args.tmp:
-        Path(args.tmp).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="smallgpt-load-", dir=args.tmp) as tmp:
+    with scratch_dir("smallgpt-load-", args.tmp) as tmp:
         directory = Path(args.dir) if args.dir else Path(tmp) / args.shape
         if not args.dir:
             print(f"writing a random {args.shape}-shaped directory with transformers ...",

@@ -25,13 +25,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-from common import ROOT, SHARED, machine_line, require_tiny_shakespeare
+from common import ROOT, SHARED, machine_line, require_tiny_shakespeare, scratch_dir
 
 SHARED_TIKTOKEN = SHARED / "tiktoken_cache"
 FILE_BYTES = 250_000  # directory layout: one file per 250 KB
@@ -223,9 +222,7 @@ def main() -> int:
     layouts = [layout for source in args.source.split(",") for layout in
                (args.layout.split(",") if source == "text" else [source])]
     sizes = [0] if args.corpus else [parse_size(s) for s in args.size.split(",")]
-    if args.tmp:
-        Path(args.tmp).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="smallgpt-bench-", dir=args.tmp) as tmp:
+    with scratch_dir("smallgpt-bench-", args.tmp) as tmp:
         for size in sizes:
             for layout in dict.fromkeys(layouts):
                 where = Path(tmp) / f"{layout}-{size}"
