@@ -21,7 +21,7 @@ import torch
 from model.cli import load_named_model, run_cli
 from model.errors import SamplingError
 from model.pretrained import Pretrained
-from model.runtime import configure_threads, generation_threads, pick_device, pick_dtype
+from model.runtime import choose_dtype, configure_threads, generation_threads, pick_device
 from model.sampling import Step, check_sampling_args, generate
 
 VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
@@ -70,9 +70,10 @@ def load_model(args: argparse.Namespace, err: TextIO) -> Pretrained:
     """The model --checkpoint names (default: the newest checkpoint under out/), in --dtype on
     --device, compiled with --compile; stderr says which model it is."""
     device = pick_device(args.device, setting="--device")
-    dtype = pick_dtype(args.dtype, device, setting="--dtype")
+    precision = choose_dtype(args.dtype, device, setting="--dtype")
     loaded = load_named_model(args.checkpoint, device, err)  # errors list what exists
-    loaded.model.to(dtype)
+    loaded.model.to(precision.dtype)  # bfloat16 weights: half the memory read per token
+    print(f"generating in {precision.describe()}", file=err)
     if args.compile:
         # dynamic shapes: one graph for every cache length instead of a recompile per token
         loaded.model = torch.compile(loaded.model, dynamic=True)

@@ -70,7 +70,10 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     runtime.configure_threads(t.threads or runtime.training_threads())
     with runtime.distributed_job(runtime.pick_device(t.device)) as ctx:
         device = ctx.device
-        dtype = runtime.pick_dtype(t.dtype, device)
+        precision = runtime.choose_dtype(t.dtype, device)
+        dtype = precision.dtype
+        if ctx.is_main and progress:
+            tqdm.write(f"training in {runtime.training_precision(precision)}")
         runtime.configure_backends(device)
         # Each rank its own dropout masks; DDP copies rank 0's initial weights to the others.
         runtime.seed_everything(t.seed + ctx.rank)
