@@ -71,9 +71,8 @@ def load_model(args: argparse.Namespace, err: TextIO) -> Pretrained:
     --device, compiled with --compile; stderr says which model it is."""
     device = pick_device(args.device, setting="--device")
     precision = choose_dtype(args.dtype, device, setting="--dtype")
-    loaded = load_named_model(args.checkpoint, device, err)  # errors list what exists
-    loaded.model.to(precision.dtype)  # bfloat16 weights: half the memory read per token
-    print(f"generating in {precision.describe()}", file=err)
+    # errors list what exists; the weights are converted to `precision`'s dtype
+    loaded = load_named_model(args.checkpoint, device, err, precision)
     if args.compile:
         # dynamic shapes: one graph for every cache length instead of a recompile per token
         loaded.model = torch.compile(loaded.model, dynamic=True)

@@ -45,10 +45,13 @@ def pick_device(name: str = "auto", setting: str = "train.device") -> torch.devi
 
 
 # CPU features that compute bfloat16 in hardware: AVX512-BF16 dot products (AMD Zen 4 and
-# later, Intel Cooper Lake and Sapphire Rapids and later) and AMX tiles (Sapphire Rapids and
+# later, Intel Cooper Lake, Sapphire Rapids and later) and AMX tiles (Sapphire Rapids and
 # later). Elsewhere torch emulates bfloat16 by converting to float32 and back, which is slower
 # than float32 itself, so `auto` must not pick it there.
 NATIVE_BF16_FEATURES = ("amx_bf16", "avx512_bf16")
+# Overrides the detection: 0 treats the CPU as lacking native bfloat16, 1 as having it (a CPU
+# torch does not know, or a test suite that must compute the same on every machine).
+CPU_BF16_ENV = "SMALLGPT_CPU_BF16"
 
 
 def cpu_capabilities() -> dict[str, Any]:
@@ -60,11 +63,13 @@ def cpu_capabilities() -> dict[str, Any]:
         return {}
 
 
-def native_bf16_feature(capabilities: dict[str, Any] | None = None) -> str | None:
-    """The feature with which this CPU computes bfloat16 natively (one of
-    NATIVE_BF16_FEATURES), or None when it would only emulate it. `capabilities` defaults to
-    cpu_capabilities(); tests pass their own to fake either kind of CPU."""
-    found = cpu_capabilities() if capabilities is None else capabilities
+def native_bf16_feature() -> str | None:
+    """Why this CPU counts as computing bfloat16 natively (the feature torch reports, or the
+    SMALLGPT_CPU_BF16=1 override), or None when it would only emulate it."""
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override in ("0", "1"):
+        return f"{CPU_BF16_ENV}=1" if override == "1" else None
+    found = cpu_capabilities()
     return next((name for name in NATIVE_BF16_FEATURES if found.get(name)), None)
 
 
@@ -83,8 +88,7 @@ class DtypeChoice:
         return f"dtype {self.name} ({self.reason})"
 
 
-def choose_dtype(name: str, device: torch.device, setting: str = "train.dtype",
-                 capabilities: dict[str, Any] | None = None) -> DtypeChoice:
+def choose_dtype(name: str, device: torch.device, setting: str = "train.dtype") -> DtypeChoice:
     """'auto': bfloat16 on CUDA GPUs that support it, float16 on older ones; on the CPU
     bfloat16 where the processor computes it natively (native_bf16_feature), float32 elsewhere
     (mps included). An explicit name is taken as given. Errors name `setting`."""
@@ -94,12 +98,14 @@ def choose_dtype(name: str, device: torch.device, setting: str = "train.dtype",
                 return DtypeChoice(torch.bfloat16, "auto: this GPU supports bfloat16")
             return DtypeChoice(torch.float16, "auto: this GPU lacks bfloat16")
         if device.type == "cpu":
-            feature = native_bf16_feature(capabilities)
+            feature = native_bf16_feature()
             if feature:
-                return DtypeChoice(torch.bfloat16, f"auto: this CPU computes bfloat16 natively "
-                                   f"({feature}); {setting}=float32 for full precision")
+                return DtypeChoice(torch.bfloat16, f"auto: this CPU computes bfloat16 natively, "
+                                   f"{feature}; {setting}=float32 for full precision")
+            why = (f"{CPU_BF16_ENV}=0" if os.environ.get(CPU_BF16_ENV, "").strip() == "0"
+                   else f"no {' or '.join(NATIVE_BF16_FEATURES)}")
             return DtypeChoice(torch.float32, "auto: this CPU has no native bfloat16 "
-                               f"({' or '.join(NATIVE_BF16_FEATURES)}); emulated it is slower")
+                               f"({why}); emulated, bfloat16 would be slower")
         return DtypeChoice(torch.float32, f"auto: float32 on {device.type}")
     if name not in DTYPES:
         raise ConfigError(f"{setting}: {name!r} is not one of auto, {', '.join(DTYPES)}")

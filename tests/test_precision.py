@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_sample_cli import cli, sample, saved  # noqa: F401  (fixtures)
 from test_sampling import BLOCK, sharp_model, tokens_of  # tests/ is on sys.path under pytest
 from test_training import step_losses, tiny_raw
 
@@ -28,6 +29,7 @@ def fake_cpu(monkeypatch):
     """fake_cpu(capabilities): make this process see a CPU with those capabilities, the way
     torch reports them, so both kinds are tested on any machine."""
     def fake(capabilities: dict) -> None:
+        monkeypatch.delenv(runtime.CPU_BF16_ENV, raising=False)  # conftest's float32_cpu
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(capabilities))
     return fake
 
@@ -47,7 +49,20 @@ def test_auto_picks_bfloat16_only_where_the_cpu_computes_it(fake_cpu):
         assert (feature or "no native bfloat16") in choice.reason
 
 
+def test_the_environment_overrides_the_detection_both_ways(fake_cpu, monkeypatch):
+    fake_cpu(NATIVE)
+    monkeypatch.setenv(runtime.CPU_BF16_ENV, "0")
+    choice = runtime.choose_dtype("auto", CPU)
+    assert choice.dtype == torch.float32 and "SMALLGPT_CPU_BF16=0" in choice.reason
+    fake_cpu(EMULATING)
+    monkeypatch.setenv(runtime.CPU_BF16_ENV, "1")
+    choice = runtime.choose_dtype("auto", CPU)
+    assert choice.dtype == torch.bfloat16 and "SMALLGPT_CPU_BF16=1" in choice.reason
+
+
 def test_a_torch_that_cannot_report_capabilities_gets_float32(monkeypatch):
+    monkeypatch.delenv(runtime.CPU_BF16_ENV, raising=False)
+
     def missing():
         raise AttributeError("get_capabilities")
     monkeypatch.setattr(torch.cpu, "get_capabilities", missing)
@@ -110,3 +125,21 @@ def test_bfloat16_cached_greedy_equals_bfloat16_full_recomputation(pos_emb):
     f32 = list(generate(model.float(), chars, use_cache=True, **kwargs))
     assert [s.prob for s in f32] != [s.prob for s in cached]
 
+
+
+def test_sample_py_generates_from_bfloat16_weights_where_the_cpu_has_them(cli, fake_cpu,
+                                                                          monkeypatch):
+    seen = []
+    real = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda model, *a, **kw: (
+        seen.append(next(model.parameters()).dtype), real(model, *a, **kw))[1])
+    for capabilities, flag, dtype in ((NATIVE, [], torch.bfloat16),
+                                      (EMULATING, [], torch.float32),
+                                      (NATIVE, ["--dtype", "float32"], torch.float32)):
+        fake_cpu(capabilities)
+        code, out, err = cli("--prompt", "B", "--max-new-tokens", "3", "--seed", "1", *flag,
+                             keep_loading_line=True)
+        assert code == 0 and out.startswith("B") and seen[-1] == dtype
+        # The loading line says which dtype and why.
+        assert err.count("\n") == 1 and f"in dtype {str(dtype)[6:]} (" in err
+        assert ("natively, avx512_bf16" in err) == (dtype == torch.bfloat16)

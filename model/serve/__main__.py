@@ -51,10 +51,7 @@ def run(name: str | None, host: str = "127.0.0.1", port: int = 8000, device: str
         print(warning, file=err)
     sock = listen(host, port)  # before the (slow) load: a busy port fails at once
     try:
-        loaded = load_named_model(name, dev, err)
-        precision = choose_dtype(dtype, dev, setting="--dtype")
-        loaded.model.to(precision.dtype)  # bfloat16 weights: half the memory read per token
-        print(f"serving in {precision.describe()}", file=err)
+        loaded = load_named_model(name, dev, err, choose_dtype(dtype, dev, setting="--dtype"))
         app = create_app(loaded, name, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
         port = sock.getsockname()[1]  # the one the OS chose, for --port 0
         shown = f"[{host}]" if ":" in host else host
