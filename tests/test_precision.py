@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_sample_cli import cli, sample, saved  # noqa: F401  (fixtures)
+from test_sample_cli import cli, sample, saved  # noqa: F401, F811  (fixtures)
 from test_sampling import BLOCK, sharp_model, tokens_of  # tests/ is on sys.path under pytest
 from test_training import step_losses, tiny_raw
 
@@ -93,8 +93,8 @@ def test_auto_trains_under_bfloat16_autocast_with_float32_weights_and_moments(tm
     assert auto.losses == pytest.approx(full.losses, rel=0.02)
     # ... and float32, asked for on a bfloat16 CPU, is bit for bit the float32 run.
     assert exact.losses == full.losses
-    saved = load_checkpoint(tmp_path / "auto" / "run" / "latest")
-    assert all(p.dtype == torch.float32 for p in saved.model.parameters())
+    checkpoint = load_checkpoint(tmp_path / "auto" / "run" / "latest")
+    assert all(p.dtype == torch.float32 for p in checkpoint.model.parameters())
     moments = torch.load(tmp_path / "auto" / "run" / "latest" / "optimizer.pt",
                          weights_only=True)["state"]
     tensors = [v for state in moments.values() for v in state.values() if v.dim() > 0]
@@ -127,7 +127,7 @@ def test_bfloat16_cached_greedy_equals_bfloat16_full_recomputation(pos_emb):
 
 
 
-def test_sample_py_generates_from_bfloat16_weights_where_the_cpu_has_them(cli, fake_cpu,
+def test_sample_py_generates_from_bfloat16_weights_where_the_cpu_has_them(cli, fake_cpu,  # noqa: F811
                                                                           monkeypatch):
     seen = []
     real = sample.generate
