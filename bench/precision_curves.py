@@ -85,9 +85,14 @@ def main() -> None:
 
         fig = Figure(figsize=(8, 4.5), layout="constrained")
         ax = fig.add_subplot()
-        for name in names:
-            ax.plot(range(1, len(results[name][0]) + 1), results[name][0], label=name,
-                    linewidth=0.8, alpha=0.8)
+        for i, name in enumerate(names):
+            color = f"C{i}"
+            ax.plot(range(1, len(results[name][0]) + 1), results[name][0], color=color,
+                    linewidth=0.6, alpha=0.35)
+            centers = [min(k * args.every + args.every / 2, args.steps)
+                       for k in range(len(means[name]))]
+            ax.plot(centers, means[name], color=color, marker="o", markersize=3,
+                    label=f"{name} (mean of {args.every} steps)")
         ax.set(xlabel="step", ylabel="training loss (nats/token)",
                title=f"{args.config}: float32 vs bfloat16 autocast, same batches")
         ax.legend()
