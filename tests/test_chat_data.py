@@ -131,8 +131,7 @@ def chat_data(tmp_path, chars):
 def test_batches_hold_whole_conversations_with_replies_as_the_only_targets(chat_data):
     sampler = ChatBatchSampler(chat_data, 48, 4, seed=3)
     x, y = sampler.next_batch()
-    tokens, mask, index = (chat_data.tokens("train"), chat_data.mask("train"),
-                           chat_data.index("train"))
+    tokens, index = chat_data.tokens("train"), chat_data.index("train")
     starts = {tuple(tokens[s:s + n][:8]) for s, n, _ in index}
     for row in range(x.size(0)):
         assert tuple(x[row, :8].tolist()) in starts  # every row starts a conversation
