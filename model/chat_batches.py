@@ -37,11 +37,14 @@ def usable(data: ChatData, split: str, block_size: int) -> np.ndarray:
 
 def conversation_rows(data: ChatData, split: str, chosen: np.ndarray, block_size: int,
                       device: torch.device) -> Batch:
-    """x, y (len(chosen), T) with T the longest chosen conversation (at most block_size) minus
-    one; x is padded with end-of-text, y with -1, and y is -1 where the mask is 0."""
+    """x, y (len(chosen), T) with T the longest chosen conversation minus one, rounded up to a
+    multiple of 8 (at most block_size); x is padded with end-of-text, y with -1, and y is -1
+    where the mask is 0."""
     tokens, mask, index = data.tokens(split), data.mask(split), data.index(split)
     lengths = np.minimum(index[chosen, 1], block_size + 1)
-    width = int(lengths.max())
+    # Rows a multiple of 8 wide (within the context): fewer distinct shapes for torch.compile
+    # to specialise on, and aligned for tensor cores; at most 7 more padded positions.
+    width = min(-(-(int(lengths.max()) - 1) // 8) * 8, block_size) + 1
     ids = np.full((len(chosen), width), data.tokenizer.eot_id, dtype=np.int64)
     targets = np.full((len(chosen), width), -1, dtype=np.int64)
     for row, (c, n) in enumerate(zip(chosen, lengths)):
