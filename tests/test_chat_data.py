@@ -14,9 +14,9 @@ from model import GPT, GPTConfig
 from model.chat_batches import ChatBatchSampler, conversation_rows
 from model.chat_data import prepare_chat
 from model.chat_demo import demo_records
-from model.checkpoint import load_checkpoint
 from model.config import DataConfig, config_from_dict
 from model.errors import ChatFormatError, DataError, TokenizerError
+from model.pretrained import load_model
 from model.tokenizer import train_tokenizer
 from model.training import train
 
@@ -226,7 +226,7 @@ def test_tiny_chat_fine_tune_lowers_the_held_out_reply_loss(base_run):
     vals = [r["val_loss"] for r in metrics(result.run_dir) if "val_loss" in r]
     assert vals[0] == pytest.approx(vals[0]) and len(vals) == 3  # step 0, 15 and 30
     assert vals[-1] < vals[0] - 0.5
-    saved = load_checkpoint(result.run_dir)
+    saved = load_model(str(result.run_dir))
     assert saved.config.data.format == "chat"
 
 
@@ -240,6 +240,6 @@ def test_chat_fine_tune_resumes_bit_for_bit(base_run):
     resumed = train(config_from_dict(chat_raw(base_run, "part", max_steps=6, eval_interval=3,
                                                resume=True), name="c"), progress=False)
     assert resumed.losses == full.losses[1:]
-    a, b = load_checkpoint(full.run_dir).model, load_checkpoint(resumed.run_dir).model
+    a, b = load_model(str(full.run_dir)).model, load_model(str(resumed.run_dir)).model
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),
                                                  b.state_dict().values()))
