@@ -24,6 +24,8 @@ _EXPORTS = {
     "Tokenizer": "tokenizer",
     "prepare_data": "prepare",
     "train": "training",
+    "Callback": "callbacks",
+    "TrainingState": "callbacks",
     "generate": "sampling",
     "load_checkpoint": "checkpoint",
     "load_model": "pretrained",
