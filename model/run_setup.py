@@ -17,6 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import runtime
 from .batches import BatchSampler
+from .chat_batches import ChatBatchSampler, chat_eval_batches
+from .chat_data import ChatData
 from .checkpoint import (
     load_optimizer_state,
     load_state,
@@ -69,6 +71,15 @@ def flops_per_token(model: nn.Module) -> float:
     2020), which leaves out attention's share."""
     own = getattr(model, "flops_per_token", None)
     return own() if callable(own) else 6 * count_params(model)
+
+
+def chat_batches(data: ChatData, cfg: Config, ctx: runtime.Distributed, device: torch.device,
+                 ) -> tuple[ChatBatchSampler, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """data.format "chat": the training sampler and validation batches over conversations."""
+    t = cfg.train
+    sampler = ChatBatchSampler(data, cfg.model.block_size, t.batch_size, t.seed, rank=ctx.rank,
+                               world_size=ctx.world_size, device=device)
+    return sampler, chat_eval_batches(data, cfg.model.block_size, t.batch_size, t.eval_steps)
 
 
 def resolve_vocab(cfg: Config, vocab_size: int) -> Config:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from . import runtime
 from .batches import BatchSampler, eval_windows
 from .callbacks import Callback, TrainingState
+from .chat_batches import ChatBatchSampler
 from .checkpoint import copy_checkpoint, rng_state, save_checkpoint
 from .config import Config, TrainConfig
 from .errors import TrainingError
@@ -51,6 +52,7 @@ from .optim import Optimizer, build_optimizer, set_lr
 from .prepare import PreparedData
 from .run_setup import (
     adopt_model,
+    chat_batches,
     check_writable,
     count_params,
     flops_per_token,
@@ -147,7 +149,7 @@ class Run:
     forward_model: nn.Module | None  # what the loop calls: `model` compiled and/or in DDP
     optimizer: Optimizer
     scaler: torch.amp.GradScaler
-    sampler: BatchSampler
+    sampler: BatchSampler | ChatBatchSampler
     val_windows: list[tuple[torch.Tensor, torch.Tensor]]
     data: PreparedData
     log: RunLog | None  # rank 0 only
@@ -303,9 +305,13 @@ def start_run(cfg: Config, ctx: runtime.Distributed, model: nn.Module | None, pr
     # Data: token files (prepared once), the training batches and the validation windows.
     data = prepare_data_once(cfg, ctx, progress, source.tokenizer if source else None)
     cfg = resolve_vocab(cfg, data.tokenizer.vocab_size)
-    sampler = BatchSampler(data.train_path, cfg.model.block_size, t.batch_size, t.seed,
-                           rank=ctx.rank, world_size=ctx.world_size, device=device)
-    val_windows = eval_windows(data.val_path, cfg.model.block_size, t.batch_size, t.eval_steps)
+    if cfg.data.format == "chat":  # whole conversations per row, loss on replies only
+        sampler, val_windows = chat_batches(data, cfg, ctx, device)
+    else:
+        sampler = BatchSampler(data.train_path, cfg.model.block_size, t.batch_size, t.seed,
+                               rank=ctx.rank, world_size=ctx.world_size, device=device)
+        val_windows = eval_windows(data.val_path, cfg.model.block_size, t.batch_size,
+                                   t.eval_steps)
 
     # Model and optimizer; a resumed run then loads weights, moments and the loop's state.
     if model is None and source is None:
