@@ -26,7 +26,8 @@ transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
         "All:\tSpeak, speak!  Naïve café, jalapeño; 東京 and Ελληνικά, 😀👍🏽 e\u0301\u00a0ok\n"
-        "It's 1234 o'clock -- isn't it?   \n  trailing spaces   ")
+        "It's 1234 o'clock -- isn't it?   \n  trailing spaces   \r\n\x0b\x0c\x1c\u2028\u3000x "
+        "<|endoftext|> is text here\n")
 # A config's model shape and its tokenizer; the architecture transformers gets for it.
 SHIPPED = {
     "tiny": "ArceeForCausalLM",
@@ -117,6 +118,28 @@ def test_shipped_shape_exports_to_transformers(tmp_path, config_name):
         assert logits_close(back(batch)[0], ours)
     assert back_tokenizer.encode(TEXT) == ids
     assert back_tokenizer.spec() == tokenizer.spec()
+
+
+@pytest.mark.parametrize("name", ["char", "bpe"])
+def test_tokenizer_edge_cases(tmp_path, name):
+    """Unknown characters fail in both; a token sequence ending inside a UTF-8 character
+    decodes to the same replacement character in both."""
+    from model.hf_tokenizer import save_hf_tokenizer
+
+    tokenizer = tokenizer_for(name)
+    save_hf_tokenizer(tokenizer, tmp_path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    if name == "char":
+        with pytest.raises(Exception):
+            tokenizer.encode("Zebra")  # no "Z" in TEXT
+        with pytest.raises(Exception):
+            hf_tok("Zebra")
+    else:
+        ids = tokenizer.encode("😀👍🏽")
+        assert len(ids) > 2  # bytes: the emoji are not in a 300-token vocabulary
+        for cut in range(1, len(ids)):
+            assert hf_tok.decode(ids[:cut]) == tokenizer.decode(ids[:cut])
+        assert hf_tok("<|endoftext|>")["input_ids"] == tokenizer.encode("<|endoftext|>")
 
 
 def test_shipped_recipes_map_as_documented():
@@ -215,3 +238,40 @@ def test_export_refusal_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "hf").exists()
     assert main([str(path), str(tmp_path / "hf")]) == 2
     assert capsys.readouterr().err.startswith("error: cannot export exactly")
+
+
+def test_bpe_token_reachable_only_whole(tmp_path):
+    """tiktoken looks a whole pre-token up before merging: "abcd" is one token although no
+    merge of "ab" and the bytes c, d reaches it. The exported tokenizer must do the same."""
+    from model.hf_tokenizer import save_hf_tokenizer
+    from model.tokenizer import BPETokenizer
+
+    tokenizer = BPETokenizer([bytes([b]) for b in range(256)] + [b"ab", b"abcd"])
+    save_hf_tokenizer(tokenizer, tmp_path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in ("abcd", "abcde abcd", "xabcd"):
+        assert hf_tok(text)["input_ids"] == tokenizer.encode(text)
+    assert tokenizer.encode("abcd") == [257]
+
+
+def exported(tmp_path):
+    model, tokenizer = shrunk("small")
+    save_hf(model, tmp_path, tokenizer)
+    return json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(model_type="mistral"), "mistral"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "yarn"),
+    (dict(hidden_act="silu"), "hidden_act"),
+    (dict(intermediate_size=100), "shape"),
+    (dict(attention_bias=True), "attention_bias"),
+])
+def test_unsupported_directories_are_one_line_errors(tmp_path, change, match):
+    from model.errors import SmallGPTError
+
+    hf_config = {**exported(tmp_path), **change}
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    with pytest.raises(SmallGPTError, match=match) as info:
+        load_hf(tmp_path)
+    assert "\n" not in str(info.value)
