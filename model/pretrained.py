@@ -82,7 +82,7 @@ def load_gpt2_checkpoint(name: str | Path, device: str | torch.device = "cpu") -
     """GPT-2 weights as `checkpoint.load_checkpoint` returns a smallgpt run: model, tokenizer,
     a config holding their shape and tokenizer name, and no training state."""
     loaded = load_model(str(name), device)
-    config = Config(model=loaded.model.config, data=DataConfig(tokenizer="gpt2"),
+    config = Config(model=loaded.model.config, data=DataConfig(tokenizer=loaded.tokenizer.name),
                     name=Path(name).name)
     return Checkpoint(model=loaded.model, tokenizer=loaded.tokenizer, config=config,
                       path=loaded.path)

@@ -15,6 +15,7 @@ import torch
 from model import GPT, ConfigError, GPTConfig
 from model.checkpoint import save_checkpoint
 from model.config import Config, DataConfig, load_config
+from model.errors import TokenizerError
 from model.export import export, main
 from model.hf import hf_architecture, load_hf, save_hf
 from model.pretrained import load_model
@@ -130,9 +131,9 @@ def test_tokenizer_edge_cases(tmp_path, name):
     save_hf_tokenizer(tokenizer, tmp_path)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     if name == "char":
-        with pytest.raises(Exception):
+        with pytest.raises(TokenizerError, match="'Z'"):
             tokenizer.encode("Zebra")  # no "Z" in TEXT
-        with pytest.raises(Exception):
+        with pytest.raises(Exception, match="Missing \\[UNK\\]"):  # noqa: B017 (tokenizers' own)
             hf_tok("Zebra")
     else:
         ids = tokenizer.encode("😀👍🏽")
