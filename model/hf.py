@@ -209,12 +209,7 @@ def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
         n_head = saved
     activation, norm_eps, tied = _check_hf_config(hf_config)
     ours = _to_our_layout(state, owned, tied)
-    # All-zero biases (how we export bias=False) come back as a model without biases.
-    biases = [name for name in ours if name.endswith(".bias")]
-    bias = not biases or any(bool(ours[name].any()) for name in biases)
-    if not bias:
-        for name in biases:
-            del ours[name]
+
     for required in ("tok_emb.weight", "pos_emb.weight", "blocks.0.mlp.fc.weight"):
         if required not in ours:
             raise CheckpointError(f"GPT-2 state dict lacks {required!r} (HF name for it missing)")
@@ -236,7 +231,7 @@ def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
         norm="layernorm",
         norm_eps=norm_eps,
         activation=activation,
-        bias=bias,
+        bias=True,  # a bias=False model comes back with its zero biases: the same function
         dropout=0.0,
         tie_embeddings=tied,
     )
