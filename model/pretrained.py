@@ -5,7 +5,8 @@ A name is
   - gpt2, gpt2-medium, gpt2-large, gpt2-xl: OpenAI's weights on the Hugging Face hub
     (openai-community/<name>), downloaded once into the usual Hugging Face cache (config.json
     and model.safetensors only) and read from there afterwards, offline too;
-  - a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin);
+  - a Hugging Face directory (config.json + model.safetensors or pytorch_model.bin) of GPT-2
+    or of a family model/hf.py reads (Llama, Qwen3, ...);
   - a smallgpt run directory or checkpoint directory.
 train.init_from, `sample.py --checkpoint` and `python -m model.explore --checkpoint` all go
 through here, and every kind of name gives the same result type, `Pretrained`.
@@ -37,8 +38,8 @@ from .checkpoint import (
 from .config import Config, DataConfig
 from .errors import CheckpointError, SmallGPTError
 from .gpt import GPT, GPTConfig
-from .hf import load_hf_gpt2
-from .tokenizer import GPT2Tokenizer, Tokenizer, tokenizer_from_spec
+from .hf import load_hf
+from .tokenizer import Tokenizer, tokenizer_from_spec
 
 HUB_NAMES = {name: f"openai-community/{name}"
              for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -52,7 +53,7 @@ class Pretrained:
 
     model: nn.Module  # a GPT, or the `model_class` it was loaded with
     tokenizer: Tokenizer
-    kind: str  # "smallgpt" or "gpt2" (OpenAI's weights, from the hub or a directory)
+    kind: str  # "smallgpt", or "gpt2" for Hugging Face weights (the hub or a directory)
     path: Path  # the directory the weights came from
     description: str  # one line for the user: what was loaded, from where
     # A smallgpt run's resolved config; for GPT-2, its shape and tokenizer (None: built by hand).
@@ -74,12 +75,12 @@ def load_model(name: str | Path | None = None, device: str | torch.device = "cpu
                 "small.yaml) or name a model, e.g. --checkpoint gpt2")
         name = found[0]
     if str(name) in HUB_NAMES:
-        loaded = _gpt2(hub_snapshot(str(name)), device)
+        loaded = _hf(hub_snapshot(str(name)), device)
         loaded.description = (f"{name} ({HUB_NAMES[str(name)]}, {_params(loaded.model)}) "
                               f"from {loaded.path}")
         return loaded
     if is_hf_directory(Path(name)):
-        return _gpt2(Path(name), device)
+        return _hf(Path(name), device)
     return _smallgpt(name, device, model_class)
 
 
@@ -112,12 +113,16 @@ def _smallgpt(path: str | Path, device: str | torch.device,
     return Pretrained(model, tokenizer, "smallgpt", ckpt, description, config, state)
 
 
-def _gpt2(directory: Path, device: str | torch.device) -> Pretrained:
-    """OpenAI's GPT-2 weights from a Hugging Face directory, with the GPT-2 tokenizer."""
-    model = load_hf_gpt2(directory).to(device).eval()
-    config = Config(model=model.config, data=DataConfig(tokenizer="gpt2"), name=directory.name)
-    return Pretrained(model, GPT2Tokenizer(), "gpt2", directory,
-                      f"GPT-2 weights ({_params(model)}) from {directory}", config)
+def _hf(directory: Path, device: str | torch.device) -> Pretrained:
+    """Weights in a Hugging Face directory (GPT-2, Llama, Qwen3, ...: model/hf.py reads them)
+    with their tokenizer; the config holds their shape and the tokenizer's name."""
+    model, tokenizer, model_type = load_hf(directory)
+    model = model.to(device).eval()
+    config = Config(model=model.config, data=DataConfig(tokenizer=tokenizer.name),
+                    name=directory.name)
+    what = "GPT-2" if model_type == "gpt2" else model_type
+    return Pretrained(model, tokenizer, "gpt2", directory,
+                      f"{what} weights ({_params(model)}) from {directory}", config)
 
 
 def is_hf_directory(path: Path) -> bool:
