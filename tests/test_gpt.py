@@ -1,5 +1,5 @@
 """The model's behaviour on tiny, seeded networks: causality, loss at init, learning, weight tying,
-parameter counts, shape errors, the KV cache and the inspection trace."""
+parameter counts, shape errors and the KV cache (hook points: tests/test_hooks.py)."""
 
 import math
 
@@ -195,20 +195,17 @@ def test_kv_cache_matches_full_forward(overrides):
     torch.testing.assert_close(again, full[:, :4], rtol=0, atol=1e-5)
 
 
-# -- trace -----------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("overrides", [{}, ROPE_GQA], ids=["learned", "rope-gqa"])
-def test_trace_matches_forward(overrides):
-    model = tiny_model(**overrides)
-    idx = random_tokens((2, 12), 64)
-    trace = model.trace(idx)
-    with torch.no_grad():
-        logits, _ = model(idx)
-    torch.testing.assert_close(trace.logits, logits, rtol=0, atol=1e-5)
-    assert len(trace.hidden) == 3 and len(trace.attention) == 2
-    for weights in trace.attention:
-        assert weights.shape == (2, 4, 12, 12)
-        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 12))
-        future = torch.ones(12, 12, dtype=torch.bool).triu(1)
-        assert weights[..., future].abs().max() == 0
-        assert weights[..., ~future].min() > 0  # softmax: every visible key gets some weight
+def test_init_scales_residual_projections_by_depth():
+    """N(0, 0.02) weights, but the projections that write into the residual stream (attn.proj,
+    mlp.proj) get 0.02 / sqrt(2 * n_layer), so the stream's variance does not grow with depth."""
+    torch.manual_seed(0)
+    n_layer = 8
+    model = GPT(GPTConfig(vocab_size=256, n_layer=n_layer, n_head=4, n_embd=256, block_size=64))
+    residual = 0.02 / math.sqrt(2 * n_layer)
+    for block in model.blocks:
+        for proj in (block.attn.proj, block.mlp.proj):
+            assert proj.weight.std().item() == pytest.approx(residual, rel=0.05)
+            assert torch.all(proj.bias == 0)
+        for other in (block.attn.qkv, block.mlp.fc):
+            assert other.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
