@@ -21,9 +21,9 @@ import tempfile
 from common import machine_line, require_tiny_shakespeare
 from quality import whole_split_bits_per_byte
 
-from model.checkpoint import load_checkpoint
 from model.config import load_config
 from model.prepare import prepare_data
+from model.pretrained import load_checkpoint
 from model.training import train
 
 

@@ -10,9 +10,9 @@ from test_sampling import BLOCK, sharp_model, tokens_of  # tests/ is on sys.path
 from test_training import step_losses, tiny_raw
 
 from model import runtime
-from model.checkpoint import load_checkpoint
 from model.config import config_from_dict
 from model.errors import ConfigError
+from model.pretrained import load_checkpoint
 from model.sampling import generate
 from model.tokenizer import train_tokenizer
 from model.training import train
