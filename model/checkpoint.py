@@ -2,8 +2,10 @@
 
 A run directory holds `latest/` and `best/`, each a complete checkpoint:
 
-    model.safetensors   the plain module's weights (a tied W_U is stored once, as W_E)
+    model.safetensors   the plain module's weights (a tied W_U is stored once, as W_E); for a
+                        LoRA run (train.lora_rank) its adapters only (model/lora.py)
     config.json         the full resolved config and the tokenizer spec: sampling needs nothing else
+                        but, for a LoRA run, its base: name and weights' digest under "lora_base"
     optimizer.pt        optimizer state, read back with torch.load(weights_only=True)
     state.json          step, best validation loss, sampler state, RNG states
 
@@ -22,9 +24,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from . import lora
 from .config import Config, config_from_dict
 from .errors import CheckpointError, SmallGPTError
 from .files import fsync_dir, fsync_file, write_json_atomic
@@ -85,18 +88,26 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 def save_checkpoint(directory: str | Path, model: nn.Module, config: Config,
                     tokenizer_spec: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
-                    state: dict[str, Any] | None = None) -> Path:
+                    state: dict[str, Any] | None = None,
+                    lora_base: dict[str, str] | None = None) -> Path:
     """Write a complete checkpoint to `directory` atomically. `model` must be the plain module
-    (not wrapped by DDP or torch.compile)."""
+    (not wrapped by DDP or torch.compile). A model with LoRA adapters saves them alone, with
+    `lora_base` (lora.base_record) naming the weights they adapt."""
     target = Path(directory)
     tmp = target.with_name(f".{target.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a save that was killed: never used
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / WEIGHTS))  # handles the tied W_E/W_U tensor
+    meta = {"format": FORMAT_VERSION, "config": config.to_dict(), "tokenizer": tokenizer_spec}
+    if lora.has_adapters(model):
+        if lora_base is None:
+            raise ValueError("a model with LoRA adapters is saved with its lora_base record")
+        save_file(lora.adapter_state_dict(model), str(tmp / WEIGHTS))
+        meta["lora_base"] = lora_base
+    else:
+        save_model(model, str(tmp / WEIGHTS))  # handles the tied W_E/W_U tensor
     fsync_file(tmp / WEIGHTS)
-    write_json_atomic(tmp / CONFIG, {"format": FORMAT_VERSION, "config": config.to_dict(),
-                                     "tokenizer": tokenizer_spec})
+    write_json_atomic(tmp / CONFIG, meta)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         fsync_file(tmp / OPTIMIZER)
@@ -188,8 +199,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         except SmallGPTError as exc:
             raise CheckpointError(
                 f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from exc
-        model = GPT(config.model)
-        load_weights(model, ckpt, device)
+        if config.train.lora_rank is not None:  # adapters: the base, with them merged in
+            model = pretrained.load_lora_run(ckpt, config, device)
+        else:
+            model = GPT(config.model)
+            load_weights(model, ckpt, device)
         state = load_state(ckpt)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; {_listing()}") from exc
@@ -199,14 +213,31 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 
 def load_weights(model: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
     """Fill `model` with a checkpoint's weights; a damaged file or a shape that does not fit
-    the model is a CheckpointError."""
+    the model is a CheckpointError. A model with LoRA adapters takes a LoRA run's adapters."""
+    file = Path(path) / WEIGHTS
     try:
-        load_model(model, str(Path(path) / WEIGHTS), strict=True, device=str(device))
+        if lora.has_adapters(model):
+            lora.load_adapter_state_dict(model, load_file(file, device=str(device)), str(file))
+        else:
+            load_model(model, str(file), strict=True, device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise CheckpointError(
             f"checkpoint {str(path)!r}: {WEIGHTS} is truncated, corrupt or of another shape "
             f"({reason}); use another checkpoint, e.g. the run's best/") from exc
+
+
+def read_lora_base(path: str | Path) -> dict[str, str]:
+    """The base record (lora.base_record) a LoRA checkpoint keeps in its config.json."""
+    try:
+        meta = json.loads((Path(path) / CONFIG).read_text(encoding="utf-8"))
+        record = meta["lora_base"]
+        if not isinstance(record, dict) or not isinstance(record.get("digest"), str):
+            raise TypeError("lora_base")
+        return record
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {CONFIG} does not name the base of its "
+                              "LoRA adapters (lora_base); it is incomplete") from exc
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

@@ -71,7 +71,8 @@ Optimizer = torch.optim.Optimizer | CombinedOptimizer
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizer:
     """AdamW (fused kernels on CUDA) or Muon + AdamW (its group marked `muon`)."""
-    params = dict(model.named_parameters())  # a tied W_E/W_U appears once
+    # A tied W_E/W_U appears once; frozen weights (a LoRA run's base) get no state at all.
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     muon = cfg.optimizer == "muon"
     hidden = [p for n, p in params.items() if muon and _is_hidden_matrix(n, p)]
     hidden_ids = {id(p) for p in hidden}

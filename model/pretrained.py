@@ -6,7 +6,8 @@ A name is
     (openai-community/<name>), downloaded once into the usual Hugging Face cache (config.json
     and model.safetensors only) and read from there afterwards, offline too;
   - a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin);
-  - a smallgpt run directory or checkpoint directory.
+  - a smallgpt run directory or checkpoint directory; a LoRA run's (train.lora_rank) gives its
+    base with the adapters merged in (load_lora_run).
 train.init_from, `sample.py --checkpoint`, `python -m model.explore --checkpoint`,
 `GPT.from_pretrained` and `load_checkpoint` (model/checkpoint.py) all go through here.
 """
@@ -19,7 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, find_checkpoints, load_checkpoint
+from . import lora
+from .checkpoint import (
+    Checkpoint,
+    find_checkpoints,
+    load_checkpoint,
+    load_weights,
+    read_lora_base,
+)
 from .config import Config, DataConfig
 from .errors import CheckpointError
 from .gpt import GPT
@@ -68,6 +76,31 @@ def load_model(name: str | None = None, device: str | torch.device = "cpu",
     return Pretrained(ckpt.model, ckpt.tokenizer, "smallgpt", ckpt.path,
                       f"smallgpt checkpoint {ckpt.path} (step {step}, "
                       f"{_params(ckpt.model)})", ckpt.config)
+
+
+def load_lora_run(ckpt: Path, config: Config, device: str | torch.device = "cpu") -> GPT:
+    """A LoRA checkpoint's model: its base, loaded as train.init_from named it, checked against
+    the digest the run recorded, with the saved adapters merged into its weights."""
+    from .finetune import model_from_source  # deferred: finetune builds on this module
+
+    record = read_lora_base(ckpt)
+    where = record.get("path") or record["name"]  # the absolute directory, where there is one
+    try:
+        base = load_model(where, "cpu")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: the base of LoRA run {str(ckpt)!r} cannot be loaded "
+                              f"({exc})") from exc
+    lora.check_base(record, lora.weights_digest(base.model), str(base.path), str(ckpt))
+    model, _ = model_from_source(config.model, base)  # the run's shape: block_size cropped
+    lora.apply(model, config.train.lora)
+    load_weights(model, ckpt)  # the adapters: a model with them takes only them
+    return lora.merge(model).to(device).eval()
+
+
+def lora_base_record(name: str, source: Pretrained) -> dict[str, str]:
+    """What a LoRA run started from `source` (loaded by `name`) records about its base."""
+    path = None if name in HUB_NAMES else source.path.resolve()  # the hub's: by name
+    return lora.base_record(name, source.model, path)
 
 
 def is_gpt2_name(name: str | Path) -> bool:

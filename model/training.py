@@ -25,13 +25,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import runtime
+from . import lora, runtime
 from .batches import BatchSampler, eval_windows
 from .checkpoint import (
     copy_checkpoint,
     load_optimizer_state,
     load_state,
     load_weights,
+    read_lora_base,
     resolve_checkpoint,
     rng_state,
     save_checkpoint,
@@ -45,6 +46,7 @@ from .gpt import GPT
 from .monitor import RunLog, gpu_peak_flops
 from .optim import Optimizer, build_optimizer, set_lr
 from .prepare import PreparedData, prepare_data
+from .pretrained import lora_base_record
 from .tokenizer import Tokenizer
 
 
@@ -80,6 +82,8 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         source = load_source(cfg)
         if source is not None:
             cfg = adopt_source(cfg, source)
+        # A LoRA run's checkpoints hold its adapters and this record of the base they adapt.
+        lora_base = lora_base_record(t.init_from, source) if t.lora is not None else None
 
         # Data: token files (prepared once), the training batches and the validation windows.
         data = prepare_data_once(cfg, ctx, progress, source.tokenizer if source else None)
@@ -97,15 +101,19 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
             source = None  # the model now holds the weights; the source must not use them
             if ctx.is_main:
                 tqdm.write(loaded)
+        if t.lora is not None:  # adapters beside the frozen base: only they train
+            lora.apply(model, t.lora, base_dtype=lora.frozen_dtype(dtype))
+            if ctx.is_main:
+                tqdm.write(lora.describe(model, t.lora))
         model.to(device)
         if ctx.is_main:
-            check_writable(run_dir, 4 * model.num_params())
+            check_writable(run_dir, 4 * lora.count_parameters(model)[0])
         optimizer = build_optimizer(model, t, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         start_step, best_val = 0, math.inf
         if t.resume:
             start_step, best_val = resume(run_dir, model, optimizer, sampler, ctx,
-                                          t.threads is not None)
+                                          t.threads is not None, lora_base)
 
         # Wrap from outside: compile, then DDP; checkpoints always store the plain `model`.
         forward_model = wrap(model, t.compile, ctx)
@@ -197,7 +205,8 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                             best_val = result.val_loss
                         state = run_state(done, best_val, sampler, device, result)
                         latest = save_checkpoint(run_dir / "latest", model, cfg,
-                                                 data.tokenizer.spec(), optimizer, state)
+                                                 data.tokenizer.spec(), optimizer, state,
+                                                 lora_base)
                         if improved:
                             copy_checkpoint(latest, run_dir / "best")
 
@@ -270,7 +279,8 @@ def check_writable(run_dir: Path, model_bytes: int) -> None:
 
 
 def resume(run_dir: Path, model: GPT, optimizer: Optimizer, sampler: BatchSampler,
-           ctx: runtime.Distributed, threads_chosen: bool) -> tuple[int, float]:
+           ctx: runtime.Distributed, threads_chosen: bool,
+           lora_base: dict[str, str] | None = None) -> tuple[int, float]:
     """Load the run's latest checkpoint into `model`, `optimizer` and `sampler`; return the step
     it was taken at and the best validation loss so far. Unless train.threads is set, the run
     goes on with the thread count it had (sums split over threads round differently)."""
@@ -279,6 +289,9 @@ def resume(run_dir: Path, model: GPT, optimizer: Optimizer, sampler: BatchSample
     except CheckpointError as exc:
         raise TrainingError(f"train.resume is set but {str(run_dir)!r} holds no checkpoint; "
                             "start without train.resume=true") from exc
+    if lora_base is not None:  # the adapters go on only with the base they were trained on
+        lora.check_base(read_lora_base(ckpt), lora_base["digest"],
+                        lora_base.get("path") or lora_base["name"], str(ckpt))
     load_weights(model, ckpt, ctx.device)
     opt_state = load_optimizer_state(ckpt)
     if opt_state is not None:
