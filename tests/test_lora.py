@@ -268,3 +268,34 @@ def test_a_changed_or_missing_base_is_one_line_naming_it(base_copy, tmp_path):
         load_model(str(result.run_dir))
     assert str(err.value).startswith(f"{base_copy.resolve()}: the base of LoRA run")
     assert "\n" not in str(err.value)
+
+
+def gpt2_vocabulary_or_skip() -> None:
+    try:
+        import tiktoken
+
+        tiktoken.get_encoding("gpt2")
+    except Exception:  # no cached vocabulary and no network
+        pytest.skip("needs GPT-2's vocabulary (TIKTOKEN_CACHE_DIR or the network)")
+
+
+def test_merged_gpt2_lora_run_exports_and_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    gpt2_vocabulary_or_skip()
+    from model.hf import save_hf_gpt2
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2,
+                                     n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    raw = run_raw(tmp_path, str(tmp_path / "gpt2"), max_steps=3, lora_targets="q,v,mlp_out")
+    raw["model"], raw["data"]["tokenizer"] = {}, "gpt2"
+    result = train(config_from_dict(raw), progress=False)
+    merged = load_model(str(result.run_dir)).model
+    base = load_model(str(tmp_path / "gpt2")).model
+    assert not torch.equal(merged.blocks[0].attn.qkv.weight, base.blocks[0].attn.qkv.weight)
+    exported = save_hf_gpt2(merged, tmp_path / "export")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
+    idx = torch.randint(0, 50257, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(theirs(idx).logits, merged(idx)[0], atol=1e-4, rtol=0)
