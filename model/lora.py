@@ -121,20 +121,28 @@ class LoRALinear(nn.Module):
             pieces.append(pieces[-1].new_zeros(*y.shape[:-1], y.size(-1) - end))
         return y + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight W + scale * B @ A in float32, for code that reads a layer's
+        weight (per-head results, analysis); forward never forms it."""
+        weight = self.base.weight.float().clone()
+        for name, (start, stop) in self.slices.items():
+            weight[start:stop] += self.scale * (self.lora_B[name] @ self.lora_A[name])
+        return weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A plain float32 nn.Linear computing W + scale * B @ A: the same function."""
-        weight = self.base.weight.detach().float().clone()
-        for name, (start, stop) in self.slices.items():
-            weight[start:stop] += self.scale * (self.lora_B[name].float()
-                                                @ self.lora_A[name].float())
-        bias = self.base.bias
         with torch.device("meta"):  # no random init for weights about to be replaced
             linear = nn.Linear(self.base.in_features, self.base.out_features,
-                               bias=bias is not None)
-        linear.weight = nn.Parameter(weight)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias.detach().float().clone())
+                               bias=self.bias is not None)
+        linear.weight = nn.Parameter(self.weight)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().float().clone())
         return linear
 
 

@@ -299,3 +299,16 @@ def test_merged_gpt2_lora_run_exports_and_loads_in_transformers(tmp_path):
     idx = torch.randint(0, 50257, (1, 12))
     with torch.no_grad():
         assert torch.allclose(theirs(idx).logits, merged(idx)[0], atol=1e-4, rtol=0)
+
+
+def test_hook_points_see_the_adapted_model():
+    model = lora.apply(tiny(), lora.LoRAConfig(rank=4)).eval()
+    randomize_adapters(model)
+    logits, cache = model.run_with_cache(IDX, names_filter=lambda name: True)
+    # Per-head results read attn.proj's weight: the effective one, so they sum to its output.
+    heads = cache["blocks.0.attn.hook_result"].sum(dim=2) + model.blocks[0].attn.proj.bias
+    assert torch.allclose(heads, cache["blocks.0.hook_attn_out"], atol=1e-5)
+    merged_logits, merged_cache = lora.merge(model).run_with_cache(IDX)
+    assert torch.allclose(merged_logits, logits, atol=1e-5)
+    assert torch.allclose(merged_cache["blocks.1.attn.hook_q"], cache["blocks.1.attn.hook_q"],
+                          atol=1e-5)
