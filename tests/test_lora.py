@@ -312,3 +312,23 @@ def test_hook_points_see_the_adapted_model():
     assert torch.allclose(merged_logits, logits, atol=1e-5)
     assert torch.allclose(merged_cache["blocks.1.attn.hook_q"], cache["blocks.1.attn.hook_q"],
                           atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_adapters_train_on_a_gpu_beside_a_bfloat16_base():
+    model = lora.apply(tiny().cuda().train(), lora.LoRAConfig(rank=4), base_dtype=torch.bfloat16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    idx = IDX.cuda()
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(idx, idx)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        adapted = model.eval()(idx)[0].float()
+    merged = lora.merge(model)
+    with torch.no_grad():
+        assert (merged(idx)[0] - adapted).abs().max() < 0.05
+    base = tiny().blocks[0].attn.qkv.weight.cuda()
+    assert not torch.equal(merged.blocks[0].attn.qkv.weight, base)  # the adapters trained
