@@ -270,18 +270,8 @@ def test_a_changed_or_missing_base_is_one_line_naming_it(base_copy, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def gpt2_vocabulary_or_skip() -> None:
-    try:
-        import tiktoken
-
-        tiktoken.get_encoding("gpt2")
-    except Exception:  # no cached vocabulary and no network
-        pytest.skip("needs GPT-2's vocabulary (TIKTOKEN_CACHE_DIR or the network)")
-
-
-def test_merged_gpt2_lora_run_exports_and_loads_in_transformers(tmp_path):
+def test_merged_gpt2_lora_run_exports_and_loads_in_transformers(tmp_path, gpt2_vocabulary):
     transformers = pytest.importorskip("transformers")
-    gpt2_vocabulary_or_skip()
     from model.hf import save_hf_gpt2
 
     torch.manual_seed(0)
