@@ -89,7 +89,7 @@ sampler, seconds = RandomTokens(), []
 sampling[0] = True
 for step in range(steps):
     t0 = time.perf_counter()
-    loss, _ = train_step(model, model, optimizer, scaler, sampler, t, step, dtype, False)
+    loss, _ = train_step(model, model, optimizer, scaler, sampler, t, step, dtype, ddp=False)
     loss.item()
     seconds.append(time.perf_counter() - t0)
 sampling[0] = False
