@@ -264,7 +264,7 @@ def test_a_changed_or_missing_base_is_one_line_naming_it(base_copy, tmp_path):
 
 def test_merged_gpt2_lora_run_exports_and_loads_in_transformers(tmp_path, gpt2_vocabulary):
     transformers = pytest.importorskip("transformers")
-    from model.hf import save_hf_gpt2
+    from model.export import export
 
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2,
@@ -276,8 +276,8 @@ def test_merged_gpt2_lora_run_exports_and_loads_in_transformers(tmp_path, gpt2_v
     merged = load_model(str(result.run_dir)).model
     base = load_model(str(tmp_path / "gpt2")).model
     assert not torch.equal(merged.blocks[0].attn.qkv.weight, base.blocks[0].attn.qkv.weight)
-    exported = save_hf_gpt2(merged, tmp_path / "export")
-    theirs = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
+    exported = export(str(result.run_dir), tmp_path / "export")  # python -m model.export
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(exported.directory).eval()
     idx = torch.randint(0, 50257, (1, 12))
     with torch.no_grad():
         assert torch.allclose(theirs(idx).logits, merged(idx)[0], atol=1e-4, rtol=0)
