@@ -14,7 +14,7 @@ Your own model and code in the loop (model/callbacks.py has the protocol):
 
 `model` is a GPT subclass or any nn.Module with GPT's forward contract: forward(idx, targets)
 returns (logits, loss). It is moved to the run's device and trained in place; a module with a
-GPTConfig in `.config` is saved with that config, so `load_checkpoint(run, model_class=MyGPT)`
+GPTConfig in `.config` is saved with that config, so `load_model(run, model_class=MyGPT)`
 rebuilds it. Weight decay follows model/optim.py's rule, which reads only shapes.
 
 Process state: while it runs, train() sets torch's CPU thread count (train.threads), allows TF32
