@@ -22,6 +22,17 @@ class TokenizerError(SmallGPTError, ValueError):
     """Text or a tokenizer spec that the tokenizer cannot handle."""
 
 
+class ChatFormatError(DataError, ValueError):
+    """A conversation (a chat request's messages or a record of chat data) is malformed.
+
+    `field` names the offending part as a path, e.g. "messages[2].role"; the message starts
+    with it (and, for data files, with the file and line before it)."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class CheckpointError(SmallGPTError):
     """A checkpoint is missing, truncated or corrupt."""
 
