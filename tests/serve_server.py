@@ -18,10 +18,14 @@ WORDS = ["to", "be", "or", "not", "the", "question", "whether", "nobler", "mind"
 
 
 def train_tiny(tmp: Path) -> Path:
-    """A few steps of a 1-layer char model on varied text: a real checkpoint in seconds."""
+    """A few steps of a 2-layer char model on varied text: a real checkpoint in seconds. Some
+    lines are dialogue in the chat template's shape, so the vocabulary has its role headers
+    (and no capitals besides theirs: "ROMEO" stays outside it)."""
     corpus = tmp / "corpus.txt"
     lines = [" ".join(WORDS[(i * k) % len(WORDS)] for k in range(1, 5)) + "."
              for i in range(1500)]
+    for i in range(0, len(lines), 10):
+        lines[i] = f"System: be brief.\n\nUser: {lines[i]}\n\nAssistant: {lines[i + 1]}"
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     cfg = config_from_dict({
         "model": dict(block_size=32, n_layer=2, n_head=2, n_embd=32),
