@@ -51,8 +51,9 @@ def create_app(pretrained: Pretrained, name: str | None = None,
             served.engine.stop()
 
     # FastAPI's own /docs loads Swagger UI from a CDN; this server serves a local copy instead.
+    # strict_content_type=False: a JSON body sent without a Content-Type (curl -d) is read too.
     app = FastAPI(title="smallgpt", summary=f"serving {served.model_id}", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, strict_content_type=False)
     app.state.served = served
     install_handlers(app)
     app.include_router(openai_api.router)

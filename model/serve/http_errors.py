@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -110,7 +111,8 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     if first["type"] == "missing":
         return APIError(f"'{param}' is required", param, "missing_field")
     leaf = next((str(x) for x in reversed(loc) if str(x) in FIELD_HELP), field)
-    expected = FIELD_HELP.get(leaf, first["msg"].replace("Input should", "should"))
+    expected = FIELD_HELP.get(leaf, re.sub(r"^\w+ should", "should", first["msg"]).replace(
+        " after validation", ""))
     given = json.dumps(first.get("input"), default=str)
     given = given if len(given) <= 60 else given[:57] + "..."
     return APIError(f"'{param}' {expected}; got {given}", param, "invalid_value")

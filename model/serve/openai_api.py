@@ -15,16 +15,24 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..sampling import Step, generate
 from ..tokenizer import EOT_TEXT
 from .compute import TokenLogprob, finite, prompt_logprobs
 from .http_errors import in_thread, stream_error
-from .protocol import ERRORS, CompletionRequest, DetokenizeRequest, TokenizeRequest, check, sse
+from .protocol import (
+    ERRORS,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    check,
+    limit,
+    sse,
+)
 from .state import Served, ServedModel
 
 router = APIRouter(responses=ERRORS)
@@ -135,7 +143,7 @@ class Completion:
         req, served = self.req, self.served
         return served.engine.stream(lambda: generate(
             served.model, served.tokenizer, self.prompts[p].ids,
-            max_new_tokens=16 if req.max_tokens is None else req.max_tokens,
+            max_new_tokens=req.new_tokens(served),
             temperature=1.0 if req.temperature is None else req.temperature,
             top_k=req.top_k_or_none(), top_p=req.top_p, seed=req.seed, stop=req.stops(),
             num_samples=req.n, show_top=req.logprobs or 0))
@@ -257,7 +265,8 @@ async def models(served: ServedModel) -> dict[str, Any]:
 
 
 @router.get("/v1/models/{name:path}")
-async def model(name: str, served: ServedModel) -> dict[str, Any]:
+async def model(name: Annotated[str, Path(json_schema_extra=limit("model"))],
+                served: ServedModel) -> dict[str, Any]:
     served.check_model(name)
     return model_card(served)
 

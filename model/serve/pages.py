@@ -83,7 +83,8 @@ async def generate_page(req: GenerateRequest,
         yield sse({"type": "prompt", "block_size": served.block_size,
                    "tokens": [{"id": i, "text": tokenizer.token_text(i)} for i in ids]})
         steps = served.engine.stream(lambda: generate(
-            served.model, tokenizer, ids, req.max_tokens, req.temperature, req.top_k, req.top_p,
+            served.model, tokenizer, ids, req.new_tokens(served), req.temperature, req.top_k,
+            req.top_p,
             req.seed, stop=stop, show_top=req.k))
         try:
             async for step in steps:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ..tokenizer import EOT_TEXT, CharTokenizer
 from .http_errors import APIError
@@ -37,6 +37,17 @@ MAX_WORDS = 200
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed accepts
 
 
+def integral(value: Any) -> Any:
+    """JSON Schema's integer: 2.0 is one (a client's JSON library may write it so); 2.5 is not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**constraints: Any) -> Any:
+    """An integer type with pydantic Field constraints: strict (true and "2" are not integers),
+    but 2.0 is. (The constraints come before the validator, so the schema shows them.)"""
+    return Annotated[int, Field(**constraints), BeforeValidator(integral)]
+
+
 def limit(kind: str) -> dict[str, str]:
     """Marks a field whose bound depends on the served model; openapi_for fills it in."""
     return {"x-smallgpt": kind}
@@ -45,15 +56,15 @@ def limit(kind: str) -> dict[str, str]:
 # Field types shared by the endpoints: each range is stated once, here.
 Temperature = Annotated[float, Field(ge=0, le=2, description="0 is greedy decoding")]
 TopP = Annotated[float, Field(gt=0, le=1)]
-TopK = Annotated[int, Field(ge=1)]
-Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX, description="the same seed, the same text")]
-TokenId = Annotated[int, Field(ge=0, json_schema_extra=limit("token_id"))]
+TopK = integer(ge=1)
+Seed = integer(ge=SEED_MIN, le=SEED_MAX, description="the same seed, the same text")
+TokenId = integer(ge=0, json_schema_extra=limit("token_id"))
 Text = Annotated[str, Field(json_schema_extra=limit("text"))]  # must encode with the tokenizer
 PromptText = Annotated[str, Field(json_schema_extra=limit("prompt"))]  # ... and fit the context
-Word = Annotated[str, Field(min_length=1, json_schema_extra=limit("word"))]
+Word = Annotated[str, Field(min_length=1, json_schema_extra=limit("word"))]  # not just spaces
 StopText = Annotated[str, Field(min_length=1)]
-MaxTokens = Annotated[int, Field(ge=0, json_schema_extra=limit("max_tokens"),
-                                 description="new tokens at most (up to the server's limit)")]
+MaxTokens = integer(ge=0, json_schema_extra=limit("max_tokens"),
+                    description="new tokens at most (up to the server's limit)")
 Zero = Annotated[float, Field(ge=0, le=0, description="only 0: not supported")]
 
 
@@ -73,7 +84,7 @@ class Sampling(Body):
     top_p: TopP | None = 1.0
     top_k: Union[TopK, Literal[-1], None] = Field(  # noqa: UP007 (pydantic keeps the order)
         None, description="vLLM's extension; -1 or null: no limit")
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: integer(ge=1, le=MAX_N) = 1
     stop: Union[StopText, Annotated[list[StopText], Field(max_length=MAX_STOPS)],  # noqa: UP007
                 None] = None
     seed: Seed | None = None
@@ -97,11 +108,15 @@ class CompletionRequest(Sampling):
                   Annotated[list[TokenId], Field(min_length=1, json_schema_extra=limit("ids"))],
                   Annotated[list[Annotated[list[TokenId], Field(json_schema_extra=limit("ids"))]],
                             Field(min_length=1, max_length=MAX_PROMPTS)]] = EOT_TEXT
-    max_tokens: MaxTokens | None = 16
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: MaxTokens | None = Field(None, description="default 16 (or the server's limit, "
+                                         "if lower)")
+    logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
     echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=1, description="not supported (1, or equal to n)")
+    best_of: integer(ge=1, le=1) | None = Field(None, description="not supported: 1 (or n)")
     suffix: str | None = Field(None, max_length=0, description="not supported")
+
+    def new_tokens(self, served: Served) -> int:
+        return min(16, served.max_tokens) if self.max_tokens is None else self.max_tokens
 
 
 class TextPart(Body):
@@ -127,8 +142,8 @@ class ChatCompletionRequest(Sampling):
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
-                                     description="alternatives per token, with logprobs=true")
+    top_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None, description="alternatives per token, with logprobs=true")
 
     def new_tokens(self, served: Served) -> int:
         """max_completion_tokens (OpenAI's newer name) or max_tokens; none: the server's limit."""
@@ -154,19 +169,23 @@ class GenerateRequest(Body):
 
     prompt: PromptText = ""
     messages: Messages | None = Field(None, description="chat mode: replaces the prompt")
-    max_tokens: MaxTokens = 100
+    max_tokens: MaxTokens | None = Field(None, description="default 100 (or the server's limit, "
+                                         "if lower)")
     temperature: Temperature = 0.8
     top_k: TopK | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
-    k: int = Field(10, ge=1, le=MAX_K, description="alternatives reported per token")
+    k: integer(ge=1, le=MAX_K) = Field(10, description="alternatives reported per token")
+
+    def new_tokens(self, served: Served) -> int:
+        return min(100, served.max_tokens) if self.max_tokens is None else self.max_tokens
 
 
 class DistributionRequest(Body):
     tokens: Annotated[list[TokenId], Field(json_schema_extra=limit("ids"),
                                            description="the distribution is of the next token")]
     temperatures: list[Temperature] = Field([1.0], min_length=1, max_length=MAX_TEMPERATURES)
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: integer(ge=1, le=MAX_K) = 10
     top_k: TopK | None = None
     top_p: TopP | None = None
     include: list[TokenId] = Field([], max_length=MAX_K,
@@ -175,22 +194,22 @@ class DistributionRequest(Body):
 
 class AttentionRequest(Body):
     prompt: Annotated[str, Field(min_length=1, json_schema_extra=limit("prompt"))]
-    layer: int | None = Field(None, ge=0, json_schema_extra=limit("layer"),
-                              description="default: the last")
-    head: int | None = Field(None, ge=0, json_schema_extra=limit("head"),
-                             description="null: the mean over heads")
+    layer: integer(ge=0, json_schema_extra=limit("layer")) | None = Field(
+        None, description="default: the last")
+    head: integer(ge=0, json_schema_extra=limit("head")) | None = Field(
+        None, description="null: the mean over heads")
 
 
 class NeighborsRequest(Body):
     word: Word
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: integer(ge=1, le=MAX_K) = 10
 
 
 class AnalogyRequest(Body):
     a: Word
     b: Word
     c: Word
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: integer(ge=1, le=MAX_K) = 10
 
 
 class DirectionRequest(Body):
@@ -237,11 +256,11 @@ def openapi_for(schema: dict[str, Any], served: Served) -> dict[str, Any]:
     chars = None
     if isinstance(tokenizer, CharTokenizer):  # a text must use the vocabulary's characters
         chars = tokenizer.chars
-    text: dict[str, dict[str, Any]] = {"words": {"pattern": r"\S"}}  # any text encodes
+    text: dict[str, dict[str, Any]] = {"word": {"pattern": r"\S"}, "words": {"pattern": r"\S"}}
     if chars is not None:
         every, visible = char_set(chars), char_set("".join(ch for ch in chars if not ch.isspace()))
-        text = {"text": {"pattern": f"^{every}*$"}, "word": {"pattern": f"^{every}+$"},
-                "words": {"pattern": f"^{every}*{visible}{every}*$"},
+        words = {"pattern": f"^{every}*{visible}{every}*$"}
+        text = {"text": {"pattern": f"^{every}*$"}, "word": words, "words": words,
                 # One token per character: here the context is a length.
                 "prompt": {"pattern": f"^{every}*$", "maxLength": served.block_size}}
     bounds: dict[str, dict[str, Any]] = {
