@@ -9,6 +9,7 @@ UI from the swagger-ui-bundle package, so the page works offline).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -51,9 +52,12 @@ def create_app(pretrained: Pretrained, name: str | None = None,
             served.engine.stop()
 
     # FastAPI's own /docs loads Swagger UI from a CDN; this server serves a local copy instead.
-    # strict_content_type=False: a JSON body sent without a Content-Type (curl -d) is read too.
+    # A JSON body sent without a Content-Type (curl -d) is read too, as FastAPI did before it
+    # had the strict_content_type option.
+    lenient = ({"strict_content_type": False}
+               if "strict_content_type" in inspect.signature(FastAPI).parameters else {})
     app = FastAPI(title="smallgpt", summary=f"serving {served.model_id}", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, strict_content_type=False)
+                  docs_url=None, redoc_url=None, **lenient)
     app.state.served = served
     install_handlers(app)
     app.include_router(openai_api.router)
