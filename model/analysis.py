@@ -231,15 +231,16 @@ def attention(model: GPT, tokenizer: Tokenizer, prompt: str, layer: int | None =
               head: int | None = None) -> AttentionMap:
     """Attention weights of one layer (default: the last) for one head or averaged over heads.
 
-    Computed explicitly by `GPT.trace`: training keeps the fused kernel, which never
-    materialises the (T, T) matrix."""
+    Read from the hook point `blocks.{layer}.attn.hook_pattern`: hooking it makes that layer
+    compute the (T, T) matrix explicitly, which the fused kernel used otherwise never stores."""
     c = model.config
     layer = c.n_layer - 1 if layer is None else layer
     _check_index("layer", layer, c.n_layer)
     if head is not None:
         _check_index("head", head, c.n_head)
     idx = _prompt_ids(model, tokenizer, prompt)
-    weights = model.trace(idx).attention[layer][0].float()  # (H, T, T)
+    name = f"blocks.{layer}.attn.hook_pattern"
+    weights = model.run_with_cache(idx, names_filter=name)[1][name][0].float()  # (H, T, T)
     matrix = weights.mean(dim=0) if head is None else weights[head]
     return AttentionMap(_pieces(tokenizer, idx), layer, head, c.n_head, matrix.tolist())
 
@@ -257,10 +258,13 @@ def logit_lens(model: GPT, tokenizer: Tokenizer, prompt: str, k: int = 3) -> Len
     """Read the residual stream after the embeddings and after each block as if it were the last:
     apply the final norm and W_U. The prediction forms layer by layer.
 
-    The residual stream comes from `GPT.trace`, so the last row is the model's own output."""
+    The residual streams are the hook points `hook_resid_pre` of each block and the last
+    `hook_resid_post`, so the last row is the model's own output."""
     _check_k(k)
     idx = _prompt_ids(model, tokenizer, prompt)
-    stream = model.trace(idx).hidden
+    _, cache = model.run_with_cache(idx, names_filter=lambda name: "hook_resid_p" in name)
+    stream = cache.accumulated_resid()  # (L+1, 1, T, C): before each block, then the last
+    # One row at a time, as the forward pass computes it: the last row is bit-exact.
     logits = torch.stack([model.lm_head(model.norm_f(x))[0] for x in stream])  # (L+1, T, V)
     probs = logits.float().softmax(dim=-1)
     values, indices = probs.topk(min(k, probs.size(-1)), dim=-1)  # (L+1, T, k)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, check_choice, check_positive
+from .hooks import HookedModel, HookPoint, name_hook_points
 from .kv_cache import KVCache
 
 POS_EMBS = ("learned", "rope")
@@ -131,6 +132,12 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
         self.dropout = config.dropout
+        # Hook points (model/hooks.py), TransformerLens's names; heads as (B, T, H, D).
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        if config.pos_emb == "rope":
+            self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
+        self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()  # (B, H, T, S)
+        self.hook_z, self.hook_result = HookPoint(), HookPoint()  # result: (B, T, H, C)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -138,23 +145,31 @@ class CausalSelfAttention(nn.Module):
         past = cache.length if cache is not None else 0
         q, k, v = self._heads(x, rope, cache)
         dropout = self.dropout if self.training else 0.0
-        if past == 0:
+        if self.hook_attn_scores.active or self.hook_pattern.active:
+            y = self._explicit(q, k, v, past, dropout)  # a hook wants the (T, S) matrix
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         elif T == 1:  # one new token may attend to everything before it: no mask needed
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:
             mask = causal_mask(T, past, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, H*D)
-        return self.proj(y)
+        y = self.hook_z(y.transpose(1, 2))  # (B, H, T, D) -> (B, T, H, D)
+        if self.hook_result.active:  # each head's share of the output, summed by proj
+            w = self.proj.weight.view(C, self.n_head, self.head_dim)  # (C, H, D)
+            result = self.hook_result(torch.einsum("bthd,chd->bthc", y, w))
+            return result.sum(dim=2) + (self.proj.bias if self.proj.bias is not None else 0)
+        return self.proj(y.reshape(B, T, C))  # (B, T, H, D) -> (B, T, H*D)
 
-    def weights(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        """The attention pattern (B, H, T, T) that forward applies, computed explicitly:
-        softmax(q k^T / sqrt(d) + causal mask). For inspection; the fused kernel never forms it."""
-        q, k, _ = self._heads(x, rope, None)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        mask = causal_mask(q.size(2), 0, q.device)
-        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
+                  dropout: float) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + causal mask) v, forming the (T, S) matrix that the fused
+        kernel never stores, so that hooks can read or edit scores and pattern."""
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        mask = causal_mask(q.size(2), past, q.device)
+        scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
+        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype))
+        return F.dropout(pattern, dropout) @ v
 
     def _heads(self, x: torch.Tensor, rope: torch.Tensor | None,
                cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,13 +179,14 @@ class CausalSelfAttention(nn.Module):
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
              self.n_kv_head * self.head_dim], dim=-1)
         # (B, T, H*D) -> (B, H, T, D): heads become a batch dimension for the attention matmuls
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.hook_q(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)
+        k = self.hook_k(k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)
+        v = self.hook_v(v.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q = self.hook_rot_q.heads(apply_rope(q, rope))
+            k = self.hook_rot_k.heads(apply_rope(k, rope))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         if self.n_kv_head != self.n_head:
@@ -192,9 +208,11 @@ class MLP(nn.Module):
         self.act: Callable[[torch.Tensor], torch.Tensor] = ACTIVATION_FNS[config.activation]
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        # SwiGLU's hook_pre holds gate and value side by side, as fc computes them.
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))
+        return self.dropout(self.proj(self.hook_post(self.act(self.hook_pre(self.fc(x))))))
 
 
 class Block(nn.Module):
@@ -207,23 +225,23 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.hook_resid_pre, self.hook_resid_mid = HookPoint(), HookPoint()
+        self.hook_resid_post = HookPoint()
+        self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.norm1(x), rope, cache))
-        return x + self.mlp(self.norm2(x))
+        x = self.hook_resid_pre(x)
+        x = x + self.hook_attn_out(self.resid_dropout(self.attn(self.norm1(x), rope, cache)))
+        x = self.hook_resid_mid(x)
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.norm2(x))))
 
 
-@dataclass
-class ForwardTrace:
-    """What `GPT.trace` records: the residual stream after each block and attention weights."""
-
-    logits: torch.Tensor  # (B, T, V)
-    hidden: list[torch.Tensor]  # n_layer + 1 tensors (B, T, C): embeddings, then each block
-    attention: list[torch.Tensor]  # n_layer tensors (B, H, T, T)
+# Our module names where TransformerLens's hook names differ (state_dict keys keep ours).
+TL_NAMES = {"norm1": "ln1", "norm2": "ln2", "norm_f": "ln_final"}
 
 
-class GPT(nn.Module):
+class GPT(HookedModel, nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         if config.vocab_size is None:
@@ -244,6 +262,10 @@ class GPT(nn.Module):
             self.register_buffer("rope", table, persistent=False)
         else:
             self.rope = None
+        self.hook_embed = HookPoint()
+        if config.pos_emb == "learned":
+            self.hook_pos_embed = HookPoint()  # (B, T, C), broadcast over the batch as TL's
+        self.hook_dict = name_hook_points(self, TL_NAMES)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -275,9 +297,10 @@ class GPT(nn.Module):
                 f"model.block_size={self.config.block_size}; crop it to the last "
                 f"{self.config.block_size} tokens"
             )
-        x = self.tok_emb(idx)
+        x = self.hook_embed(self.tok_emb(idx))
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            pos = self.pos_emb(torch.arange(start, start + T, device=idx.device))  # (T, C)
+            x = x + self.hook_pos_embed(pos.expand_as(x) if self.hook_pos_embed.active else pos)
         rope = self.rope[:, start:start + T] if self.rope is not None else None
         return self.drop(x), rope
 
@@ -300,19 +323,6 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
         return logits, loss
-
-    @torch.no_grad()
-    def trace(self, idx: torch.Tensor) -> ForwardTrace:
-        """The forward pass, keeping the residual stream after every block and each layer's
-        attention weights (computed explicitly beside the fused kernel; for inspection)."""
-        x, rope = self.embed(idx, 0)
-        hidden, attention = [x], []
-        for block in self.blocks:
-            attention.append(block.attn.weights(block.norm1(x), rope))
-            x = block(x, rope)
-            hidden.append(x)
-        logits = self.lm_head(self.norm_f(x))
-        return ForwardTrace(logits=logits, hidden=hidden, attention=attention)
 
     def num_params(self) -> int:
         """Trainable parameters, a tied W_E/W_U counted once."""
@@ -357,15 +367,42 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+        self.hook_scale, self.hook_normalized = HookPoint(), HookPoint()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hook_scale.active or self.hook_normalized.active:
+            return hooked_norm(self, x, center=False)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm with hook points for its scale and its normalized input."""
+
+    def __init__(self, dim: int, eps: float, bias: bool) -> None:
+        super().__init__(dim, eps=eps, bias=bias)
+        self.hook_scale, self.hook_normalized = HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hook_scale.active or self.hook_normalized.active:
+            return hooked_norm(self, x, center=True)
+        return super().forward(x)
+
+
+def hooked_norm(norm: LayerNorm | RMSNorm, x: torch.Tensor, center: bool) -> torch.Tensor:
+    """The norm spelled out so hooks see scale (B, T, 1) and (x - mean) / scale, before the
+    weight and bias, as TransformerLens defines them."""
+    if center:
+        x = x - x.mean(dim=-1, keepdim=True)
+    scale = norm.hook_scale((x.pow(2).mean(dim=-1, keepdim=True) + norm.eps).sqrt())
+    x = norm.hook_normalized(x / scale) * norm.weight
+    return x + norm.bias if getattr(norm, "bias", None) is not None else x
 
 
 def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
     dim = dim or config.n_embd
     if config.norm == "rmsnorm":
         return RMSNorm(dim, config.norm_eps)
-    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+    return LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 from . import runtime
 from .batches import BatchSampler, eval_windows
+from .chat_batches import ChatBatchSampler, chat_eval_batches
+from .chat_data import ChatData
 from .checkpoint import (
     copy_checkpoint,
     load_optimizer_state,
@@ -84,10 +86,13 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         # Data: token files (prepared once), the training batches and the validation windows.
         data = prepare_data_once(cfg, ctx, progress, source.tokenizer if source else None)
         cfg = resolve_vocab(cfg, data.tokenizer.vocab_size)
-        sampler = BatchSampler(data.train_path, cfg.model.block_size, t.batch_size, t.seed,
-                               rank=ctx.rank, world_size=ctx.world_size, device=device)
-        val_windows = eval_windows(data.val_path, cfg.model.block_size, t.batch_size,
-                                   t.eval_steps)
+        if cfg.data.format == "chat":  # whole conversations per row, loss on replies only
+            sampler, val_windows = chat_batches(data, cfg, ctx, device)
+        else:
+            sampler = BatchSampler(data.train_path, cfg.model.block_size, t.batch_size, t.seed,
+                                   rank=ctx.rank, world_size=ctx.world_size, device=device)
+            val_windows = eval_windows(data.val_path, cfg.model.block_size, t.batch_size,
+                                       t.eval_steps)
 
         # Model and optimizer; a resumed run then loads weights, moments and the loop's state.
         if source is None:
@@ -240,6 +245,15 @@ def prepare_data_once(cfg: Config, ctx: runtime.Distributed, progress: bool,
     if data is None:
         data = prepare_data(cfg.data, cfg.model.block_size, False, tokenizer)
     return data
+
+
+def chat_batches(data: ChatData, cfg: Config, ctx: runtime.Distributed, device: torch.device,
+                 ) -> tuple[ChatBatchSampler, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """data.format "chat": the training sampler and validation batches over conversations."""
+    t = cfg.train
+    sampler = ChatBatchSampler(data, cfg.model.block_size, t.batch_size, t.seed, rank=ctx.rank,
+                               world_size=ctx.world_size, device=device)
+    return sampler, chat_eval_batches(data, cfg.model.block_size, t.batch_size, t.eval_steps)
 
 
 def resolve_vocab(cfg: Config, vocab_size: int) -> Config:

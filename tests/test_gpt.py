@@ -1,5 +1,5 @@
 """The model's behaviour on tiny, seeded networks: causality, loss at init, learning, weight tying,
-parameter counts, shape errors, the KV cache and the inspection trace."""
+parameter counts, shape errors and the KV cache (hook points: tests/test_hooks.py)."""
 
 import math
 
@@ -193,22 +193,3 @@ def test_kv_cache_matches_full_forward(overrides):
     with torch.no_grad():
         again, _ = model(idx[:, :4], cache=cache)
     torch.testing.assert_close(again, full[:, :4], rtol=0, atol=1e-5)
-
-
-# -- trace -----------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("overrides", [{}, ROPE_GQA], ids=["learned", "rope-gqa"])
-def test_trace_matches_forward(overrides):
-    model = tiny_model(**overrides)
-    idx = random_tokens((2, 12), 64)
-    trace = model.trace(idx)
-    with torch.no_grad():
-        logits, _ = model(idx)
-    torch.testing.assert_close(trace.logits, logits, rtol=0, atol=1e-5)
-    assert len(trace.hidden) == 3 and len(trace.attention) == 2
-    for weights in trace.attention:
-        assert weights.shape == (2, 4, 12, 12)
-        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 12))
-        future = torch.ones(12, 12, dtype=torch.bool).triu(1)
-        assert weights[..., future].abs().max() == 0
-        assert weights[..., ~future].min() > 0  # softmax: every visible key gets some weight
