@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from ..tokenizer import EOT_TEXT, CharTokenizer
 from .http_errors import APIError
@@ -34,7 +34,7 @@ MAX_MESSAGES = 256
 MAX_K = 100  # alternatives or neighbours in one answer of the page's endpoints
 MAX_TEMPERATURES = 64
 MAX_WORDS = 200
-SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed accepts
+SEEDS = 1 << 64  # torch.Generator.manual_seed takes [-2**63, 2**64): a seed is taken modulo this
 
 
 def integral(value: Any) -> Any:
@@ -57,7 +57,10 @@ def limit(kind: str) -> dict[str, str]:
 Temperature = Annotated[float, Field(ge=0, le=2, description="0 is greedy decoding")]
 TopP = Annotated[float, Field(gt=0, le=1)]
 TopK = integer(ge=1)
-Seed = integer(ge=SEED_MIN, le=SEED_MAX, description="the same seed, the same text")
+# Any integer: torch's seeds are 64 bits, so a seed is taken modulo 2**64 (which keeps every
+# seed torch takes as it is: torch itself reads -1 as 2**64 - 1).
+Seed = Annotated[integer(description="any integer: the same seed, the same text"),
+                 AfterValidator(lambda seed: seed % SEEDS)]
 TokenId = integer(ge=0, json_schema_extra=limit("token_id"))
 Text = Annotated[str, Field(json_schema_extra=limit("text"))]  # must encode with the tokenizer
 PromptText = Annotated[str, Field(json_schema_extra=limit("prompt"))]  # ... and fit the context
