@@ -46,6 +46,10 @@ def load_named_model(name: str | None, device: str | torch.device,
     which = "" if name else "the newest checkpoint under out/: "
     line = f"using {which}{loaded.description}"
     if precision is not None:
+        from .runtime import generation_precision
+
+        params = sum(p.numel() for p in loaded.model.parameters())
+        precision = generation_precision(precision, params, precision.reason.startswith("auto"))
         loaded.model.to(precision.dtype)
         line += f", in {precision.describe()}"
     print(line, file=err or sys.stderr)

@@ -120,6 +120,23 @@ def pick_dtype(name: str, device: torch.device, setting: str = "train.dtype") ->
     return choose_dtype(name, device, setting).dtype
 
 
+# Decoding a small model in bfloat16 on the CPU is slower than in float32 (per-operation
+# conversions outweigh the halved weight reads): bench/dtype_speed.py, AMD EPYC avx512_bf16,
+# 1 thread: small.yaml's model (2M parameters) 92 against 153 tokens/s, GPT-2-124M's shape 21.7
+# against 14.8. So `auto` keeps float32 weights for generation below this size.
+MIN_BF16_GENERATION_PARAMS = 50_000_000
+
+
+def generation_precision(choice: DtypeChoice, num_params: int, auto: bool) -> DtypeChoice:
+    """The dtype to hold a model's weights in for generation: `choice`, except that `auto`'s
+    CPU bfloat16 becomes float32 for models under MIN_BF16_GENERATION_PARAMS."""
+    if (auto and choice.dtype == torch.bfloat16 and "CPU" in choice.reason
+            and num_params < MIN_BF16_GENERATION_PARAMS):
+        return DtypeChoice(torch.float32, f"auto: a model of {num_params / 1e6:.1f}M parameters "
+                           "decodes faster in float32 on the CPU than in bfloat16")
+    return choice
+
+
 def training_precision(choice: DtypeChoice) -> str:
     """How training uses `choice`, in words: the matmuls run in it under autocast, while the
     weights, their gradients and the optimizer's moments stay float32."""

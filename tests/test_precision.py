@@ -133,6 +133,7 @@ def test_sample_py_generates_from_bfloat16_weights_where_the_cpu_has_them(cli, f
     real = sample.generate
     monkeypatch.setattr(sample, "generate", lambda model, *a, **kw: (
         seen.append(next(model.parameters()).dtype), real(model, *a, **kw))[1])
+    monkeypatch.setattr(runtime, "MIN_BF16_GENERATION_PARAMS", 0)  # as if it were large
     for capabilities, flag, dtype in ((NATIVE, [], torch.bfloat16),
                                       (EMULATING, [], torch.float32),
                                       (NATIVE, ["--dtype", "float32"], torch.float32)):
@@ -143,3 +144,19 @@ def test_sample_py_generates_from_bfloat16_weights_where_the_cpu_has_them(cli, f
         # The loading line says which dtype and why.
         assert err.count("\n") == 1 and f"in dtype {str(dtype)[6:]} (" in err
         assert ("natively, avx512_bf16" in err) == (dtype == torch.bfloat16)
+
+
+def test_auto_keeps_a_small_model_in_float32_for_generation(cli, fake_cpu,  # noqa: F811
+                                                            monkeypatch):
+    """Small models decode faster in float32 even where the CPU has bfloat16 units; an
+    explicit --dtype bfloat16 is still taken as given."""
+    fake_cpu(NATIVE)
+    code, _, err = cli("--prompt", "B", "--max-new-tokens", "2", keep_loading_line=True)
+    assert code == 0 and "in dtype float32 (auto: a model of" in err
+    assert "decodes faster in float32" in err
+    code, _, err = cli("--prompt", "B", "--max-new-tokens", "2", "--dtype", "bfloat16",
+                       keep_loading_line=True)
+    assert code == 0 and "in dtype bfloat16 (--dtype=bfloat16)" in err
+    choice = runtime.choose_dtype("auto", CPU)
+    big = runtime.generation_precision(choice, runtime.MIN_BF16_GENERATION_PARAMS, auto=True)
+    assert big.dtype == torch.bfloat16
