@@ -1,0 +1,139 @@
+"""What unused hook points cost: training and generation tokens/s of this checkout's GPT against
+another tree's (the code before hook points), alternating runs.
+
+    git worktree add /tmp/base978 978b855           # the GPT before hook points
+    flock /tmp/bench.lock python bench/hooks_speed.py --base /tmp/base978 --rounds 5
+
+Each measurement runs in a fresh process that imports `model` from one tree, builds the same
+seeded model and times (a) training steps: forward, backward and AdamW on a (batch, context)
+batch, and (b) greedy generation with the KV cache, one token per forward call (the case where
+per-call overhead shows most). Only the GPT's own API is used (new_cache, forward), which both
+trees share, so the figures compare the model code alone. The trees alternate A, B, A, B, ...
+so that load from other jobs falls on both; the median of the rounds is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Runs inside one tree (its `model` first on sys.path); prints {"train": .., "generate": ..}."""
+    import torch
+
+    from model.gpt import GPT, GPTConfig
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=args.vocab, block_size=args.context, n_layer=args.layers,
+                       n_head=args.heads, n_embd=args.width, activation="gelu_tanh")
+    model = GPT(config)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, args.vocab, (args.batch, args.context), generator=gen)
+    y = torch.randint(0, args.vocab, (args.batch, args.context), generator=gen)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        _, loss = model(x, targets=y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    train_step()  # warm-up: allocations, first-call costs
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        train_step()
+    train = args.steps * args.batch * args.context / (time.perf_counter() - start)
+
+    model.eval()
+    prompt = x[:1, :16]
+
+    @torch.no_grad()
+    def decode() -> int:
+        cache = model.new_cache(1)
+        logits, _ = model(prompt, cache=cache)
+        new = 0
+        while cache.length < min(args.context, 16 + args.tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            logits, _ = model(nxt, cache=cache)
+            new += 1
+        return new
+
+    decode()
+    start = time.perf_counter()
+    new = decode()
+    generate = new / (time.perf_counter() - start)
+    import model as package  # which tree this process measured
+
+    print(json.dumps({"train": train, "generate": generate, "tree": package.__file__}))
+
+
+def run_in(tree: Path, argv: list[str]) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", *argv],
+                         cwd=tree, env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        sys.exit(f"error: the worker in {tree} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", help="the other tree, e.g. a worktree of 978b855 (required)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--width", type=int, default=384)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=65)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per run")
+    p.add_argument("--tokens", type=int, default=200, help="generated tokens per run")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args, _ = p.parse_known_args()
+    if args.worker:
+        worker(args)
+        return
+    base = Path(args.base or "").resolve()
+    if not args.base or not (base / "model" / "gpt.py").exists():
+        sys.exit(f"error: {base} has no model/gpt.py; pass a checkout, e.g. "
+                 "`git worktree add /tmp/base978 978b855`")
+    argv = [a for a in sys.argv[1:] if not a.startswith("--base") and a != str(args.base)]
+    trees = {"hooks (this checkout)": ROOT, f"base ({base})": base}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+    for r in range(args.rounds):
+        order = list(trees.items()) if r % 2 == 0 else list(reversed(trees.items()))
+        for name, tree in order:
+            results[name].append(run_in(tree, argv))
+            print(f"round {r + 1} {name}: " + ", ".join(
+                f"{k} {v:,.0f} tok/s" for k, v in results[name][-1].items()), flush=True)
+    import torch  # only for the machine line
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import machine_line
+
+    torch.set_num_threads(args.threads)
+    print(machine_line())
+    print(f"model {args.layers}x{args.heads}x{args.width}, context {args.context}, "
+          f"batch {args.batch}; median of {args.rounds} alternating rounds; "
+          f"load {os.getloadavg()[0]:.2f}")
+    medians = {name: {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+               for name, runs in results.items()}
+    ours, theirs = medians.values()
+    for k in ours:
+        print(f"{k:9s} hooks {ours[k]:10,.0f} tok/s   base {theirs[k]:10,.0f} tok/s   "
+              f"ratio {ours[k] / theirs[k]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
