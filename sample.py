@@ -3,26 +3,30 @@
 A thin front over model.sampling.generate: parse arguments, load the model --checkpoint names
 (a smallgpt run, gpt2, a Hugging Face GPT-2 directory; see model.pretrained), print the steps
 (streamed text, a probability table with --show-probs, or JSON lines with --json), or hold a
-conversation with --interactive.
+conversation with --interactive, or a chat with a chat-tuned model with --chat (the chat
+template of model/chat.py; lines from stdin are the user's messages, piped input works too).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
+from model.chat import TURN_STOPS, render_chat
 from model.cli import load_named_model, run_cli
 from model.errors import SamplingError
 from model.pretrained import Pretrained
 from model.runtime import configure_threads, generation_threads, pick_device, pick_dtype
 from model.sampling import Step, check_sampling_args, generate
+from model.tokenizer import Tokenizer
 
 VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
 TOKEN_WIDTH = 10  # columns for a token in the --show-probs table; longer tokens are shortened
@@ -48,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per token: its probability and the K most likely alternatives")
     p.add_argument("--json", action="store_true", help="one JSON object per generated token")
     p.add_argument("--interactive", action="store_true", help="a prompt loop on stdin")
-    p.add_argument("--system", help="with --interactive: text placed before the conversation")
+    p.add_argument("--chat", action="store_true",
+                   help="a multi-turn chat in the chat template (model/chat.py): each line on "
+                        "stdin is a user message, each reply ends at the end of its turn")
+    p.add_argument("--system", help="with --chat: the system message; with --interactive: "
+                                    "text placed before the conversation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -190,6 +198,70 @@ class Conversation:
         self.turns.append((user, reply))
 
 
+def reply_steps(steps: Iterable[Step]) -> Iterator[Step]:
+    """A reply's steps with the space the template puts before every reply left out."""
+    first = True
+    for step in steps:
+        if first and step.delta:
+            step = dataclasses.replace(step, delta=step.delta.lstrip(" "))
+            first = False
+        yield step
+
+
+class ChatHistory:
+    """The messages of a --chat session, kept within the model's context.
+
+    Before each reply the oldest exchanges (a user message and its reply) are dropped until
+    the prompt leaves `reserve` tokens for the reply; the system message always stays.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, block_size: int, reserve: int,
+                 system: str | None = None) -> None:
+        self.tokenizer, self.block_size, self.reserve = tokenizer, block_size, reserve
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.turns: list[dict[str, str]] = []
+
+    def prompt(self, user: str) -> tuple[list[int], int]:
+        """Prompt ids for a reply to `user`, and how many earlier exchanges were dropped."""
+        self.turns.append({"role": "user", "content": user})
+        dropped = 0
+        while True:
+            ids = render_chat(self.system + self.turns, self.tokenizer)
+            if len(ids) + self.reserve <= self.block_size or len(self.turns) == 1:
+                return ids, dropped
+            del self.turns[:2]
+            dropped += 1
+
+    def add_reply(self, reply: str) -> None:
+        self.turns.append({"role": "assistant", "content": reply})
+
+
+def chat(loaded: Pretrained, args: argparse.Namespace, run: Callable[..., str],
+         stdin: TextIO, err: TextIO) -> None:
+    """The --chat loop: a line in, a reply out, until end of input or 'exit'."""
+    trained = loaded.config is not None and loaded.config.data.format == "chat"
+    block_size = loaded.model.config.block_size
+    history = ChatHistory(loaded.tokenizer, block_size,
+                          min(args.max_new_tokens, block_size // 4), args.system)
+    # A model never chat-trained rarely ends its turn itself: stop it when it starts the next.
+    stop = list(args.stop) + ([] if trained else list(TURN_STOPS))
+    if not trained:
+        print("note: this model was not chat-trained; replies stop at the next 'User:' line",
+              file=err)
+    print("chat: type a message and press Enter; 'exit' or end of input quits", file=err)
+    for turn, line in enumerate(read_lines(stdin, err)):
+        if line.strip() in ("exit", "quit"):
+            break
+        if not line.strip():
+            continue  # a blank line is not a message
+        ids, dropped = history.prompt(line)
+        if dropped:
+            print(f"(the conversation outgrew the {block_size}-token context: dropped the "
+                  f"{dropped} oldest exchange{'s' if dropped > 1 else ''})", file=err)
+        seed = None if args.seed is None else args.seed + turn
+        history.add_reply(run(ids, seed, stop).strip())
+
+
 def read_lines(stdin: TextIO, err: TextIO) -> Iterator[str]:
     while True:
         err.write("> ")
@@ -221,29 +293,39 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None,
                         args.num_samples, show, args.stop)
     if args.show_probs is not None and args.show_probs < 1:
         raise SamplingError(f"--show-probs must be >= 1, got {args.show_probs}")
-    if args.interactive and (args.prompt is not None or args.prompt_file is not None):
-        raise SamplingError("--interactive reads its prompts from stdin; use --system for text "
+    mode = "--chat" if args.chat else "--interactive"
+    if args.chat and args.interactive:
+        raise SamplingError("choose --chat (the chat template) or --interactive (plain text)")
+    if (args.interactive or args.chat) and (args.prompt is not None
+                                            or args.prompt_file is not None):
+        raise SamplingError(f"{mode} reads its prompts from stdin; use --system for text "
                             "placed before the conversation")
-    if args.interactive and args.num_samples != 1:
-        raise SamplingError("--interactive generates one reply at a time; drop --num-samples")
-    if args.system is not None and not args.interactive:
-        raise SamplingError("--system only applies with --interactive; put the text in --prompt")
+    if (args.interactive or args.chat) and args.num_samples != 1:
+        raise SamplingError(f"{mode} generates one reply at a time; drop --num-samples")
+    if args.system is not None and not (args.interactive or args.chat):
+        raise SamplingError("--system only applies with --chat or --interactive; put the text "
+                            "in --prompt")
     if args.threads is not None and args.threads < 1:
         raise SamplingError(f"--threads must be >= 1, got {args.threads}")
     configure_threads(args.threads or generation_threads())
-    prompt = "" if args.interactive else read_prompt(args, stdin)
+    prompt = "" if args.interactive or args.chat else read_prompt(args, stdin)
     loaded = load_model(args, err)
 
-    def run(text: str, seed: int | None, stop: list[str]) -> str:
-        printer = Printer(out, "" if args.interactive else text, args.num_samples,
-                          args.show_probs, args.json)
+    def run(text: str | list[int], seed: int | None, stop: list[str]) -> str:
+        printer = Printer(out, text if isinstance(text, str) and not args.interactive else "",
+                          args.num_samples, args.show_probs, args.json)
         steps = generate(loaded.model, loaded.tokenizer, text, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          seed=seed, stop=stop, num_samples=args.num_samples,
                          show_top=show or (5 if args.json else 0),
                          warn=lambda message: print(f"warning: {message}", file=err))
+        if args.chat:
+            steps = reply_steps(steps)
         return "".join(step.delta for step in printer(steps) if step.sample == 0)
 
+    if args.chat:
+        chat(loaded, args, run, stdin, err)
+        return 0
     if not args.interactive:
         run(prompt, args.seed, args.stop)
         return 0

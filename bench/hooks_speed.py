@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Runs inside one tree (its `model` first on sys.path); prints {"train": .., "generate": ..}."""
+    """Runs inside one tree (its `model` first on sys.path); prints the figures as JSON."""
     import torch
 
     from model.gpt import GPT, GPTConfig

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from torch import nn
 from .config import Config, config_from_dict
 from .errors import CheckpointError, SmallGPTError
 from .files import fsync_dir, fsync_file, write_json_atomic
-from .gpt import GPT
+from .gpt import GPT, GPTConfig
 from .tokenizer import Tokenizer, tokenizer_from_spec
 
 FORMAT_VERSION = 1
@@ -169,9 +170,13 @@ def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
             f"checkpoint {str(ckpt)!r}: stored config is invalid: {exc}") from exc
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    model_class: Callable[[GPTConfig], nn.Module] = GPT) -> Checkpoint:
     """Rebuild model and tokenizer from a checkpoint or run directory, ready for eval().
     Every error, for a missing or a damaged checkpoint, lists the checkpoints that exist.
+
+    `model_class` builds the network from the stored GPTConfig: pass your GPT subclass (or
+    module) for a checkpoint trained with one. The checkpoint itself never names code to run.
 
     `path` may also name OpenAI's GPT-2 as everywhere else: gpt2, gpt2-medium, gpt2-large,
     gpt2-xl or a Hugging Face GPT-2 directory (model/pretrained.py reads those).
@@ -188,7 +193,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         except SmallGPTError as exc:
             raise CheckpointError(
                 f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from exc
-        model = GPT(config.model)
+        model = model_class(config.model)
         load_weights(model, ckpt, device)
         state = load_state(ckpt)
     except CheckpointError as exc:
@@ -198,15 +203,41 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 
 
 def load_weights(model: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
-    """Fill `model` with a checkpoint's weights; a damaged file or a shape that does not fit
-    the model is a CheckpointError."""
+    """Fill `model` with a checkpoint's weights. A damaged file, a tensor of another shape, or
+    names that do not match the model's (saying which) are each a CheckpointError."""
     try:
-        load_model(model, str(Path(path) / WEIGHTS), strict=True, device=str(device))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        missing, unexpected = load_model(model, str(Path(path) / WEIGHTS), strict=False,
+                                         device=str(device))
+    except RuntimeError as exc:  # load_state_dict: "size mismatch for <name>: ..."
+        mismatch = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        if not mismatch:
+            raise _damaged(path, exc) from exc
         raise CheckpointError(
-            f"checkpoint {str(path)!r}: {WEIGHTS} is truncated, corrupt or of another shape "
-            f"({reason}); use another checkpoint, e.g. the run's best/") from exc
+            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
+            f"{'; '.join(mismatch)[:300]}; build the model with the shape it was saved with"
+        ) from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _damaged(path, exc) from exc
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
+            f"{_names('missing', missing)}{_names('unexpected', unexpected)}"
+            "load it with the model class it was trained with (model_class=...)")
+
+
+def _names(what: str, names: list[str] | set[str]) -> str:
+    """'missing keys a, b (2); ' naming at most five, or '' for none."""
+    if not names:
+        return ""
+    ordered = sorted(names)
+    shown = ", ".join(ordered[:5]) + (", ..." if len(ordered) > 5 else "")
+    return f"{what} keys {shown} ({len(ordered)}); "
+
+
+def _damaged(path: str | Path, exc: BaseException) -> CheckpointError:
+    reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    return CheckpointError(f"checkpoint {str(path)!r}: {WEIGHTS} is truncated or corrupt "
+                           f"({reason}); use another checkpoint, e.g. the run's best/")
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

@@ -34,14 +34,20 @@ OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DATA_FORMATS = ("text", "chat")
 
 
 @dataclass
 class DataConfig:
     """Where the text comes from and how it becomes tokens."""
 
-    # "shakespeare" (the embedded corpus), a .txt file, a directory, a glob, or "hf:NAME"
+    # "shakespeare" (the embedded corpus), a .txt file, a directory, a glob, or "hf:NAME";
+    # with format "chat": JSON-lines records, a directory of them, "hf:NAME", or
+    # "shakespeare-chat" (the offline demo set, model/chat_demo.py)
     source: str = "shakespeare"
+    # "text": documents, loss on every token; "chat": conversations ({"messages": [...]} or
+    # Alpaca records), loss on the assistant's replies only (model/chat_data.py)
+    format: str = "text"
     hf_config: str | None = None  # hub datasets only: the dataset's config name
     hf_split: str = "train"
     text_column: str = "text"
@@ -58,6 +64,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         prefix = "data"
         check_choice(f"{prefix}.tokenizer", self.tokenizer, TOKENIZER_NAMES)
+        check_choice(f"{prefix}.format", self.format, DATA_FORMATS)
         if self.tokenizer == "bpe" and self.bpe_vocab_size < MIN_BPE_VOCAB:
             raise ConfigError(
                 f"{prefix}.bpe_vocab_size: {self.bpe_vocab_size} is too small; it needs at least "

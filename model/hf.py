@@ -16,12 +16,23 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, ConfigError
 from .gpt import GPT, GPTConfig, rope_tables
+from .hf_rotary import (
+    FAMILIES,
+    config_from_rotary,
+    rotary_config,
+    rotary_family,
+    rotary_state,
+    rotary_to_ours,
+)
+from .hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
+from .tokenizer import Tokenizer
 
 # Per block: (our module, Hugging Face module). The blocks live under `blocks.i` / `h.i`.
 BLOCK_NAMES = (
@@ -36,8 +47,9 @@ TOP_NAMES = (("tok_emb", "wte"), ("pos_emb", "wpe"), ("norm_f", "ln_f"))
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # weights stored transposed
 
 # Hugging Face activation names and ours. gelu_new and gelu_pytorch_tanh are both the tanh form.
-ACTIVATIONS_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
-ACTIVATIONS_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+ACTIVATIONS_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                  "relu2": "relu2"}
+ACTIVATIONS_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu2": "relu2"}
 GPT2_VOCAB = 50257  # the GPT-2 tokenizer, whose last token (50256) is <|endoftext|>
 
 
@@ -64,17 +76,18 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _read_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_hf_config(directory: Path, what: str = "Hugging Face") -> dict:
+    """config.json of a Hugging Face model directory, checked to be a JSON object."""
     if not directory.exists():
-        raise CheckpointError(f"GPT-2 checkpoint {str(directory)!r} does not exist")
+        raise CheckpointError(f"{what} checkpoint {str(directory)!r} does not exist")
     if not directory.is_dir():
         raise CheckpointError(
-            f"GPT-2 checkpoint {str(directory)!r} is not a directory; pass the folder that holds "
-            "config.json and model.safetensors"
+            f"{what} checkpoint {str(directory)!r} is not a directory; pass the folder that "
+            "holds config.json and model.safetensors"
         )
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise CheckpointError(f"GPT-2 checkpoint {str(directory)!r} has no config.json")
+        raise CheckpointError(f"{what} checkpoint {str(directory)!r} has no config.json")
     try:
         hf_config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -83,15 +96,16 @@ def _read_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
         ) from exc
     if not isinstance(hf_config, dict):
         raise CheckpointError(f"{str(config_path)!r} must hold a JSON object")
-    if hf_config.get("model_type", "gpt2") != "gpt2":
-        raise CheckpointError(
-            f"{str(directory)!r} holds a {hf_config['model_type']!r} model, not GPT-2"
-        )
+    return hf_config
+
+
+def read_hf_weights(directory: Path, what: str = "Hugging Face") -> dict[str, torch.Tensor]:
+    """The state dict of model.safetensors, or of the older pytorch_model.bin."""
     safetensors_path, bin_path = directory / "model.safetensors", directory / "pytorch_model.bin"
     path = safetensors_path if safetensors_path.is_file() else bin_path
     if not path.is_file():
         raise CheckpointError(
-            f"GPT-2 checkpoint {str(directory)!r} has neither model.safetensors nor "
+            f"{what} checkpoint {str(directory)!r} has neither model.safetensors nor "
             "pytorch_model.bin"
         )
     try:
@@ -108,11 +122,20 @@ def _read_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
         ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} does not hold a state dict")
-    return state, hf_config
+    return state
 
 
-def _check_hf_config(hf_config: dict) -> tuple[str, float]:
-    """Reject GPT-2 variants our model does not compute; return (activation, norm_eps)."""
+def _read_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    hf_config = read_hf_config(directory, "GPT-2")
+    if hf_config.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(
+            f"{str(directory)!r} holds a {hf_config['model_type']!r} model, not GPT-2"
+        )
+    return read_hf_weights(directory, "GPT-2"), hf_config
+
+
+def _check_hf_config(hf_config: dict) -> tuple[str, float, bool]:
+    """Reject GPT-2 variants our model does not compute; return (activation, norm_eps, tied)."""
     name = hf_config.get("activation_function", "gelu_new")
     if name not in ACTIVATIONS_IN:
         raise ConfigError(
@@ -123,14 +146,13 @@ def _check_hf_config(hf_config: dict) -> tuple[str, float]:
         raise ConfigError("config.json scale_attn_weights=false: smallgpt scales by 1/sqrt(d)")
     if hf_config.get("scale_attn_by_inverse_layer_idx", False):
         raise ConfigError("config.json scale_attn_by_inverse_layer_idx=true is not supported")
-    if not hf_config.get("tie_word_embeddings", True):
-        raise ConfigError("config.json tie_word_embeddings=false: GPT-2 import needs tied W_E/W_U")
     if hf_config.get("add_cross_attention", False):
         raise ConfigError("config.json add_cross_attention=true: cross-attention is not supported")
-    return ACTIVATIONS_IN[name], float(hf_config.get("layer_norm_epsilon", 1e-5))
+    return (ACTIVATIONS_IN[name], float(hf_config.get("layer_norm_epsilon", 1e-5)),
+            bool(hf_config.get("tie_word_embeddings", True)))
 
 
-def _to_our_layout(state: dict, owned: bool) -> dict[str, torch.Tensor]:
+def _to_our_layout(state: dict, owned: bool, tied: bool = True) -> dict[str, torch.Tensor]:
     """Our names, with Conv1D weights turned into nn.Linear's (out, in) layout, float32.
 
     Converts one tensor at a time. A state read from disk (`owned`) is emptied as it goes, so
@@ -142,9 +164,9 @@ def _to_our_layout(state: dict, owned: bool) -> dict[str, torch.Tensor]:
         tensor = state.pop(hf_key) if owned else state[hf_key]
         key = hf_key.removeprefix("transformer.")
         # Causal-mask buffers of older transformers versions, and the head tied to wte.
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or (tied and key == "lm_head.weight"):
             continue
-        name = _hf_to_ours(key)
+        name = "lm_head.weight" if key == "lm_head.weight" else _hf_to_ours(key)
         if name is None:
             raise CheckpointError(f"GPT-2 state dict has an unexpected tensor {key!r}")
         if not isinstance(tensor, torch.Tensor):
@@ -185,8 +207,9 @@ def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
         if n_head is not None and n_head != saved:
             raise ConfigError(f"n_head={n_head} disagrees with config.json n_head={saved}")
         n_head = saved
-    activation, norm_eps = _check_hf_config(hf_config)
-    ours = _to_our_layout(state, owned)
+    activation, norm_eps, tied = _check_hf_config(hf_config)
+    ours = _to_our_layout(state, owned, tied)
+
     for required in ("tok_emb.weight", "pos_emb.weight", "blocks.0.mlp.fc.weight"):
         if required not in ours:
             raise CheckpointError(f"GPT-2 state dict lacks {required!r} (HF name for it missing)")
@@ -208,9 +231,9 @@ def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
         norm="layernorm",
         norm_eps=norm_eps,
         activation=activation,
-        bias=True,
+        bias=True,  # a bias=False model comes back with its zero biases: the same function
         dropout=0.0,
-        tie_embeddings=True,
+        tie_embeddings=tied,
     )
     for key, value in (("vocab_size", config.vocab_size), ("n_positions", config.block_size),
                        ("n_embd", config.n_embd), ("n_layer", config.n_layer)):
@@ -221,7 +244,8 @@ def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
     # the loaded weights replace. (GPT-2 has learned positions: no rotary buffer is left behind.)
     with torch.device("meta"):
         model = GPT(config)
-    ours["lm_head.weight"] = ours["tok_emb.weight"]  # tied: the same tensor under both names
+    if tied:
+        ours["lm_head.weight"] = ours["tok_emb.weight"]  # the same tensor under both names
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
     if missing:
@@ -253,55 +277,54 @@ def assign_weights(model: GPT, state: dict[str, torch.Tensor]) -> GPT:
     return model
 
 
-def _check_expressible(config: GPTConfig) -> None:
-    """GPT-2 is one point in our design space; name the first property that leaves it."""
+def gpt2_blockers(config: GPTConfig) -> list[str]:
+    """Every setting of `config` that GPT2LMHeadModel cannot compute exactly (empty: none).
+
+    Missing biases are no blocker (they are written as zeros), nor is an untied head or any
+    plain activation transformers knows (GPT2MLP looks activation_function up in ACT2FN).
+    """
     problems = (
         (config.pos_emb != "learned", f"model.pos_emb={config.pos_emb!r} (GPT-2 has learned "
                                       "absolute positions)"),
         (config.norm != "layernorm", f"model.norm={config.norm!r} (GPT-2 uses LayerNorm)"),
-        (not config.bias, "model.bias=False (GPT-2 has biases in every linear layer and norm)"),
-        (not config.tie_embeddings, "model.tie_embeddings=False (GPT-2 ties W_U to W_E)"),
         (config.qk_norm, "model.qk_norm=True (GPT-2 has no query/key norms)"),
         (config.activation not in ACTIVATIONS_OUT,
-         f"model.activation={config.activation!r} (GPT-2 supports gelu and gelu_tanh)"),
+         f"model.activation={config.activation!r} (GPT-2's MLP is not gated)"),
         (config.kv_heads != config.n_head, f"model.n_kv_head={config.n_kv_head} "
                                            f"(GPT-2 has one key/value head per query head)"),
     )
-    for bad, what in problems:
-        if bad:
-            raise ConfigError(f"cannot export to GPT-2: {what}")
+    return [what for bad, what in problems if bad]
 
 
-def save_hf_gpt2(model: GPT, directory: str | Path) -> Path:
-    """Write `model` as a Hugging Face GPT-2 directory: config.json and model.safetensors.
-
-    Raises ConfigError naming the property when the model is not GPT-2 shaped (rotary positions,
-    RMSNorm, no biases, untied head, QK norm, SwiGLU/ReLU², grouped-query attention).
-    """
-    config = model.config
-    _check_expressible(config)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-
+def _gpt2_state(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under GPT2LMHeadModel's names; a model without biases gets zero ones."""
+    config, ours = model.config, model.state_dict()
+    if not config.bias:
+        for name, module in model.named_modules():
+            if hasattr(module, "weight") and getattr(module, "bias", 0) is None and name not in (
+                    "tok_emb", "pos_emb", "lm_head"):
+                ours[f"{name}.bias"] = torch.zeros(module.weight.shape[0])
     state: dict[str, torch.Tensor] = {}
     ours_to_hf = dict(TOP_NAMES)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied to wte; GPT2LMHeadModel re-ties it on load
+    for name, tensor in ours.items():
         module, _, param = name.rpartition(".")
-        if module.startswith("blocks."):
+        if name == "lm_head.weight":
+            if config.tie_embeddings:
+                continue  # GPT2LMHeadModel re-ties it to wte on load
+            key = name
+        elif module.startswith("blocks."):
             _, index, rest = module.split(".", 2)
-            hf_module = f"h.{index}.{dict(BLOCK_NAMES)[rest]}"
+            key = f"transformer.h.{index}.{dict(BLOCK_NAMES)[rest]}.{param}"
         else:
-            hf_module = ours_to_hf[module]
-        key = f"transformer.{hf_module}.{param}"
+            key = f"transformer.{ours_to_hf[module]}.{param}"
         tensor = tensor.detach().cpu()
         # safetensors needs contiguous tensors that share no memory with one another.
         state[key] = (tensor.t() if _is_conv1d_weight(key) else tensor).contiguous().clone()
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return state
 
-    end_of_text = GPT2_VOCAB - 1 if config.vocab_size == GPT2_VOCAB else None
-    hf_config = {
+
+def gpt2_config(config: GPTConfig, eot_id: int | None) -> dict:
+    return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": config.vocab_size,
@@ -318,9 +341,105 @@ def save_hf_gpt2(model: GPT, directory: str | Path) -> Path:
         "attn_pdrop": config.dropout,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
-        "tie_word_embeddings": True,
-        "bos_token_id": end_of_text,
-        "eos_token_id": end_of_text,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
     }
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+
+
+def save_hf_gpt2(model: GPT, directory: str | Path, eot_id: int | None = None) -> Path:
+    """Write `model` as a Hugging Face GPT-2 directory: config.json and model.safetensors.
+
+    Raises ConfigError listing every setting GPT-2 cannot compute (rotary positions, RMSNorm,
+    QK norm, SwiGLU, grouped-query attention). `eot_id` defaults to GPT-2's end-of-text for
+    a model of GPT-2's vocabulary size.
+    """
+    config = model.config
+    blockers = gpt2_blockers(config)
+    if blockers:
+        raise ConfigError(f"cannot export to GPT-2: {'; '.join(blockers)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(_gpt2_state(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if eot_id is None and config.vocab_size == GPT2_VOCAB:
+        eot_id = GPT2_VOCAB - 1
+    text = json.dumps(gpt2_config(config, eot_id), indent=2) + "\n"
+    (directory / "config.json").write_text(text, encoding="utf-8")
     return directory
+
+
+# -- every architecture: the choice, the writer and the reader -----------------------------------
+
+def hf_architecture(config: GPTConfig) -> str:
+    """The transformers model_type that computes exactly what a model of `config` computes:
+    gpt2 for learned positions, else a rotary family (model/hf_rotary.py). Raises one
+    ConfigError listing every setting that keeps the closest architecture from it."""
+    if config.pos_emb == "learned":
+        family, blockers = "gpt2", gpt2_blockers(config)
+    else:
+        family, blockers = rotary_family(config)
+    if blockers:
+        name = "GPT2LMHeadModel" if family == "gpt2" else FAMILIES[family].architecture
+        raise ConfigError(f"cannot export exactly: no transformers architecture computes this "
+                          f"model; the closest, {name}, lacks {len(blockers)} of its settings: "
+                          f"{'; '.join(blockers)}")
+    return family
+
+
+def save_hf(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = None) -> str:
+    """Write `model` (and `tokenizer`) as a Hugging Face directory that transformers' Auto
+    classes load: config.json, model.safetensors, generation_config.json and the tokenizer
+    files. Returns the model_type written; ConfigError (before anything is written) when no
+    architecture computes the model exactly."""
+    config = model.config
+    family = hf_architecture(config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    eot = tokenizer.eot_id if tokenizer is not None else None
+    if family == "gpt2":
+        state, hf_config = _gpt2_state(model), gpt2_config(config, eot)
+    else:
+        state, hf_config = rotary_state(model, family), rotary_config(config, family, eot)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    hf_config["dtype"] = str(model.tok_emb.weight.dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n",
+                                           encoding="utf-8")
+    generation = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n",
+                                                      encoding="utf-8")
+    if tokenizer is not None:
+        save_hf_tokenizer(tokenizer, directory, config.block_size)
+    return family
+
+
+class LoadedHF(NamedTuple):
+    model: GPT
+    tokenizer: Tokenizer
+    model_type: str  # config.json's: gpt2, llama, qwen3, arcee or apertus
+
+
+def load_hf(directory: str | Path) -> LoadedHF:
+    """A GPT and its tokenizer from a Hugging Face directory of any architecture we write
+    (gpt2, llama, qwen3, arcee, apertus), chosen by config.json's model_type. The tokenizer
+    comes from tokenizer.json (char or byte-level BPE as we write them); GPT-2's otherwise."""
+    directory = Path(directory)
+    hf_config = read_hf_config(directory)
+    family = hf_config.get("model_type", "gpt2")
+    if family == "gpt2":
+        model = load_hf_gpt2(directory)
+    elif family in FAMILIES:
+        config = config_from_rotary(hf_config)
+        ours = rotary_to_ours(read_hf_weights(directory), config, family)
+        with torch.device("meta"):
+            model = GPT(config)
+        expected = model.state_dict()
+        for name, tensor in ours.items():
+            if tensor.shape != expected[name].shape:
+                raise CheckpointError(f"{family} tensor for {name!r} has shape "
+                                      f"{tuple(tensor.shape)}, expected "
+                                      f"{tuple(expected[name].shape)}")
+        model = assign_weights(model, ours)
+    else:
+        raise CheckpointError(f"{str(directory)!r} holds a {family!r} model; smallgpt reads "
+                              f"gpt2, {', '.join(FAMILIES)}")
+    return LoadedHF(model, load_hf_tokenizer(directory), family)

@@ -1,7 +1,11 @@
 """Optimizers and the learning-rate schedule.
 
-AdamW decays matrices only: biases and norm gains are offsets and scales, and pulling them
-towards zero only hurts (as in GPT-3's and nanoGPT's set-ups). With `optimizer: muon`, the
+Weight decay, for any module: a trainable parameter with two or more dimensions (a weight
+matrix, an embedding table, a convolution kernel) decays; one with fewer (a bias, a norm's gain)
+does not: those are offsets and scales, and pulling them towards zero only hurts (as in GPT-3's
+and nanoGPT's set-ups). Frozen parameters (requires_grad=False) are left out of the optimizer.
+The rule reads only shapes, so it holds for a GPT subclass or a module of your own alike. With
+`optimizer: muon`, the
 hidden 2-D weights of the blocks use Muon (orthogonalised momentum; Jordan et al., 2024) and
 everything else (embeddings, head, norms, biases) keeps AdamW, as Muon's authors recommend.
 
@@ -66,22 +70,32 @@ def _is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
     return param.ndim == 2 and name.startswith("blocks.")
 
 
+def decays(param: nn.Parameter) -> bool:
+    """The weight-decay rule (see the module docstring): matrices and tables, not vectors."""
+    return param.ndim >= 2
+
+
+def weight_decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Two parameter groups: those that decay (at `weight_decay`) and those that do not."""
+    return [
+        {"params": [p for p in params if decays(p)], "weight_decay": weight_decay},
+        {"params": [p for p in params if not decays(p)], "weight_decay": 0.0},
+    ]
+
+
 Optimizer = torch.optim.Optimizer | CombinedOptimizer
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizer:
-    """AdamW (fused kernels on CUDA) or Muon + AdamW (its group marked `muon`)."""
-    params = dict(model.named_parameters())  # a tied W_E/W_U appears once
+    """AdamW (fused kernels on CUDA) or Muon + AdamW (its group marked `muon`), over the
+    trainable parameters of `model`."""
+    # named_parameters lists a tied W_E/W_U once.
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     muon = cfg.optimizer == "muon"
     hidden = [p for n, p in params.items() if muon and _is_hidden_matrix(n, p)]
     hidden_ids = {id(p) for p in hidden}
-    rest = [(n, p) for n, p in params.items() if id(p) not in hidden_ids]
-    decay = [p for _, p in rest if p.ndim >= 2]
-    no_decay = [p for _, p in rest if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    rest = [p for p in params.values() if id(p) not in hidden_ids]
+    groups = weight_decay_groups(rest, cfg.weight_decay)
     # Fused AdamW updates every tensor in one kernel, on CUDA and on the CPU; on the CPU it cut
     # nanoGPT's shakespeare_char step from 45 to 40 ms here (bench/train_speed.py).
     fused = device.type in ("cuda", "cpu")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -40,6 +40,9 @@ from .tokenizer import (
     tokenizer_from_spec,
     train_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from .chat_data import ChatData
 
 FORMAT_VERSION = 1  # bump when a change here alters the token files, so old caches rebuild
 SPLITS = ("train", "val")
@@ -334,13 +337,18 @@ def _check_windows(data: PreparedData, block_size: int) -> None:
 
 
 def prepare_data(cfg: DataConfig, block_size: int, progress: bool = True,
-                 tokenizer: Tokenizer | None = None) -> PreparedData:
+                 tokenizer: Tokenizer | None = None) -> PreparedData | ChatData:
     """Tokenize cfg.source into <cfg.cache_dir>/<fingerprint>/, or reuse a complete cache there.
 
     The tokenizer is cfg.tokenizer's (trained on the corpus for char and bpe) unless one is
     given: fine-tuning encodes the new corpus with the pretrained model's own tokenizer.
     Raises DataError / TokenizerError with a one-line message for every bad input.
+    data.format "chat" prepares conversations with a loss mask instead (model/chat_data.py).
     """
+    if cfg.format == "chat":
+        from .chat_data import prepare_chat  # it builds on this module
+
+        return prepare_chat(cfg, block_size, progress, tokenizer)
     if not 0.0 < cfg.val_fraction < 1.0:
         raise DataError(f"data.val_fraction must be between 0 and 1, got {cfg.val_fraction}")
     corpus = open_corpus(cfg.source, cfg.hf_config, cfg.hf_split, cfg.text_column)

@@ -23,8 +23,8 @@ from .checkpoint import Checkpoint, find_checkpoints, load_checkpoint
 from .config import Config, DataConfig
 from .errors import CheckpointError
 from .gpt import GPT
-from .hf import load_hf_gpt2
-from .tokenizer import GPT2Tokenizer, Tokenizer
+from .hf import load_hf
+from .tokenizer import Tokenizer
 
 HUB_NAMES = {name: f"openai-community/{name}"
              for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -55,14 +55,17 @@ def load_model(name: str | None = None, device: str | torch.device = "cpu",
         name = str(found[0])
     if name in HUB_NAMES:
         directory = hub_snapshot(name)
-        model = load_hf_gpt2(directory).to(device).eval()
-        return Pretrained(model, GPT2Tokenizer(), "gpt2", directory,
+        model, tokenizer, _ = load_hf(directory)
+        model = model.to(device).eval()
+        return Pretrained(model, tokenizer, "gpt2", directory,
                           f"{name} ({HUB_NAMES[name]}, {_params(model)}) from {directory}")
     path = Path(name)
     if is_hf_directory(path):
-        model = load_hf_gpt2(path).to(device).eval()
-        return Pretrained(model, GPT2Tokenizer(), "gpt2", path,
-                          f"GPT-2 weights ({_params(model)}) from {path}")
+        model, tokenizer, model_type = load_hf(path)
+        model = model.to(device).eval()
+        what = "GPT-2" if model_type == "gpt2" else model_type
+        return Pretrained(model, tokenizer, "gpt2", path,
+                          f"{what} weights ({_params(model)}) from {path}")
     ckpt = load_checkpoint(path, device)
     step = ckpt.state.get("step")
     return Pretrained(ckpt.model, ckpt.tokenizer, "smallgpt", ckpt.path,
@@ -79,7 +82,7 @@ def load_gpt2_checkpoint(name: str | Path, device: str | torch.device = "cpu") -
     """GPT-2 weights as `checkpoint.load_checkpoint` returns a smallgpt run: model, tokenizer,
     a config holding their shape and tokenizer name, and no training state."""
     loaded = load_model(str(name), device)
-    config = Config(model=loaded.model.config, data=DataConfig(tokenizer="gpt2"),
+    config = Config(model=loaded.model.config, data=DataConfig(tokenizer=loaded.tokenizer.name),
                     name=Path(name).name)
     return Checkpoint(model=loaded.model, tokenizer=loaded.tokenizer, config=config,
                       path=loaded.path)

@@ -1,10 +1,14 @@
 """Text generation: temperature, top-k and top-p sampling over a KV cache, one token at a time.
 
-    prompt -> tokens -> prefill the cache -> per step: last logits -> temperature -> top-k ->
-    top-p -> softmax -> seeded draw -> Step(token, its probability, the top alternatives)
+    prompt -> tokens -> prefill the cache -> per step: last logits -> logits processors ->
+    temperature -> top-k -> top-p -> softmax -> seeded draw -> Step(token, its probability,
+    the top alternatives, optionally the raw logits)
 
 `generate` yields a `Step` for every new token of every sample, so a caller can stream the text,
-print the distribution behind each choice, or collect the tokens for research.
+print the distribution behind each choice, or collect the tokens for research. Research code can
+change the logits before the draw with a logits processor, `fn(ids, logits) -> logits`: it sees
+every token so far (the prompt and all generated tokens, also those the context window has moved
+past) and the logits (B, V) of the step; `repetition_penalty` is one.
 
 The context window. The model sees at most `block_size` tokens. Re-running the whole window for
 every new token (a sliding window) would throw the cache away at each step, so once the window is
@@ -49,6 +53,29 @@ class Step:
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (token, text, prob)
     delta: str = ""
     finished: str | None = None  # None while going on, else "stop", "eot" or "length"
+    # The model's logits (V,) that this token was chosen from, before any logits processor,
+    # temperature or filtering; only with generate(..., with_logits=True), else None.
+    logits: torch.Tensor | None = None
+
+
+# A logits processor: fn(ids (B, t), logits (B, V)) -> logits (B, V). ids holds the prompt and
+# every token generated so far for each sample; the result replaces the logits of the step.
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def repetition_penalty(penalty: float) -> LogitsProcessor:
+    """A logits processor that makes every token already in the sequence (prompt included)
+    less likely: its logit is divided by `penalty` when positive, multiplied when negative,
+    as in CTRL (Keskar et al., 2019, section 4.1). penalty 1 changes nothing."""
+    if not penalty > 0 or penalty == float("inf"):
+        raise SamplingError(f"the repetition penalty must be a number > 0, got {penalty}")
+
+    def apply(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        seen = logits.gather(-1, ids)  # (B, t): a token seen twice is gathered twice, same value
+        seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+        return logits.scatter(-1, ids, seen)
+
+    return apply
 
 
 def check_sampling_args(temperature: float = 1.0, top_k: int | None = None,
@@ -154,9 +181,18 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size:
     tokens with a warning (on_overflow="crop": generation only needs the latest context), or
     refused with a ConfigError (on_overflow="error": analysis reports on every prompt token).
     """
+    return crop_prompt(prompt_tokens(tokenizer, prompt), block_size, on_overflow, warn)
+
+
+def prompt_tokens(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """The prompt's tokens, all of them; an empty prompt is the end-of-text token."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-    if not ids:
-        ids = [tokenizer.eot_id]
+    return ids or [tokenizer.eot_id]
+
+
+def crop_prompt(ids: list[int], block_size: int, on_overflow: Literal["crop", "error"] = "crop",
+                warn: Callable[[str], None] | None = None) -> list[int]:
+    """ids if they fit the context, else their last block_size (see encode_prompt)."""
     if len(ids) <= block_size:
         return ids
     message = (f"the prompt has {len(ids)} tokens, more than the context size "
@@ -176,7 +212,9 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int]
              top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
              num_samples: int = 1, show_top: int = 5, use_cache: bool = True,
              window_shift: int | None = None, ignore_eot: bool = False,
-             warn: Callable[[str], None] | None = None) -> Iterator[Step]:
+             warn: Callable[[str], None] | None = None,
+             logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+             with_logits: bool = False) -> Iterator[Step]:
     """Generate `num_samples` continuations of `prompt` side by side (one batch), yielding a
     Step per new token per sample, in sample order within each position.
 
@@ -187,6 +225,13 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int]
     moves when it is full; see the module docstring. `ignore_eot` keeps going past end-of-text
     (for benchmarks). The model is in eval mode until the generator ends.
 
+    `logits_processor` (one, or several applied in order) rewrites each step's logits before the
+    temperature and the draw: it is called as fn(ids, logits) with ids (B, t), the prompt (all of
+    it, even if longer than the context) and every token generated so far, and the float32
+    logits (B, V), its own copy; finished samples ride along in the batch. `prob` and `top` then
+    describe the processed distribution. `with_logits` puts the model's raw logits of each step
+    on its Step (before processors, temperature and filtering; in the model's dtype).
+
     Arguments are checked here, before the first step, so bad values fail at the call.
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens, num_samples, show_top, stop)
@@ -194,17 +239,29 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int]
     shift = window_shift if window_shift is not None else max(1, block_size // 4)
     if not 1 <= shift <= block_size:
         raise SamplingError(f"window shift must be in [1, block_size={block_size}], got {shift}")
-    ids = encode_prompt(tokenizer, prompt, block_size, warn=warn)
+    if logits_processor is None:
+        processors: tuple[LogitsProcessor, ...] = ()
+    elif callable(logits_processor):
+        processors = (logits_processor,)
+    else:
+        processors = tuple(logits_processor)
+    for fn in processors:
+        if not callable(fn):
+            raise SamplingError(f"a logits processor must be callable, got {fn!r}")
+    history = prompt_tokens(tokenizer, prompt)
+    ids = crop_prompt(history, block_size, warn=warn)
     return _generate(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed,
                      tuple(stop), num_samples, show_top, use_cache, block_size + 1 - shift,
-                     None if ignore_eot else tokenizer.eot_id)
+                     None if ignore_eot else tokenizer.eot_id, processors,
+                     history if processors else [], with_logits)
 
 
 @torch.inference_mode()  # as a decorator it is switched on only while the generator runs
 def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], max_new_tokens: int,
               temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
               stop: tuple[str, ...], num_samples: int, show_top: int, use_cache: bool,
-              keep: int, eot: int | None) -> Iterator[Step]:
+              keep: int, eot: int | None, processors: tuple[LogitsProcessor, ...],
+              history_ids: list[int], with_logits: bool) -> Iterator[Step]:
     if max_new_tokens == 0:
         return
     device = next(model.parameters()).device
@@ -218,11 +275,28 @@ def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], max_new_to
     model.eval()
     cache = model.new_cache(num_samples) if use_cache else None
     window = torch.tensor([ids] * num_samples, device=device)  # (B, T): what the model sees
+    if processors:
+        # Every token so far, for the processors: unlike the window it never drops any.
+        history = torch.empty(num_samples, len(history_ids) + max_new_tokens, dtype=torch.long,
+                              device=device)
+        history[:, :len(history_ids)] = torch.tensor(history_ids, device=device)
+        seen = len(history_ids)
     streams = [TextStream(tokenizer, stop) for _ in range(num_samples)]
     alive = [True] * num_samples
     try:
         logits = model(window, cache=cache)[0][:, -1]  # prefill: the whole prompt at once
+        raw_shape = logits.shape
         for index in range(max_new_tokens):
+            # Its own copy: a view would keep the whole forward pass's (B, T, V) logits alive.
+            raw = logits.clone() if with_logits else None
+            if processors:
+                logits = logits.to(torch.float32, copy=True)  # the processors' own copy
+                for fn in processors:
+                    logits = fn(history[:, :seen], logits)
+                    if not isinstance(logits, torch.Tensor) or logits.shape != raw_shape:
+                        raise SamplingError(f"the logits processor {fn!r} must return a tensor "
+                                            f"of shape {tuple(raw_shape)}, got "
+                                            f"{getattr(logits, 'shape', type(logits).__name__)}")
             tokens, probs = sample_next(logits, temperature, top_k, top_p, generator)
             chosen = probs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
             if show_top:
@@ -242,9 +316,12 @@ def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], max_new_to
                 top = ([(t, tokenizer.token_text(t), p) for t, p in zip(top_ids[b], top_probs[b])
                         if p > 0] if show_top else [])
                 yield Step(b, index, token, tokenizer.token_text(token), chosen[b], top, delta,
-                           finished)
+                           finished, raw[b] if raw is not None else None)
             if not any(alive):
                 return
+            if processors:
+                history[:, seen] = tokens
+                seen += 1
             window = torch.cat((window, tokens[:, None]), dim=1)
             if window.size(1) > block_size:
                 # The window is full: move it on by `shift` tokens, refilling the cache in one pass.

@@ -20,7 +20,6 @@ from model.errors import ConfigError, DataError
 from model.prepare import TASK_CHARS, load_prepared, plan_split, prepare_data, training_text
 from model.tokenizer import safe_pieces, train_tokenizer
 
-TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 VERSE = ("ROMEO:\nBut, soft! what light through yonder window breaks?\n"
          "It is the east, and Juliet is the sun.\n\n"
          "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n\n")
@@ -300,10 +299,7 @@ def test_bpe_prepare_round_trips(tmp_path: Path) -> None:
     assert data.bytes_per_token("train") > 1.5
 
 
-def test_gpt2_prepare_uses_known_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not TIKTOKEN_CACHE.is_dir():
-        pytest.skip(f"GPT-2 vocabulary files not found at {TIKTOKEN_CACHE} (../shared absent)")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+def test_gpt2_prepare_uses_known_ids(tmp_path: Path, gpt2_vocabulary) -> None:
     write(tmp_path / "docs" / "a.txt", "Hello world")
     write(tmp_path / "docs" / "b.txt", "Hello world, again and again and again." * 30)
     data = prepare_data(cfg_for(tmp_path / "docs", tmp_path, tokenizer="gpt2", val_fraction=0.3),

@@ -261,11 +261,11 @@ def test_a_group_the_caller_started_stays_open(tmp_path, monkeypatch):
 ])
 def test_token_files_are_prepared_by_one_process_at_a_time_per_machine(monkeypatch, rank,
                                                                        local_rank, order):
-    from model import training
+    from model import run_setup
 
     seen: list[str] = []
-    monkeypatch.setattr(training, "prepare_data", lambda *args: seen.append("prepare") or args)
+    monkeypatch.setattr(run_setup, "prepare_data", lambda *args: seen.append("prepare") or args)
     monkeypatch.setattr(runtime, "barrier", lambda ctx: seen.append("barrier"))
     ctx = runtime.Distributed(rank=rank, local_rank=local_rank, world_size=16)
-    training.prepare_data_once(config_from_dict({}), ctx, progress=False)
+    run_setup.prepare_data_once(config_from_dict({}), ctx, progress=False)
     assert seen == order

@@ -127,7 +127,7 @@ def test_bad_input_is_a_one_line_error(run_dir, capsys, argv, message):
 
 
 def test_hf_gpt2_weights_are_explored_with_the_gpt2_tokenizer(tmp_path, monkeypatch, capsys):
-    from model import pretrained
+    from model import hf_tokenizer
     from model.tokenizer import train_tokenizer
 
     char = train_tokenizer("char", [TEXT])
@@ -137,7 +137,7 @@ def test_hf_gpt2_weights_are_explored_with_the_gpt2_tokenizer(tmp_path, monkeypa
         asked.append({"name": "gpt2"})
         return char
 
-    monkeypatch.setattr(pretrained, "GPT2Tokenizer", fake_gpt2)
+    monkeypatch.setattr(hf_tokenizer, "GPT2Tokenizer", fake_gpt2)
     torch.manual_seed(0)
     save_hf_gpt2(GPT(GPTConfig(vocab_size=char.vocab_size, n_embd=16, n_head=2, n_layer=1,
                                block_size=16, activation="gelu_tanh")), tmp_path / "hf")

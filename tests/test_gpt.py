@@ -193,3 +193,19 @@ def test_kv_cache_matches_full_forward(overrides):
     with torch.no_grad():
         again, _ = model(idx[:, :4], cache=cache)
     torch.testing.assert_close(again, full[:, :4], rtol=0, atol=1e-5)
+
+
+def test_init_scales_residual_projections_by_depth():
+    """N(0, 0.02) weights, but the projections that write into the residual stream (attn.proj,
+    mlp.proj) get 0.02 / sqrt(2 * n_layer), so the stream's variance does not grow with depth."""
+    torch.manual_seed(0)
+    n_layer = 8
+    model = GPT(GPTConfig(vocab_size=256, n_layer=n_layer, n_head=4, n_embd=256, block_size=64))
+    residual = 0.02 / math.sqrt(2 * n_layer)
+    for block in model.blocks:
+        for proj in (block.attn.proj, block.mlp.proj):
+            assert proj.weight.std().item() == pytest.approx(residual, rel=0.05)
+            assert torch.all(proj.bias == 0)
+        for other in (block.attn.qkv, block.mlp.fc):
+            assert other.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)

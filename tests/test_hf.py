@@ -1,5 +1,6 @@
 """GPT-2 import and export against transformers' own GPT2LMHeadModel, on tiny random models."""
 
+import dataclasses
 import json
 
 import pytest
@@ -165,11 +166,8 @@ def test_save_hf_gpt2_exact_gelu(tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("pos_emb", "rope"),
     ("norm", "rmsnorm"),
-    ("tie_embeddings", False),
-    ("bias", False),
     ("qk_norm", True),
     ("activation", "swiglu"),
-    ("activation", "relu2"),
     ("n_kv_head", 2),
 ])
 def test_save_rejects_what_gpt2_cannot_express(tmp_path, field, value):
@@ -179,6 +177,26 @@ def test_save_rejects_what_gpt2_cannot_express(tmp_path, field, value):
         save_hf_gpt2(GPT(config), tmp_path)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tie_embeddings", False),  # lm_head.weight of its own
+    ("bias", False),  # every bias written as zeros
+    ("activation", "relu2"),  # GPT2MLP takes any ACT2FN activation
+])
+def test_save_what_gpt2_computes_exactly(tmp_path, field, value):
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64,
+                         **{field: value}))
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(save_hf_gpt2(ours, tmp_path)).eval()
+    assert_same_logits(ours, theirs, tokens())
+    again = load_hf_gpt2(tmp_path)
+    assert again.config == dataclasses.replace(ours.config, bias=True)  # zero biases, kept
+    assert_same_logits(again, theirs, tokens())
 
 
 def one_line_error(exc_type, source, match):

@@ -63,3 +63,31 @@ def test_muon_trains_hidden_matrices_and_adamw_the_rest():
     again.load_state_dict(state)
     buffers = [s["momentum_buffer"] for s in again.optimizers[0].state.values()]
     assert buffers and all(b.abs().sum() > 0 for b in buffers)
+
+
+def test_weight_decay_shrinks_matrices_and_tables_but_not_biases_or_norm_gains():
+    """With zero gradients an AdamW step moves a parameter only by its weight decay."""
+    model = GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=2, n_embd=16, block_size=8,
+                          bias=True, qk_norm=True))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt = build_optimizer(model, TrainConfig(lr=0.1, weight_decay=0.5), torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    vectors = 0
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:  # weight matrices and embedding tables decay: w * (1 - lr * wd)
+            torch.testing.assert_close(p.detach(), before[name] * (1 - 0.1 * 0.5), msg=name)
+        else:  # biases and norm gains stay where they were
+            assert torch.equal(p.detach(), before[name]), name
+            vectors += 1
+    assert vectors > 10  # norms (with biases and QK norms) and linear biases were all checked
+
+
+def test_frozen_parameters_stay_out_of_the_optimizer():
+    model = GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    model.tok_emb.requires_grad_(False)
+    opt = build_optimizer(model, TrainConfig(), torch.device("cpu"))
+    in_optimizer = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert id(model.tok_emb.weight) not in in_optimizer
+    assert len(in_optimizer) == sum(1 for p in model.parameters() if p.requires_grad)

@@ -27,14 +27,11 @@ from model.tokenizer import GPT2Tokenizer, train_tokenizer
 from model.training import train
 
 transformers = pytest.importorskip("transformers")
-TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 
 
 @pytest.fixture(autouse=True)
-def offline_gpt2_vocabulary(monkeypatch):
-    if not TIKTOKEN_CACHE.is_dir():
-        pytest.skip("needs ../shared/tiktoken_cache for the GPT-2 vocabulary offline")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+def offline_gpt2_vocabulary(gpt2_vocabulary):
+    """Every test here reads GPT-2's vocabulary (conftest: skipped where tiktoken cannot)."""
 
 
 @pytest.fixture(scope="module")

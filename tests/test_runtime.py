@@ -13,6 +13,7 @@ import torch
 from test_training import tiny_raw  # tests/ is on sys.path under pytest (rootdir conftest)
 
 from model import runtime
+from model.callbacks import Callback, TrainingState
 from model.config import config_from_dict
 from model.training import train
 
@@ -52,5 +53,11 @@ def test_resume_keeps_the_thread_count_it_started_with(tmp_path, monkeypatch):
     assert state["threads"] == 1
     monkeypatch.setattr(runtime, "training_threads", lambda: 2)  # the machine got quieter
     raw = tiny_raw(tmp_path, max_steps=8, threads=None, resume=True)
-    train(config_from_dict(raw), progress=False)
-    assert torch.get_num_threads() == 1
+    seen: list[int] = []
+
+    class Threads(Callback):
+        def after_step(self, state: TrainingState) -> None:
+            seen.append(torch.get_num_threads())
+
+    train(config_from_dict(raw), progress=False, callbacks=[Threads()])
+    assert seen == [1, 1, 1, 1]

@@ -241,11 +241,12 @@ def test_device_dtype_and_compile_options(cli, monkeypatch):
 
 
 def test_hugging_face_gpt2_directory_is_a_checkpoint_name(saved, tmp_path, monkeypatch, capsys):
-    from model import pretrained
+    from model import hf_tokenizer
     from model.hf import save_hf_gpt2
 
     _, _, _, tokenizer = saved
-    monkeypatch.setattr(pretrained, "GPT2Tokenizer", lambda: tokenizer)  # no tiktoken download
+    # No tokenizer files: GPT-2's vocabulary is meant; stand in for tiktoken's download.
+    monkeypatch.setattr(hf_tokenizer, "GPT2Tokenizer", lambda: tokenizer)
     torch.manual_seed(0)
     save_hf_gpt2(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_embd=16, n_head=2, n_layer=1,
                                block_size=BLOCK, activation="gelu_tanh")), tmp_path / "hf")

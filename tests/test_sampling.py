@@ -14,6 +14,7 @@ from model.sampling import (
     encode_prompt,
     filter_logits,
     generate,
+    repetition_penalty,
     sample_next,
 )
 from model.tokenizer import train_tokenizer
@@ -341,3 +342,122 @@ def test_top_p_one_and_large_top_k_change_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(filter_logits(logits, top_k=50, top_p=1.0), logits)
+
+
+# -- research: logits processors and raw logits ----------------------------------------------
+
+def constant_model(vocab: int, preference: torch.Tensor) -> GPT:
+    """A real GPT whose logits are `preference` whatever the context: the final norm's weight is
+    zero and its bias picks the first column of W_U, which holds the preference."""
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=BLOCK, n_layer=1, n_head=2, n_embd=8))
+    with torch.no_grad():
+        model.norm_f.weight.zero_()
+        model.norm_f.bias.zero_()
+        model.norm_f.bias[0] = 1.0
+        model.lm_head.weight[:, 0] = preference
+    return model.eval()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_repetition_penalty_avoids_tokens_the_window_has_moved_past(chars, use_cache):
+    """Every token is preferred in a fixed order, so greedy decoding repeats the favourite;
+    with a strong penalty it takes the favourites one by one, never one seen before, also once
+    the context window has moved on past the prompt and the first generated tokens."""
+    vocab = chars.vocab_size
+    order = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))
+    preference = torch.empty(vocab)
+    preference[order] = torch.linspace(30.0, 1.0, vocab)  # all positive: /penalty lowers them
+    model = constant_model(vocab, preference)
+    prompt = chars.encode("Fir")
+    n = vocab - len(prompt)  # every token not in the prompt, once
+    assert len(prompt) + n > BLOCK + BLOCK // 4  # the window moves on at least once
+    kwargs = dict(max_new_tokens=n, temperature=0, ignore_eot=True, use_cache=use_cache)
+    plain = tokens_of(generate(model, chars, prompt, **kwargs))
+    assert plain == [order[0].item()] * n
+    penalised = tokens_of(generate(model, chars, prompt, logits_processor=repetition_penalty(100.0),
+                                   **kwargs))
+    assert penalised == [t for t in order.tolist() if t not in prompt]
+
+
+def penalise_by_hand(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
+    logits = logits.clone()
+    for t in set(history):
+        logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+    return logits
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_repetition_penalty_matches_a_hand_written_loop_past_block_size(chars, use_cache):
+    model = sharp_model(chars.vocab_size, seed=3)
+    history = chars.encode("Before we")
+    expected = []
+    with torch.no_grad():
+        for _ in range(3 * BLOCK):
+            logits = model(torch.tensor([history[-BLOCK:]]))[0][0, -1]
+            nxt = penalise_by_hand(logits, history, 1.8).argmax().item()
+            expected.append(nxt)
+            history.append(nxt)
+    kwargs = dict(max_new_tokens=3 * BLOCK, temperature=0.0, window_shift=1,
+                  use_cache=use_cache, ignore_eot=True)
+    steps = list(generate(model, chars, "Before we", logits_processor=repetition_penalty(1.8),
+                          **kwargs))
+    assert tokens_of(steps) == expected
+    assert tokens_of(generate(model, chars, "Before we", **kwargs)) != expected  # it mattered
+
+
+def test_processors_see_the_whole_history_and_apply_in_order(chars):
+    model = sharp_model(chars.vocab_size, seed=2)
+    prompt = chars.encode(TEXT[:BLOCK + 5])  # longer than the context: cropped for the model
+    seen, calls = [], []
+
+    def record(ids, logits):
+        seen.append(ids.clone())
+        calls.append("record")
+        return logits
+
+    def ban_space(ids, logits):
+        calls.append("ban")
+        return logits.index_fill(-1, torch.tensor(chars.encode(" ")), float("-inf"))
+
+    with pytest.warns(UserWarning, match="more than the context"):
+        steps = list(generate(model, chars, prompt, max_new_tokens=2 * BLOCK, temperature=1.0,
+                              seed=0, num_samples=2, ignore_eot=True,
+                              logits_processor=[record, ban_space]))
+    assert calls[:4] == ["record", "ban", "record", "ban"]
+    assert len(seen) == 2 * BLOCK
+    for i, ids in enumerate(seen):
+        assert ids.shape == (2, len(prompt) + i) and ids.dtype == torch.long
+        for b in range(2):
+            assert ids[b].tolist() == prompt + tokens_of(steps, b)[:i]
+    assert chars.encode(" ")[0] not in tokens_of(steps, 0) + tokens_of(steps, 1)
+
+
+def test_raw_logits_equal_a_full_forward_over_the_window(chars):
+    model = sharp_model(chars.vocab_size, seed=4)
+    prompt = chars.encode("All")
+    steps = list(generate(model, chars, prompt, max_new_tokens=2 * BLOCK, temperature=1.0,
+                          seed=1, num_samples=2, window_shift=1, ignore_eot=True,
+                          with_logits=True, logits_processor=repetition_penalty(3.0)))
+    histories = [list(prompt), list(prompt)]
+    with torch.no_grad():
+        for step in steps:
+            history = histories[step.sample]
+            expected = model(torch.tensor([history[-BLOCK:]]))[0][0, -1]
+            assert step.logits.shape == (chars.vocab_size,)
+            torch.testing.assert_close(step.logits, expected)  # raw: before the penalty
+            history.append(step.token)
+    assert histories[0] != histories[1]
+    plain = next(iter(generate(model, chars, prompt, max_new_tokens=1)))
+    assert plain.logits is None
+
+
+def test_bad_logits_processors_are_named(chars):
+    model = sharp_model(chars.vocab_size)
+    with pytest.raises(SamplingError, match="callable"):
+        generate(model, chars, "F", logits_processor=[repetition_penalty(1.2), 3])
+    with pytest.raises(SamplingError, match="shape"):
+        list(generate(model, chars, "F", max_new_tokens=2,
+                      logits_processor=lambda ids, logits: logits[:, :5]))
+    for penalty in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(SamplingError, match="repetition penalty"):
+            repetition_penalty(penalty)

@@ -27,6 +27,7 @@ openai = pytest.importorskip("openai", reason="the API tests use the official op
 from serve_server import failing_generate, load, running_server, train_tiny  # noqa: E402
 
 from model.sampling import generate  # noqa: E402
+from model.scoring import score_tokens  # noqa: E402
 from model.serve import openai_api, pages  # noqa: E402
 from model.serve.__main__ import bind_warning  # noqa: E402
 
@@ -163,6 +164,20 @@ def test_echo_logprobs_for_token_id_prompts(client, pretrained):
     single = client.completions.create(model=NAME, prompt=first, max_tokens=0, echo=True,
                                        logprobs=0)
     assert single.choices[0].logprobs.token_logprobs == resp.choices[0].logprobs.token_logprobs
+
+
+def test_echo_logprobs_equal_model_scoring(client, pretrained):
+    """The server's echo + logprobs and Python's model.scoring are one computation."""
+    resp = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=0, echo=True,
+                                     logprobs=2)
+    lp = resp.choices[0].logprobs
+    ids = pretrained.tokenizer.encode(PROMPT)
+    scores = score_tokens(pretrained.model, ids, top=2)
+    assert lp.token_logprobs[1:] == scores.logprobs.tolist()
+    for top, row_ids, row_lp in zip(lp.top_logprobs[1:], scores.top_ids.tolist(),
+                                    scores.top_logprobs.tolist()):
+        texts = [pretrained.tokenizer.token_text(i) for i in row_ids]
+        assert all(top[t] == v for t, v in zip(texts, row_lp))
 
 
 def test_streamed_logprobs_match_plain(client):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import regex
@@ -23,7 +22,6 @@ from model.tokenizer import (
     train_tokenizer,
 )
 
-TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 TRICKY = [
     "", "Hello world", "  leading and trailing  ", "tabs\tand\nnew\r\nlines\n\n\n",
     "naïve café — “quotes” ½", "你好，世界。我们在测试中文文本。", "emoji 🎉👍🏽👨‍👩‍👧 flags 🇬🇧",
@@ -46,10 +44,7 @@ def random_unicode(rng: random.Random, n: int) -> str:
 
 
 @pytest.fixture
-def gpt2(monkeypatch: pytest.MonkeyPatch):
-    if not TIKTOKEN_CACHE.is_dir():
-        pytest.skip(f"GPT-2 vocabulary files not found at {TIKTOKEN_CACHE} (../shared absent)")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+def gpt2(gpt2_vocabulary):
     return train_tokenizer("gpt2", [])
 
 

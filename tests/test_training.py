@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,12 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from model.callbacks import Callback, TrainingState
 from model.checkpoint import load_checkpoint
 from model.config import config_from_dict
-from model.errors import ConfigError, TrainingError
+from model.errors import CheckpointError, ConfigError, TrainingError
+from model.gpt import GPT, GPTConfig
 from model.optim import lr_at
-from model.training import train
+from model.training import TrainResult, train
 from train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,3 +205,155 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     assert ddp.keys() == one.keys() == {1, 2, 3, 4}
     for step in one:
         assert ddp[step] == pytest.approx(one[step], abs=1e-5)
+
+
+# -- your own model and code in the loop --------------------------------------------------------
+
+
+class StopAfter(Callback):
+    """Ends the run after `step` steps, as a kill after that step's checkpoint would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def after_step(self, state: TrainingState) -> None:
+        if state.step == self.step:
+            state.request_stop()
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def after_step(self, state: TrainingState) -> None:
+        self.events.append(("step", state.step, state.loss, state.lr))
+
+    def after_evaluation(self, state: TrainingState) -> None:
+        self.events.append(("eval", state.step, state.val_loss))
+
+    def at_checkpoint(self, state: TrainingState) -> None:
+        self.events.append(("checkpoint", state.step, state.checkpoint))
+
+
+def test_callbacks_see_steps_evaluations_and_checkpoints_and_can_stop(tmp_path):
+    recorder = Recorder()
+    result = train(config_from_dict(tiny_raw(tmp_path, max_steps=8, eval_interval=3)),
+                   progress=False, callbacks=[recorder, StopAfter(5)])
+    assert result.steps == 5 and not result.interrupted
+    steps = [e for e in recorder.events if e[0] == "step"]
+    assert [e[1] for e in steps] == [1, 2, 3, 4, 5]
+    assert [e[2] for e in steps] == result.losses  # each step's loss, as the run records it
+    # Evaluated and saved at the interval (3) and where the callback stopped the run (5).
+    assert [e[:2] for e in recorder.events if e[0] != "step"] == [
+        ("eval", 3), ("checkpoint", 3), ("eval", 5), ("checkpoint", 5)]
+    assert recorder.events[-1][2] == tmp_path / "run" / "latest"
+    assert load_checkpoint(tmp_path / "run").state["step"] == 5
+    assert recorder.events[-2][2] == result.val_loss
+
+
+def test_resume_with_dropout_matches_uninterrupted_run_bit_for_bit(tmp_path):
+    """Dropout draws from torch's generator: a resumed run must go on with the saved state."""
+    def raw(where: str, **overrides) -> dict:
+        config = tiny_raw(tmp_path / where, max_steps=10, eval_interval=5, **overrides)
+        return dict(config, model=dict(config["model"], dropout=0.2))
+
+    train(config_from_dict(raw("full")), progress=False)
+    train(config_from_dict(raw("parts")), progress=False, callbacks=[StopAfter(3)])
+    train(config_from_dict(raw("parts", resume=True)), progress=False)
+    full, parts = step_losses(tmp_path / "full" / "run"), step_losses(tmp_path / "parts" / "run")
+    assert len(full) == 10
+    assert parts == full
+
+
+class ScaleNorm(nn.Module):
+    """x / ||x|| * g * sqrt(d): a norm GPT does not have (Nguyen & Salazar, 2019)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.tensor(float(dim) ** 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.g * x / x.norm(dim=-1, keepdim=True).clamp_min(1e-5)
+
+
+class ScaleNormGPT(GPT):
+    """A variant built the plain PyTorch way: a subclass that puts its own modules in place."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        for block in self.blocks:
+            block.norm1, block.norm2 = ScaleNorm(config.n_embd), ScaleNorm(config.n_embd)
+            block.mlp.act = lambda h: torch.nn.functional.leaky_relu(h, 0.1).square()
+        self.norm_f = ScaleNorm(config.n_embd)
+
+
+def test_own_model_trains_checkpoints_resumes_and_loads_with_its_class(tmp_path):
+    shape = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+
+    def run(where: str, **overrides) -> TrainResult:
+        torch.manual_seed(0)
+        cfg = config_from_dict(tiny_raw(tmp_path / where, max_steps=8, **overrides))
+        stop = [StopAfter(3)] if where == "parts" and not overrides else []
+        return train(cfg, progress=False, model=ScaleNormGPT(shape), callbacks=stop)
+
+    full = run("full")
+    assert full.losses[-1] < full.losses[0]
+    run("parts")
+    run("parts", resume=True)
+    assert step_losses(tmp_path / "parts" / "run") == step_losses(tmp_path / "full" / "run")
+
+    loaded = load_checkpoint(tmp_path / "full" / "run", model_class=ScaleNormGPT)
+    assert type(loaded.model) is ScaleNormGPT and loaded.config.model == shape
+    x = torch.arange(16)[None] % 64
+    full.model.eval()
+    assert torch.equal(loaded.model(x)[0], full.model(x)[0])
+    # A plain GPT cannot hold these weights: the error names the keys, not a corrupt file.
+    with pytest.raises(CheckpointError, match=r"missing keys .*blocks\.0\.norm1\.weight.*"
+                                              r"unexpected keys blocks\.0\.norm1\.g"):
+        load_checkpoint(tmp_path / "full" / "run")
+
+
+class Bigram(nn.Module):
+    """Not a GPT at all: a table of next-token logits, with GPT's forward contract."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.table = nn.Embedding(config.vocab_size, config.vocab_size)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.table(idx)
+        loss = None if targets is None else nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+
+def test_any_module_with_gpts_forward_contract_trains_and_loads(tmp_path):
+    cfg = config_from_dict(tiny_raw(tmp_path, max_steps=20, lr=3e-2))
+    result = train(cfg, progress=False, model=Bigram(GPTConfig(vocab_size=40, block_size=16)))
+    assert result.losses[-1] < result.losses[0] - 0.5
+    loaded = load_checkpoint(result.run_dir, model_class=Bigram)
+    assert torch.equal(loaded.model.table.weight, result.model.table.weight)
+    with pytest.raises(ConfigError, match="train.init_from"):
+        train(config_from_dict(tiny_raw(tmp_path / "b", init_from=str(result.run_dir))),
+              progress=False, model=Bigram(GPTConfig(vocab_size=40)))
+
+
+def test_train_puts_back_the_process_state_it_changes(tmp_path):
+    torch.set_num_threads(1)
+    torch.manual_seed(123)
+    random.seed(5)
+    expected_torch, expected_python = torch.rand(3), random.random()
+    torch.manual_seed(123)
+    random.seed(5)
+    seen = []
+
+    class Threads(Callback):
+        def after_step(self, state: TrainingState) -> None:
+            seen.append(torch.get_num_threads())
+
+    train(config_from_dict(tiny_raw(tmp_path, max_steps=2, threads=2)), progress=False,
+          callbacks=[Threads()])
+    assert seen == [2, 2]  # the run used train.threads ...
+    assert torch.get_num_threads() == 1  # ... and the caller's count is back
+    assert torch.equal(torch.rand(3), expected_torch) and random.random() == expected_python

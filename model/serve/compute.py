@@ -13,6 +13,7 @@ import torch
 
 from ..gpt import GPT
 from ..sampling import filter_logits
+from ..scoring import score_tokens
 from ..tokenizer import Tokenizer
 
 LOGPROB_FLOOR = -1e4  # JSON has no -inf: a probability that underflows reports this instead
@@ -33,23 +34,18 @@ class TokenLogprob:
     top: list[tuple[str, float]] | None
 
 
-@torch.inference_mode()
 def prompt_logprobs(model: GPT, tokenizer: Tokenizer, ids: Sequence[int],
                     k: int) -> list[TokenLogprob]:
-    """log p(ids[t] | ids[:t]) for every t >= 1 from one forward pass: the logits at position
-    t - 1 predict token t. len(ids) must be at most the context size."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([list(ids)], dtype=torch.long, device=device)  # (1, T)
-    logprobs = model(idx)[0][0].float().log_softmax(dim=-1)  # (T, V)
+    """log p(ids[t] | ids[:t]) for every t >= 1 and the k likeliest alternatives, from
+    model.scoring (one forward pass: len(ids) must be at most the context size)."""
+    scores = score_tokens(model, ids, top=k)
     out = [TokenLogprob(ids[0], tokenizer.token_text(ids[0]), None, None)]
-    if len(ids) > 1:
-        targets = idx[0, 1:]
-        chosen = logprobs[:-1].gather(-1, targets[:, None]).squeeze(-1).tolist()
-        top_lp, top_ids = logprobs[:-1].topk(min(k, logprobs.size(-1)), dim=-1)
-        for t, (lp, row_ids, row_lp) in enumerate(zip(chosen, top_ids.tolist(),
-                                                      top_lp.tolist()), start=1):
-            top = [(tokenizer.token_text(i), finite(v)) for i, v in zip(row_ids, row_lp)]
-            out.append(TokenLogprob(ids[t], tokenizer.token_text(ids[t]), finite(lp), top))
+    top_ids = scores.top_ids.tolist() if k else [[] for _ in ids[1:]]
+    top_lp = scores.top_logprobs.tolist() if k else [[] for _ in ids[1:]]
+    for t, (lp, row_ids, row_lp) in enumerate(zip(scores.logprobs.tolist(), top_ids, top_lp),
+                                              start=1):
+        top = [(tokenizer.token_text(i), finite(v)) for i, v in zip(row_ids, row_lp)]
+        out.append(TokenLogprob(ids[t], tokenizer.token_text(ids[t]), finite(lp), top))
     return out
 
 

@@ -1,0 +1,119 @@
+"""Batches of whole conversations: one conversation per row, padded, loss on replies only.
+
+Each row is one conversation from its start (cut to block_size + 1 tokens if longer), so no
+attention can cross from one conversation into another and the model's fused causal attention
+(flash on CUDA) needs no mask: padding comes after the real tokens, where causal attention never
+looks back from. Targets are -1 wherever the loss mask is 0 (system and user text, headers) and
+on padding; GPT.forward ignores -1, so the loss is the mean over reply tokens.
+
+Padding instead of packing several conversations into a window: measured by
+bench/chat_packing.py (see the README's Chat section for the figures). To keep padding small,
+each group of GROUP batches is drawn together and sorted by length, so a batch holds
+conversations of similar length; the batch order within the group is shuffled.
+
+The sampler is a pure function of (seed, batches drawn) like BatchSampler, so resuming is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .batches import Batch, _to_device
+from .chat_data import ChatData
+from .errors import DataError
+
+GROUP = 16  # batches drawn and sorted by length together
+
+
+def usable(data: ChatData, split: str, block_size: int) -> np.ndarray:
+    """Indices of the split's conversations that train something within block_size + 1
+    tokens (a long conversation's first reply may start beyond the window)."""
+    index = data.index(split)
+    return np.flatnonzero(index[:, 2] < block_size + 1)
+
+
+def conversation_rows(data: ChatData, split: str, chosen: np.ndarray, block_size: int,
+                      device: torch.device) -> Batch:
+    """x, y (len(chosen), T) with T the longest chosen conversation (at most block_size) minus
+    one; x is padded with end-of-text, y with -1, and y is -1 where the mask is 0."""
+    tokens, mask, index = data.tokens(split), data.mask(split), data.index(split)
+    lengths = np.minimum(index[chosen, 1], block_size + 1)
+    width = int(lengths.max())
+    ids = np.full((len(chosen), width), data.tokenizer.eot_id, dtype=np.int64)
+    targets = np.full((len(chosen), width), -1, dtype=np.int64)
+    for row, (c, n) in enumerate(zip(chosen, lengths)):
+        start = index[c, 0]
+        ids[row, :n] = tokens[start:start + n]
+        trained = mask[start:start + n].astype(bool)
+        targets[row, :n] = np.where(trained, ids[row, :n], -1)
+    return _to_device(ids[:, :-1], device), _to_device(targets[:, 1:], device)
+
+
+class ChatBatchSampler:
+    """Random batches of conversations; the same interface and state as BatchSampler.
+
+    Batch k belongs to group k // GROUP, whose GROUP * world_size * batch_size conversations
+    are drawn from a generator seeded by (seed, group), sorted by length and cut into batches;
+    each rank keeps its slice of batch k, so N ranks see what one process with N times the
+    batch would see.
+    """
+
+    def __init__(self, data: ChatData, block_size: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                 split: str = "train") -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        self.data, self.split = data, split
+        self.pool = usable(data, split, block_size)
+        if not len(self.pool):
+            raise DataError(f"no {split} conversation has a reply within the first "
+                            f"{block_size + 1} tokens; raise model.block_size or shorten the "
+                            "conversations")
+        self.lengths = data.index(split)[:, 1]
+        self.block_size, self.batch_size = block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = torch.device(device)
+        self.batches_drawn = 0
+
+    def next_batch(self) -> Batch:
+        group, position = divmod(self.batches_drawn, GROUP)
+        self.batches_drawn += 1
+        rng = np.random.default_rng([self.seed % 2**63, group])
+        per_batch = self.batch_size * self.world_size
+        drawn = rng.choice(self.pool, size=GROUP * per_batch,
+                           replace=len(self.pool) < GROUP * per_batch)
+        drawn = drawn[np.argsort(self.lengths[drawn], kind="stable")]
+        batch = rng.permutation(GROUP)[position]
+        mine = drawn[batch * per_batch:(batch + 1) * per_batch]
+        mine = mine[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return conversation_rows(self.data, self.split, mine, self.block_size, self.device)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "batches_drawn": self.batches_drawn, "rank": self.rank,
+                "world_size": self.world_size, "block_size": self.block_size,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self.seed, self.batches_drawn = int(state["seed"]), int(state["batches_drawn"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError("sampler state is damaged: it needs 'seed' and 'batches_drawn'; "
+                            "resume from another checkpoint or start afresh") from exc
+
+
+def chat_eval_batches(data: ChatData, block_size: int, batch_size: int, num_batches: int,
+                      device: str | torch.device = "cpu") -> list[Batch]:
+    """Fixed validation batches: conversations spread evenly over the split, sorted by length
+    (less padding), the same every call."""
+    pool = usable(data, "val", block_size)
+    if not len(pool):
+        raise DataError(f"no validation conversation has a reply within the first "
+                        f"{block_size + 1} tokens; raise model.block_size")
+    count = min(len(pool), batch_size * num_batches)
+    chosen = pool[np.linspace(0, len(pool) - 1, count).round().astype(np.int64)]
+    chosen = chosen[np.argsort(data.index("val")[chosen, 1], kind="stable")]
+    return [conversation_rows(data, "val", chosen[i:i + batch_size], block_size,
+                              torch.device(device)) for i in range(0, count, batch_size)]

@@ -1,0 +1,150 @@
+"""Score a model on the held-out split of the offline chat demo set.
+
+    python -m model.chat_eval /work/coord/small_run out/chat_small     # before and after
+
+For every assistant turn of the held-out conversations (model/chat_demo.py), the model is
+prompted with the conversation up to that turn (earlier replies as the data has them) and
+answers greedily. Reported per model:
+  - ended turn: the share of replies that end with end-of-text by themselves, within
+    --max-new-tokens (no stop strings help);
+  - accuracy: the share whose first line equals the expected answer (case, surrounding spaces
+    and punctuation aside), per task and overall, beside chance: 1/4 for the four-option
+    questions, about 0 for continuing a speech.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .chat import render_chat
+from .chat_demo import demo_records
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class ChatScore:
+    """What chat_eval measured for one model."""
+
+    model: str
+    replies: int = 0
+    ended: int = 0  # replies that closed their turn with end-of-text
+    cropped: int = 0  # prompts longer than the context, of which the model saw the end only
+    correct: int = 0
+    chance: float = 0.0  # expected correct replies when guessing among the options
+    by_task: dict[str, list[int]] = field(default_factory=dict)  # task -> [correct, replies]
+    examples: list[dict[str, Any]] = field(default_factory=list)  # the first few replies
+
+    @property
+    def ended_share(self) -> float:
+        return self.ended / max(1, self.replies)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(1, self.replies)
+
+    @property
+    def chance_accuracy(self) -> float:
+        return self.chance / max(1, self.replies)
+
+
+def normalise(text: str) -> str:
+    """The first line, lower case, inner spaces collapsed, outer spaces and punctuation off."""
+    first = text.strip().split("\n", 1)[0] if text.strip() else ""
+    return re.sub(r"\s+", " ", first).strip(" .,;:!?'\"").lower()
+
+
+def held_out(limit: int | None) -> list[dict[str, Any]]:
+    """`limit` held-out records spread evenly over the split (all of them with None)."""
+    records = list(demo_records("val"))
+    if limit is None or limit >= len(records):
+        return records
+    step = len(records) / limit
+    return [records[int(i * step)] for i in range(limit)]
+
+
+def score_chat(model: nn.Module, tokenizer: Tokenizer, records: list[dict[str, Any]],
+               name: str = "model", max_new_tokens: int = 48, keep_examples: int = 5
+               ) -> ChatScore:
+    """Greedy replies to each assistant turn of `records`, scored as the module docstring says."""
+    from .sampling import generate
+
+    score = ChatScore(name)
+    for record in records:
+        messages = record["messages"]
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for turn, task, options in zip(turns, record["tasks"], record["options"]):
+            prompt = render_chat(messages[:turn], tokenizer)
+            cropped: list[str] = []
+            steps = list(generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                                  temperature=0.0, show_top=0, warn=cropped.append))
+            score.cropped += bool(cropped)
+            reply = "".join(s.delta for s in steps)
+            ended = bool(steps) and steps[-1].finished == "eot"
+            right = normalise(reply) == normalise(messages[turn]["content"])
+            score.replies += 1
+            score.ended += ended
+            score.correct += right
+            score.chance += 1 / len(options) if options else 0.0
+            tally = score.by_task.setdefault(task, [0, 0])
+            tally[0] += right
+            tally[1] += 1
+            if len(score.examples) < keep_examples:
+                score.examples.append({"task": task, "question": messages[turn - 1]["content"],
+                                       "expected": messages[turn]["content"], "reply": reply,
+                                       "ended": ended})
+    return score
+
+
+def report(score: ChatScore) -> str:
+    tasks = "  ".join(f"{task} {c}/{n}" for task, (c, n) in sorted(score.by_task.items()))
+    return (f"{score.model}: {score.replies} replies, ended their turn {score.ended_share:.1%}, "
+            f"accuracy {score.accuracy:.1%} (chance {score.chance_accuracy:.1%}; {tasks})"
+            + (f"; {score.cropped} prompts longer than the context were cropped"
+               if score.cropped else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import load_named_model
+    from .runtime import configure_threads, generation_threads, pick_device
+
+    p = argparse.ArgumentParser(
+        prog="python -m model.chat_eval",
+        description="Held-out accuracy and turn-ending rate on the offline chat demo set.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="runs or checkpoints to score (e.g. the base model, then the chat-tuned)")
+    p.add_argument("--limit", type=int, default=200,
+                   help="held-out conversations to score, spread over the split (default 200)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="one JSON object per model")
+    p.add_argument("--examples", type=int, default=0, help="print the first N replies")
+    args = p.parse_args(argv)
+    configure_threads(generation_threads())
+    device = pick_device(args.device, setting="--device")
+    records = held_out(args.limit)
+    for name in args.models:
+        loaded = load_named_model(name, device)
+        score = score_chat(loaded.model, loaded.tokenizer, records, name, args.max_new_tokens,
+                           args.examples)
+        if args.json:
+            print(json.dumps({**asdict(score), "ended_share": score.ended_share,
+                              "accuracy": score.accuracy, "chance": score.chance_accuracy}))
+        else:
+            print(report(score))
+            for ex in score.examples:
+                print(f"  [{ex['task']}] expected {ex['expected']!r}, replied {ex['reply']!r}"
+                      f"{'' if ex['ended'] else ' (did not end its turn)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,0 +1,93 @@
+"""Export a model to the Hugging Face layout: `python -m model.export RUN_OR_CHECKPOINT OUT_DIR`.
+
+The directory holds config.json, model.safetensors, generation_config.json and the tokenizer
+files, so that `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` and
+`AutoTokenizer.from_pretrained(OUT_DIR)` load it with no smallgpt code, and it loads back into
+smallgpt by name like any Hugging Face directory. The architecture is the transformers one
+that computes exactly our function (model/hf.py: GPT-2, or Llama, Qwen3, Arcee or Apertus for
+rotary models); a model none computes is refused with every blocking setting named.
+
+    from model.export import export
+    result = export("out/small", "exported/small")   # result.architecture: ApertusForCausalLM
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointError
+from .hf import hf_architecture, save_hf
+
+
+@dataclass
+class Exported:
+    """What `export` wrote."""
+
+    directory: Path
+    model_type: str  # config.json's model_type: gpt2, llama, qwen3, arcee or apertus
+    architecture: str  # the transformers class, e.g. ApertusForCausalLM
+    tokenizer: str  # our tokenizer's name: gpt2, char or bpe
+    vocab_size: int
+    files: list[str]
+
+
+def export(name: str, out_dir: str | Path) -> Exported:
+    """Load the model called `name` (a run, a checkpoint, a Hugging Face directory, gpt2*) and
+    write it with its tokenizer to `out_dir`, which must be new or empty.
+
+    The files are written to a temporary directory beside `out_dir` and moved into place at
+    the end: an export that fails leaves nothing behind, and never touches existing files.
+    """
+    from .pretrained import load_model
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{str(out)!r} already exists and is not empty; choose a new "
+                              "directory, or remove it first")
+    loaded = load_model(name, "cpu")
+    hf_architecture(loaded.model.config)  # refuse (listing every blocker) before writing
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model_type = save_hf(loaded.model, staging, loaded.tokenizer)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    return Exported(out, model_type, config["architectures"][0], loaded.tokenizer.name,
+                    loaded.tokenizer.vocab_size, sorted(p.name for p in out.iterdir()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.export",
+        description="Write a smallgpt model and its tokenizer as a Hugging Face directory "
+                    "(transformers' AutoModelForCausalLM and AutoTokenizer load it).")
+    parser.add_argument("model", help="a run directory, a checkpoint, a Hugging Face "
+                                      "directory, or gpt2 / gpt2-medium / ...")
+    parser.add_argument("out_dir", help="the directory to write (new or empty)")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        result = export(args.model, args.out_dir)
+        print(f"wrote {result.directory}: {result.architecture} (model_type "
+              f"{result.model_type}), {result.tokenizer} tokenizer of {result.vocab_size} "
+              f"tokens; files: {', '.join(result.files)}")
+        print(f"load it with transformers: AutoModelForCausalLM.from_pretrained("
+              f"{str(result.directory)!r}) and AutoTokenizer.from_pretrained(...)")
+
+    from .cli import run_cli
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
