@@ -22,9 +22,9 @@ import torch
 from common import machine_line, require_tiny_shakespeare
 
 from model.batches import sequential_windows
-from model.checkpoint import load_checkpoint
 from model.config import load_config
 from model.prepare import prepare_data
+from model.pretrained import load_checkpoint
 from model.training import train
 
 

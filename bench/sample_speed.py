@@ -21,9 +21,9 @@ import time
 import torch
 from common import machine_line
 
-from model.checkpoint import load_checkpoint
 from model.config import GPTConfig
 from model.gpt import GPT
+from model.pretrained import load_checkpoint
 from model.sampling import generate
 from model.tokenizer import Tokenizer, train_tokenizer
 

@@ -1,6 +1,6 @@
 """smallgpt: a small, readable GPT.
 
-    from model import GPT, GPTConfig, train, generate, load_checkpoint, load_config
+    from model import GPT, GPTConfig, train, generate, load_model, load_config
 
 Importing this package does no work: no device set-up, no downloads, no global state, and not
 even torch is imported. Each name below is looked up in its module on first use (PEP 562), so
@@ -34,7 +34,7 @@ _EXPORTS = {
     "repetition_penalty": "sampling",
     "score_tokens": "scoring",
     "score_text": "scoring",
-    "load_checkpoint": "checkpoint",
+    "load_checkpoint": "pretrained",
     "load_model": "pretrained",
     "SmallGPTError": "errors",
     "ConfigError": "errors",

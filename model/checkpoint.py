@@ -9,6 +9,9 @@ A run directory holds `latest/` and `best/`, each a complete checkpoint:
 
 A save writes a hidden temporary directory, then swaps it in with renames, so a crash or kill
 during a save leaves the previous checkpoint loadable (as `latest/` or `.latest.old/`).
+
+This module reads and writes those files and builds nothing: model/pretrained.py puts a model
+and its tokenizer together from them (`load_model`, `load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +30,9 @@ from torch import nn
 from .config import Config, config_from_dict
 from .errors import CheckpointError, SmallGPTError
 from .files import fsync_dir, fsync_file, write_json_atomic
-from .gpt import GPT, GPTConfig
-from .tokenizer import Tokenizer, tokenizer_from_spec
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, OPTIMIZER, STATE = "model.safetensors", "config.json", "optimizer.pt", "state.json"
-
-
-@dataclass
-class Checkpoint:
-    """What `load_checkpoint` returns: a ready model and tokenizer plus the run's saved state."""
-
-    model: GPT
-    tokenizer: Tokenizer
-    config: Config
-    path: Path
-    state: dict[str, Any] = field(default_factory=dict)
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
@@ -142,10 +130,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return path / name
     what = "holds no checkpoint" if path.exists() else "does not exist"
     raise CheckpointError(f"checkpoint {str(path)!r} {what}; "
-                          f"{_listing(path if path.is_dir() else 'out')}")
+                          f"{listing(path if path.is_dir() else 'out')}")
 
 
-def _listing(root: str | Path = "out") -> str:
+def listing(root: str | Path = "out") -> str:
     """'checkpoints found: ...' naming up to five, so an error says what to use instead."""
     existing = find_checkpoints(root)
     listed = ", ".join(str(p) for p in existing[:5]) if existing else "none under out/"
@@ -168,38 +156,6 @@ def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
     except SmallGPTError as exc:
         raise CheckpointError(
             f"checkpoint {str(ckpt)!r}: stored config is invalid: {exc}") from exc
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    model_class: Callable[[GPTConfig], nn.Module] = GPT) -> Checkpoint:
-    """Rebuild model and tokenizer from a checkpoint or run directory, ready for eval().
-    Every error, for a missing or a damaged checkpoint, lists the checkpoints that exist.
-
-    `model_class` builds the network from the stored GPTConfig: pass your GPT subclass (or
-    module) for a checkpoint trained with one. The checkpoint itself never names code to run.
-
-    `path` may also name OpenAI's GPT-2 as everywhere else: gpt2, gpt2-medium, gpt2-large,
-    gpt2-xl or a Hugging Face GPT-2 directory (model/pretrained.py reads those).
-    """
-    from . import pretrained  # deferred: pretrained.py builds on this module
-
-    if pretrained.is_gpt2_name(path):
-        return pretrained.load_gpt2_checkpoint(path, device)
-    ckpt = resolve_checkpoint(path)
-    try:
-        config, spec = read_checkpoint_config(ckpt)
-        try:
-            tokenizer = tokenizer_from_spec(spec)
-        except SmallGPTError as exc:
-            raise CheckpointError(
-                f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from exc
-        model = model_class(config.model)
-        load_weights(model, ckpt, device)
-        state = load_state(ckpt)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc}; {_listing()}") from exc
-    model.to(device).eval()
-    return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=ckpt, state=state)
 
 
 def load_weights(model: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:

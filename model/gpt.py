@@ -347,14 +347,6 @@ class GPT(HookedModel, nn.Module):
         """Randomly initialised weights in a named shape (gpt2, ..., gpt3)."""
         return cls(GPTConfig.from_preset(name, **overrides))
 
-    @classmethod
-    def from_pretrained(cls, name: str, device: Any = "cpu") -> GPT:
-        """Trained weights by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl (from the Hugging
-        Face hub, cached), a Hugging Face GPT-2 directory, or a smallgpt run/checkpoint."""
-        # The one deferred import in this file: loading builds on the model, not the reverse.
-        from .pretrained import load_model
-
-        return load_model(name, device).model
 
 
 # -- building blocks used above ------------------------------------------------------------------

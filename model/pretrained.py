@@ -5,26 +5,41 @@ A name is
   - gpt2, gpt2-medium, gpt2-large, gpt2-xl: OpenAI's weights on the Hugging Face hub
     (openai-community/<name>), downloaded once into the usual Hugging Face cache (config.json
     and model.safetensors only) and read from there afterwards, offline too;
-  - a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin);
+  - a Hugging Face directory (config.json + model.safetensors or pytorch_model.bin) of GPT-2
+    or of a family model/hf.py reads (Llama, Qwen3, ...);
   - a smallgpt run directory or checkpoint directory.
-train.init_from, `sample.py --checkpoint`, `python -m model.explore --checkpoint`,
-`GPT.from_pretrained` and `load_checkpoint` (model/checkpoint.py) all go through here.
+train.init_from, `sample.py --checkpoint` and `python -m model.explore --checkpoint` all go
+through here, and every kind of name gives the same result type, `Pretrained`.
+
+Loading reads downward only: this module puts the pieces together from model/checkpoint.py
+(smallgpt's files) and model/hf.py (the Hugging Face layout), which build on model/gpt.py.
+A checkpoint never names code to run: a model of your own class loads with `model_class=`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from .checkpoint import Checkpoint, find_checkpoints, load_checkpoint
+from .checkpoint import (
+    find_checkpoints,
+    listing,
+    load_state,
+    load_weights,
+    read_checkpoint_config,
+    resolve_checkpoint,
+)
 from .config import Config, DataConfig
-from .errors import CheckpointError
-from .gpt import GPT
+from .errors import CheckpointError, SmallGPTError
+from .gpt import GPT, GPTConfig
 from .hf import load_hf
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, tokenizer_from_spec
 
 HUB_NAMES = {name: f"openai-community/{name}"
              for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -33,59 +48,81 @@ HUB_FILES = ["config.json", "model.safetensors"]
 
 @dataclass
 class Pretrained:
-    """A loaded model with what it needs to be used and what a user should be told."""
+    """A loaded model in eval mode, with what it needs to be used and what a user should be
+    told; the same for a smallgpt run and for Hugging Face weights."""
 
-    model: GPT
+    model: nn.Module  # a GPT, or the `model_class` it was loaded with
     tokenizer: Tokenizer
-    kind: str  # "smallgpt" or "gpt2" (OpenAI's weights, from the hub or a directory)
+    kind: str  # "smallgpt", or "gpt2" for Hugging Face weights (the hub or a directory)
     path: Path  # the directory the weights came from
     description: str  # one line for the user: what was loaded, from where
-    config: Config | None = None  # smallgpt checkpoints: the run's resolved config
+    # A smallgpt run's resolved config; for GPT-2, its shape and tokenizer (None: built by hand).
+    config: Config | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # smallgpt: step, losses, resume state
 
 
-def load_model(name: str | None = None, device: str | torch.device = "cpu",
-               root: str | Path = "out") -> Pretrained:
-    """The model called `name` (see the module docstring), in eval mode on `device`."""
+def load_model(name: str | Path | None = None, device: str | torch.device = "cpu", *,
+               root: str | Path = "out",
+               model_class: Callable[[GPTConfig], nn.Module] = GPT) -> Pretrained:
+    """The model called `name` (see the module docstring), in eval mode on `device`.
+    `model_class` builds a smallgpt checkpoint's network from its stored GPTConfig: pass the
+    GPT subclass (or module) a variant was trained with."""
     if not name:
         found = find_checkpoints(root)
         if not found:
             raise CheckpointError(
                 f"no checkpoint under {str(root)}/; train one (python train.py --config "
                 "small.yaml) or name a model, e.g. --checkpoint gpt2")
-        name = str(found[0])
-    if name in HUB_NAMES:
-        directory = hub_snapshot(name)
-        model, tokenizer, _ = load_hf(directory)
-        model = model.to(device).eval()
-        return Pretrained(model, tokenizer, "gpt2", directory,
-                          f"{name} ({HUB_NAMES[name]}, {_params(model)}) from {directory}")
-    path = Path(name)
-    if is_hf_directory(path):
-        model, tokenizer, model_type = load_hf(path)
-        model = model.to(device).eval()
-        what = "GPT-2" if model_type == "gpt2" else model_type
-        return Pretrained(model, tokenizer, "gpt2", path,
-                          f"{what} weights ({_params(model)}) from {path}")
-    ckpt = load_checkpoint(path, device)
-    step = ckpt.state.get("step")
-    return Pretrained(ckpt.model, ckpt.tokenizer, "smallgpt", ckpt.path,
-                      f"smallgpt checkpoint {ckpt.path} (step {step}, "
-                      f"{_params(ckpt.model)})", ckpt.config)
+        name = found[0]
+    if str(name) in HUB_NAMES:
+        loaded = _hf(hub_snapshot(str(name)), device)
+        loaded.description = (f"{name} ({HUB_NAMES[str(name)]}, {_params(loaded.model)}) "
+                              f"from {loaded.path}")
+        return loaded
+    if is_hf_directory(Path(name)):
+        return _hf(Path(name), device)
+    return _smallgpt(name, device, model_class)
 
 
-def is_gpt2_name(name: str | Path) -> bool:
-    """Whether `name` means OpenAI's GPT-2 weights: a hub name or a Hugging Face directory."""
-    return str(name) in HUB_NAMES or is_hf_directory(Path(name))
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *,
+                    model_class: Callable[[GPTConfig], nn.Module] = GPT) -> Pretrained:
+    """`load_model(path, ...)` under the name the public API has had since the start."""
+    return load_model(path, device, model_class=model_class)
 
 
-def load_gpt2_checkpoint(name: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """GPT-2 weights as `checkpoint.load_checkpoint` returns a smallgpt run: model, tokenizer,
-    a config holding their shape and tokenizer name, and no training state."""
-    loaded = load_model(str(name), device)
-    config = Config(model=loaded.model.config, data=DataConfig(tokenizer=loaded.tokenizer.name),
-                    name=Path(name).name)
-    return Checkpoint(model=loaded.model, tokenizer=loaded.tokenizer, config=config,
-                      path=loaded.path)
+def _smallgpt(path: str | Path, device: str | torch.device,
+              model_class: Callable[[GPTConfig], nn.Module]) -> Pretrained:
+    """A smallgpt checkpoint or run directory (its latest/), rebuilt with `model_class`. Every
+    error, for a missing or a damaged checkpoint, lists the checkpoints that exist."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        config, spec = read_checkpoint_config(ckpt)
+        try:
+            tokenizer = tokenizer_from_spec(spec)
+        except SmallGPTError as exc:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from exc
+        model = model_class(config.model)
+        load_weights(model, ckpt, device)
+        state = load_state(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {listing()}") from exc
+    model.to(device).eval()
+    description = (f"smallgpt checkpoint {ckpt} (step {state.get('step')}, "
+                   f"{_params(model)})")
+    return Pretrained(model, tokenizer, "smallgpt", ckpt, description, config, state)
+
+
+def _hf(directory: Path, device: str | torch.device) -> Pretrained:
+    """Weights in a Hugging Face directory (GPT-2, Llama, Qwen3, ...: model/hf.py reads them)
+    with their tokenizer; the config holds their shape and the tokenizer's name."""
+    model, tokenizer, model_type = load_hf(directory)
+    model = model.to(device).eval()
+    config = Config(model=model.config, data=DataConfig(tokenizer=tokenizer.name),
+                    name=directory.name)
+    what = "GPT-2" if model_type == "gpt2" else model_type
+    return Pretrained(model, tokenizer, "gpt2", directory,
+                      f"{what} weights ({_params(model)}) from {directory}", config)
 
 
 def is_hf_directory(path: Path) -> bool:
@@ -112,6 +149,6 @@ def hub_snapshot(name: str) -> Path:
             "directory (config.json + model.safetensors) instead") from exc
 
 
-def _params(model: GPT) -> str:
-    n = model.num_params()
+def _params(model: nn.Module) -> str:
+    n = sum(p.numel() for p in model.parameters())
     return f"{n / 1e6:.1f}M parameters" if n >= 1e6 else f"{n:,} parameters"

@@ -22,7 +22,7 @@ def test_research_imports():
         prepare_data,
         train,
     )
-    from model.checkpoint import load_checkpoint as defined
+    from model.pretrained import load_checkpoint as defined
 
     assert load_checkpoint is defined
     assert train.__module__ == "model.training" and generate.__module__ == "model.sampling"

@@ -14,9 +14,9 @@ from model import GPT, GPTConfig
 from model.chat_batches import ChatBatchSampler, conversation_rows
 from model.chat_data import prepare_chat
 from model.chat_demo import demo_records
-from model.checkpoint import load_checkpoint
 from model.config import DataConfig, config_from_dict
 from model.errors import ChatFormatError, DataError, TokenizerError
+from model.pretrained import load_checkpoint
 from model.tokenizer import train_tokenizer
 from model.training import train
 

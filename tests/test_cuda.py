@@ -15,9 +15,9 @@ from test_sampling import TEXT, sharp_model, tokens_of
 from test_training import step_losses, tiny_raw
 
 from model import GPT, GPTConfig, runtime
-from model.checkpoint import load_checkpoint
 from model.config import config_from_dict
 from model.optim import build_optimizer
+from model.pretrained import load_checkpoint
 from model.sampling import generate
 from model.tokenizer import train_tokenizer
 from model.training import train

@@ -14,14 +14,13 @@ import torch
 
 import model as smallgpt
 from model.batches import BatchSampler
-from model.checkpoint import load_checkpoint
 from model.config import Config, config_from_dict, load_config
 from model.errors import CheckpointError, ConfigError
 from model.explore.__main__ import main as explore_main
 from model.finetune import adopt_source, model_from_source
 from model.gpt import GPT, GPTConfig
 from model.prepare import prepare_data
-from model.pretrained import Pretrained, is_hf_directory, load_model
+from model.pretrained import Pretrained, is_hf_directory, load_checkpoint, load_model
 from model.sampling import generate
 from model.tokenizer import GPT2Tokenizer, train_tokenizer
 from model.training import train
@@ -83,8 +82,8 @@ def test_gpt2_directory_samples_like_transformers(gpt2_dir):
     assert ours == theirs
 
 
-def test_from_pretrained_names_the_same_models(gpt2_dir, tmp_path):
-    model = GPT.from_pretrained(str(gpt2_dir))
+def test_load_model_names_the_same_models(gpt2_dir, tmp_path):
+    model = smallgpt.load_model(str(gpt2_dir)).model  # the public API (no GPT.from_pretrained)
     idx = torch.randint(0, 50257, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], hf_model(gpt2_dir)(idx).logits,

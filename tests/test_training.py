@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from model.callbacks import Callback, TrainingState
-from model.checkpoint import load_checkpoint
 from model.config import config_from_dict
 from model.errors import CheckpointError, ConfigError, TrainingError
 from model.gpt import GPT, GPTConfig
 from model.optim import lr_at
+from model.pretrained import load_checkpoint
 from model.training import TrainResult, train
 from train import main as train_main
 
