@@ -42,6 +42,7 @@ from .tokenizer import EOT_TEXT, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for system instructions
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 HEADERS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
 TURN_END = "\n\n"  # after a system or user turn; an assistant turn ends with end-of-text
 # Text a model that was never chat-trained tends to write when it runs on into the next turn.
@@ -211,14 +212,20 @@ def conversation_from_alpaca(record: Mapping[str, Any], field: str = "") -> list
 
 
 def conversation_from_record(record: Any) -> list[Message]:
-    """One record of chat data: {"messages": [...]} (also "conversations"), or Alpaca's
+    """One record of chat data: {"messages": [...]} (or ShareGPT's "conversations"), or Alpaca's
     {"instruction", "input", "output"}. ChatFormatError names the bad field."""
     if not isinstance(record, Mapping):
         raise ChatFormatError(f"a record must be a JSON object, got {type(record).__name__}",
                               "record")
-    for key in ("messages", "conversations"):
-        if key in record:
-            return validate_messages(record[key], key, need_assistant=True)
+    if "messages" in record:
+        return validate_messages(record["messages"], "messages", need_assistant=True)
+    if "conversations" in record:  # ShareGPT's {"from": "human" | "gpt", "value": ...} too
+        turns = record["conversations"]
+        if isinstance(turns, list):
+            turns = [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t.get("value")}
+                     if isinstance(t, Mapping) and "from" in t and "role" not in t else t
+                     for t in turns]
+        return validate_messages(turns, "conversations", need_assistant=True)
     if "instruction" in record or "output" in record:
         return conversation_from_alpaca(record)
     keys = ", ".join(map(str, list(record)[:8])) or "none"

@@ -1,6 +1,7 @@
 """Batches of whole conversations: one conversation per row, padded, loss on replies only.
 
-Each row is one conversation from its start (cut to block_size + 1 tokens if longer), so no
+Each row is one conversation from its start (a longer one than block_size + 1 tokens is cut
+after the last reply that ends within them, so no row teaches a reply that never ends), so no
 attention can cross from one conversation into another and the model's fused causal attention
 (flash on CUDA) needs no mask: padding comes after the real tokens, where causal attention never
 looks back from. Targets are -1 wherever the loss mask is 0 (system and user text, headers) and
@@ -29,19 +30,34 @@ GROUP = 16  # batches drawn and sorted by length together
 
 
 def usable(data: ChatData, split: str, block_size: int) -> np.ndarray:
-    """Indices of the split's conversations that train something within block_size + 1
-    tokens (a long conversation's first reply may start beyond the window)."""
+    """Indices of the split's conversations whose first reply ends within block_size + 1
+    tokens (in a long conversation it may not)."""
     index = data.index(split)
     return np.flatnonzero(index[:, 2] < block_size + 1)
 
 
+def fitted_length(tokens: np.ndarray, mask: np.ndarray, eot: int, length: int,
+                  block_size: int) -> int:
+    """`length` if the conversation fits block_size + 1 tokens, else the length up to the
+    end-of-text of the last reply that ends within them."""
+    if length <= block_size + 1:
+        return length
+    ends = np.flatnonzero((mask[:block_size + 1] == 1) & (tokens[:block_size + 1] == eot))
+    return int(ends[-1]) + 1
+
+
 def conversation_rows(data: ChatData, split: str, chosen: np.ndarray, block_size: int,
                       device: torch.device) -> Batch:
-    """x, y (len(chosen), T) with T the longest chosen conversation (at most block_size) minus
-    one; x is padded with end-of-text, y with -1, and y is -1 where the mask is 0."""
+    """x, y (len(chosen), T) with T the longest chosen conversation minus one, rounded up to a
+    multiple of 8 (at most block_size); x is padded with end-of-text, y with -1, and y is -1
+    where the mask is 0."""
     tokens, mask, index = data.tokens(split), data.mask(split), data.index(split)
-    lengths = np.minimum(index[chosen, 1], block_size + 1)
-    width = int(lengths.max())
+    eot = data.tokenizer.eot_id
+    lengths = np.array([fitted_length(tokens[s:s + n], mask[s:s + n], eot, n, block_size)
+                        for s, n in index[chosen, :2]])
+    # Rows a multiple of 8 wide (within the context): fewer distinct shapes for torch.compile
+    # to specialise on, and aligned for tensor cores; at most 7 more padded positions.
+    width = min(-(-(int(lengths.max()) - 1) // 8) * 8, block_size) + 1
     ids = np.full((len(chosen), width), data.tokenizer.eot_id, dtype=np.int64)
     targets = np.full((len(chosen), width), -1, dtype=np.int64)
     for row, (c, n) in enumerate(zip(chosen, lengths)):
@@ -69,7 +85,7 @@ class ChatBatchSampler:
         self.data, self.split = data, split
         self.pool = usable(data, split, block_size)
         if not len(self.pool):
-            raise DataError(f"no {split} conversation has a reply within the first "
+            raise DataError(f"no {split} conversation has a whole reply within the first "
                             f"{block_size + 1} tokens; raise model.block_size or shorten the "
                             "conversations")
         self.lengths = data.index(split)[:, 1]
@@ -110,7 +126,7 @@ def chat_eval_batches(data: ChatData, block_size: int, batch_size: int, num_batc
     (less padding), the same every call."""
     pool = usable(data, "val", block_size)
     if not len(pool):
-        raise DataError(f"no validation conversation has a reply within the first "
+        raise DataError(f"no validation conversation has a whole reply within the first "
                         f"{block_size + 1} tokens; raise model.block_size")
     count = min(len(pool), batch_size * num_batches)
     chosen = pool[np.linspace(0, len(pool) - 1, count).round().astype(np.int64)]

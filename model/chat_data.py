@@ -7,7 +7,8 @@
 
 Per split: `.bin` the token ids (conversations one after another), `.mask` one byte per token
 (1: a target training learns, an assistant reply token or the end-of-text closing it), `.index`
-int64 rows (start, length, first trained position) per conversation. Records stream through
+int64 rows (start, length, end of the first reply: the position of its end-of-text) per
+conversation. Records stream through
 one at a time and the files are written as they come, so memory does not grow with the data.
 Train and validation: the demo set brings its own split; other records go to validation when a
 hash of their content falls below data.val_fraction (so a duplicate never straddles the split).
@@ -35,7 +36,7 @@ from .files import ensure_writable_dir, fsync_dir, write_json_atomic
 from .prepare import SPLITS, token_dtype
 from .tokenizer import GPT2Tokenizer, Tokenizer
 
-CHAT_FORMAT_VERSION = 1
+CHAT_FORMAT_VERSION = 2
 RECORD_SUFFIXES = (".jsonl", ".json")
 Record = tuple[str, Any, str | None]  # (where: "file:line" or "hf:name row N", record, split)
 
@@ -161,7 +162,8 @@ class ChatData:
         return _memmap(self.path(split, "mask"), np.uint8)
 
     def index(self, split: str) -> np.ndarray:
-        """(conversations, 3) int64: start, length, first trained position (relative)."""
+        """(conversations, 3) int64: start, length, and the position (from the start) of the
+        end-of-text that closes the first reply."""
         return _memmap(self.path(split, "index"), np.int64).reshape(-1, 3)
 
     def bytes_per_token(self, split: str) -> float:
@@ -252,10 +254,11 @@ def _build(cfg: DataConfig, directory: Path, tokenizer: Tokenizer, progress: boo
                     raise TokenizerError(f"{where}: {exc}") from None
                 split = split or split_of(record, cfg.val_fraction)
                 s = stats[split]
-                first = mask.index(1)
+                eot = tokenizer.eot_id
+                first_end = next(i for i, (t, m) in enumerate(zip(ids, mask)) if m and t == eot)
                 files[split, "bin"].write(np.asarray(ids, dtype=dtype).tobytes())
                 files[split, "mask"].write(bytes(mask))
-                files[split, "index"].write(np.array([s["tokens"], len(ids), first],
+                files[split, "index"].write(np.array([s["tokens"], len(ids), first_end],
                                                      dtype=np.int64).tobytes())
                 s["conversations"] += 1
                 s["tokens"] += len(ids)

@@ -117,7 +117,11 @@ def test_records_in_both_formats():
     assert conversation_from_record({"instruction": "Hi", "output": "Hello"})[0].content == "Hi"
     assert conversation_from_record({"messages": CONVERSATION})[-1].content == \
         "Hamlet, the question."
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
+    assert conversation_from_record(sharegpt) == [Message("user", "Hi"), Message("assistant", "Yo")]
     for record, field in [({"messages": [{"role": "user", "content": "q"}]}, "messages"),
+                          ({"conversations": [{"from": "bot", "value": "x"}]},
+                           "conversations[0].role"),
                           ({"instruction": "q"}, "output"),
                           ({"instruction": "q", "output": 1}, "output"),
                           ({"text": "plain"}, "messages"),

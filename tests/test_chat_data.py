@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from model.chat_batches import ChatBatchSampler, conversation_rows
+from model.chat_batches import ChatBatchSampler, conversation_rows, usable
 from model.chat_data import prepare_chat
 from model.chat_demo import demo_records
 from model.config import DataConfig, config_from_dict
 from model.errors import ChatFormatError, DataError, TokenizerError
-from model.pretrained import load_checkpoint
+from model.pretrained import load_model
 from model.tokenizer import train_tokenizer
 from model.training import train
 
@@ -68,10 +68,10 @@ def test_jsonl_file_and_directory_prepare_tokens_and_mask(tmp_path, chars):
     assert 0 < stats["val"]["conversations"] < 30
     # Each conversation's mask marks exactly its reply and the end-of-text after it.
     tokens, mask, index = whole.tokens("train"), whole.mask("train"), whole.index("train")
-    for start, length, first in index[:5]:
+    for start, length, first_end in index[:5]:
         ids, m = tokens[start:start + length], mask[start:start + length]
         assert chars.decode(ids[m == 1]).endswith("!<|endoftext|>")
-        assert first == np.flatnonzero(m)[0]
+        assert first_end == np.flatnonzero((m == 1) & (ids == chars.eot_id))[0]
         assert "Shout" in chars.decode(ids[m == 0])
     assert prepare_chat(data_cfg(tmp_path / "d", tmp_path / "cache"), 64, False, chars).reused
     single = prepare_chat(data_cfg(file, tmp_path / "cache"), 64, False, chars)
@@ -143,6 +143,27 @@ def test_batches_hold_whole_conversations_with_replies_as_the_only_targets(chat_
     again = ChatBatchSampler(chat_data, 48, 4, seed=3)
     again.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(after, again.next_batch()))
+
+
+def test_a_long_conversation_is_cut_after_its_last_whole_reply(tmp_path, chars):
+    long = {"messages": [{"role": "user", "content": "Shout apple."},
+                         {"role": "assistant", "content": "APPLE!"},
+                         {"role": "user", "content": "Shout river, " * 6},
+                         {"role": "assistant", "content": "RIVER!"}]}
+    too_long = {"messages": [{"role": "user", "content": "Shout stone, " * 8},
+                             {"role": "assistant", "content": "STONE!"}]}
+    path = write_jsonl(tmp_path / "long.jsonl", [long, too_long, *conversations(20)])
+    data = prepare_chat(data_cfg(path, tmp_path / "cache"), 64, False, chars)
+    found = []
+    for split in ("train", "val"):
+        index = data.index(split)
+        for i in np.flatnonzero(index[:, 1] > 65):
+            found.append((split, i, i in usable(data, split, 64)))
+    assert sorted(ok for _, _, ok in found) == [False, True]  # too_long's reply ends too late
+    split, i, _ = next(f for f in found if f[2])
+    x, y = conversation_rows(data, split, np.array([i]), 64, torch.device("cpu"))
+    assert x.size(1) == 40  # the first reply ends at token 33: a row of 34, 40 wide
+    assert chars.decode([t for t in y[0].tolist() if t >= 0]) == " APPLE!<|endoftext|>"
 
 
 def test_masked_positions_carry_no_gradient(chat_data):
@@ -226,7 +247,7 @@ def test_tiny_chat_fine_tune_lowers_the_held_out_reply_loss(base_run):
     vals = [r["val_loss"] for r in metrics(result.run_dir) if "val_loss" in r]
     assert vals[0] == pytest.approx(vals[0]) and len(vals) == 3  # step 0, 15 and 30
     assert vals[-1] < vals[0] - 0.5
-    saved = load_checkpoint(result.run_dir)
+    saved = load_model(str(result.run_dir))
     assert saved.config.data.format == "chat"
 
 
@@ -240,6 +261,6 @@ def test_chat_fine_tune_resumes_bit_for_bit(base_run):
     resumed = train(config_from_dict(chat_raw(base_run, "part", max_steps=6, eval_interval=3,
                                                resume=True), name="c"), progress=False)
     assert resumed.losses == full.losses[1:]
-    a, b = load_checkpoint(full.run_dir).model, load_checkpoint(resumed.run_dir).model
+    a, b = load_model(str(full.run_dir)).model, load_model(str(resumed.run_dir)).model
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),
                                                  b.state_dict().values()))
