@@ -2,8 +2,10 @@
 
 A run directory holds `latest/` and `best/`, each a complete checkpoint:
 
-    model.safetensors   the plain module's weights (a tied W_U is stored once, as W_E)
+    model.safetensors   the plain module's weights (a tied W_U is stored once, as W_E); for a
+                        LoRA run (train.lora_rank) its adapters only (model/lora.py)
     config.json         the full resolved config and the tokenizer spec: sampling needs nothing else
+                        but, for a LoRA run, its base: name and weights' digest under "lora_base"
     optimizer.pt        optimizer state, read back with torch.load(weights_only=True)
     state.json          step, best validation loss, sampler state, RNG states
 
@@ -24,9 +26,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from . import lora
 from .config import Config, config_from_dict
 from .errors import CheckpointError, SmallGPTError
 from .files import fsync_dir, fsync_file, write_json_atomic
@@ -74,18 +77,26 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 def save_checkpoint(directory: str | Path, model: nn.Module, config: Config,
                     tokenizer_spec: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
-                    state: dict[str, Any] | None = None) -> Path:
+                    state: dict[str, Any] | None = None,
+                    lora_base: dict[str, str] | None = None) -> Path:
     """Write a complete checkpoint to `directory` atomically. `model` must be the plain module
-    (not wrapped by DDP or torch.compile)."""
+    (not wrapped by DDP or torch.compile). A model with LoRA adapters saves them alone, with
+    `lora_base` (lora.base_record) naming the weights they adapt."""
     target = Path(directory)
     tmp = target.with_name(f".{target.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a save that was killed: never used
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / WEIGHTS))  # handles the tied W_E/W_U tensor
+    meta = {"format": FORMAT_VERSION, "config": config.to_dict(), "tokenizer": tokenizer_spec}
+    if lora.has_adapters(model):
+        if lora_base is None:
+            raise ValueError("a model with LoRA adapters is saved with its lora_base record")
+        save_file(lora.adapter_state_dict(model), str(tmp / WEIGHTS))
+        meta["lora_base"] = lora_base
+    else:
+        save_model(model, str(tmp / WEIGHTS))  # handles the tied W_E/W_U tensor
     fsync_file(tmp / WEIGHTS)
-    write_json_atomic(tmp / CONFIG, {"format": FORMAT_VERSION, "config": config.to_dict(),
-                                     "tokenizer": tokenizer_spec})
+    write_json_atomic(tmp / CONFIG, meta)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         fsync_file(tmp / OPTIMIZER)
@@ -160,7 +171,16 @@ def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
 
 def load_weights(model: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
     """Fill `model` with a checkpoint's weights. A damaged file, a tensor of another shape, or
-    names that do not match the model's (saying which) are each a CheckpointError."""
+    names that do not match the model's (saying which) are each a CheckpointError. A model
+    with LoRA adapters takes a LoRA run's adapters."""
+    if lora.has_adapters(model):
+        file = Path(path) / WEIGHTS
+        try:
+            adapters = load_file(file, device=str(device))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise _damaged(path, exc) from exc
+        lora.load_adapter_state_dict(model, adapters, str(file))
+        return
     try:
         missing, unexpected = load_model(model, str(Path(path) / WEIGHTS), strict=False,
                                          device=str(device))
@@ -194,6 +214,19 @@ def _damaged(path: str | Path, exc: BaseException) -> CheckpointError:
     reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
     return CheckpointError(f"checkpoint {str(path)!r}: {WEIGHTS} is truncated or corrupt "
                            f"({reason}); use another checkpoint, e.g. the run's best/")
+
+
+def read_lora_base(path: str | Path) -> dict[str, str]:
+    """The base record (lora.base_record) a LoRA checkpoint keeps in its config.json."""
+    try:
+        meta = json.loads((Path(path) / CONFIG).read_text(encoding="utf-8"))
+        record = meta["lora_base"]
+        if not isinstance(record, dict) or not isinstance(record.get("digest"), str):
+            raise TypeError("lora_base")
+        return record
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {CONFIG} does not name the base of its "
+                              "LoRA adapters (lora_base); it is incomplete") from exc
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

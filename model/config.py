@@ -23,6 +23,7 @@ import yaml
 
 from .errors import ConfigError, check_choice, check_positive
 from .gpt import GPTConfig
+from .lora import LoRAConfig
 from .tokenizer import MIN_BPE_VOCAB, TOKENIZER_NAMES
 
 # The shipped YAML files: configs/ in a source checkout, installed as the package `model.configs`
@@ -106,13 +107,18 @@ class TrainConfig:
     checkpoint_interval: int = 0  # 0: checkpoint at every evaluation
     seed: int = 1337
     device: str = "auto"
-    dtype: str = "auto"  # auto: bfloat16 on CUDA when supported, else float32
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs that compute it natively
     compile: bool = False
     threads: int | None = None  # CPU threads; None: the cores not busy when the run starts
     resume: bool = False
     # "scratch" (random weights), or a model to fine-tune: gpt2, gpt2-medium, gpt2-large,
     # gpt2-xl, a Hugging Face GPT-2 directory, or a smallgpt run/checkpoint (model/finetune.py)
     init_from: str = "scratch"
+    # LoRA (model/lora.py): train low-rank adapters beside init_from's frozen weights.
+    lora_rank: int | None = None  # None: fine-tune every weight; >= 1: adapters of this rank
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.05  # dropout on the adapters' input
+    lora_targets: str = "all"  # comma-separated q, k, v, attn_out, mlp_in, mlp_out, or all
     peak_flops: float | None = None  # for MFU; None looks the GPU up in a table
     wandb: bool = False
     wandb_project: str = "smallgpt"
@@ -148,9 +154,31 @@ class TrainConfig:
         if not self.init_from:
             raise ConfigError(f"{prefix}.init_from: must be scratch or name a model, e.g. gpt2")
         check_choice(f"{prefix}.optimizer", self.optimizer, OPTIMIZERS)
+        self._check_lora()
         check_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
         check_choice(f"{prefix}.device", self.device, DEVICES)
         check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
+
+    def _check_lora(self) -> None:
+        # LoRAConfig checks rank, alpha, dropout and targets (also when LoRA is off: a typo in a
+        # target should not wait until the rank is set).
+        rank = 1 if self.lora_rank is None else self.lora_rank
+        LoRAConfig(rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+        if self.lora_rank is None:
+            return
+        if self.init_from == "scratch":
+            raise ConfigError("train.lora_rank: LoRA adapts pretrained weights; set "
+                              "train.init_from (e.g. gpt2) or remove train.lora_rank")
+        if self.optimizer != "adamw":
+            raise ConfigError(f"train.optimizer: {self.optimizer} does not train LoRA adapters "
+                              "(train.lora_rank); use adamw")
+
+    @property
+    def lora(self) -> LoRAConfig | None:
+        """The adapters' settings, or None when every weight is fine-tuned."""
+        if self.lora_rank is None:
+            return None
+        return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
 
 
 @dataclass

@@ -46,7 +46,9 @@ def export(name: str, out_dir: str | Path) -> Exported:
     from .pretrained import load_model
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{str(out)!r} is a file; name a new directory to export to")
+    if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{str(out)!r} already exists and is not empty; choose a new "
                               "directory, or remove it first")
     loaded = load_model(name, "cpu")

@@ -120,8 +120,10 @@ def rotary_config(config: GPTConfig, family: str, eot_id: int | None) -> dict[st
         "hidden_act": "silu" if fam.gated else PLAIN_ACTS_OUT[config.activation],
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
-        # Plain rotary (no scaling) with our base; rope_theta also for older readers.
+        # Plain rotary (no scaling) with our base. transformers 4.x reads rope_scaling and
+        # rope_theta instead; without rope_scaling its Apertus would default to llama3 scaling.
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        "rope_scaling": {"rope_type": "default", "rope_theta": config.rope_base},
         "rope_theta": config.rope_base,
         "attention_bias": config.bias,
         "attention_dropout": 0.0,

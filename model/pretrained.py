@@ -7,7 +7,8 @@ A name is
     and model.safetensors only) and read from there afterwards, offline too;
   - a Hugging Face directory (config.json + model.safetensors or pytorch_model.bin) of GPT-2
     or of a family model/hf.py reads (Llama, Qwen3, ...);
-  - a smallgpt run directory or checkpoint directory.
+  - a smallgpt run directory or checkpoint directory; a LoRA run's (train.lora_rank) gives its
+    base with the adapters merged in (load_lora_run).
 train.init_from, `sample.py --checkpoint` and `python -m model.explore --checkpoint` all go
 through here, and every kind of name gives the same result type, `Pretrained`.
 
@@ -27,12 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import lora
 from .checkpoint import (
     find_checkpoints,
     listing,
     load_state,
     load_weights,
     read_checkpoint_config,
+    read_lora_base,
     resolve_checkpoint,
 )
 from .config import Config, DataConfig
@@ -102,8 +105,11 @@ def _smallgpt(path: str | Path, device: str | torch.device,
         except SmallGPTError as exc:
             raise CheckpointError(
                 f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from exc
-        model = model_class(config.model)
-        load_weights(model, ckpt, device)
+        if config.train.lora_rank is not None:  # adapters: the base, with them merged in
+            model = load_lora_run(ckpt, config)
+        else:
+            model = model_class(config.model)
+            load_weights(model, ckpt, device)
         state = load_state(ckpt)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; {listing()}") from exc
@@ -111,6 +117,31 @@ def _smallgpt(path: str | Path, device: str | torch.device,
     description = (f"smallgpt checkpoint {ckpt} (step {state.get('step')}, "
                    f"{_params(model)})")
     return Pretrained(model, tokenizer, "smallgpt", ckpt, description, config, state)
+
+
+def load_lora_run(ckpt: Path, config: Config) -> GPT:
+    """A LoRA checkpoint's model: its base, loaded as train.init_from named it and checked
+    against the digest the run recorded, with the saved adapters merged into its weights."""
+    from .finetune import model_from_source  # deferred: finetune builds on this module
+
+    record = read_lora_base(ckpt)
+    where = record.get("path") or record["name"]  # the absolute directory, where there is one
+    try:
+        base = load_model(where, "cpu")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: the base of LoRA run {str(ckpt)!r} cannot be loaded "
+                              f"({exc})") from exc
+    lora.check_base(record, lora.weights_digest(base.model), str(base.path), str(ckpt))
+    model, _ = model_from_source(config.model, base)  # the run's shape: block_size cropped
+    lora.apply(model, config.train.lora)
+    load_weights(model, ckpt)  # a model with adapters takes the adapters alone
+    return lora.merge(model)
+
+
+def lora_base_record(name: str, source: Pretrained) -> dict[str, str]:
+    """What a LoRA run started from `source` (loaded by `name`) records about its base."""
+    path = None if name in HUB_NAMES else source.path.resolve()  # the hub's: by name
+    return lora.base_record(name, source.model, path)
 
 
 def _hf(directory: Path, device: str | torch.device) -> Pretrained:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import runtime
+from . import lora, runtime
 from .batches import BatchSampler
 from .chat_batches import ChatBatchSampler, chat_eval_batches
 from .chat_data import ChatData
@@ -23,6 +23,7 @@ from .checkpoint import (
     load_optimizer_state,
     load_state,
     load_weights,
+    read_lora_base,
     resolve_checkpoint,
     set_rng_state,
 )
@@ -110,7 +111,8 @@ def check_writable(run_dir: Path, model_bytes: int) -> None:
 
 
 def resume(run_dir: Path, model: nn.Module, optimizer: Optimizer, sampler: BatchSampler,
-           ctx: runtime.Distributed, *, threads_chosen: bool) -> tuple[int, float]:
+           ctx: runtime.Distributed, *, threads_chosen: bool,
+           lora_base: dict[str, str] | None = None) -> tuple[int, float]:
     """Load the run's latest checkpoint into `model`, `optimizer` and `sampler`; return the step
     it was taken at and the best validation loss so far. Unless train.threads is set, the run
     goes on with the thread count it had (sums split over threads round differently)."""
@@ -119,6 +121,9 @@ def resume(run_dir: Path, model: nn.Module, optimizer: Optimizer, sampler: Batch
     except CheckpointError as exc:
         raise TrainingError(f"train.resume is set but {str(run_dir)!r} holds no checkpoint; "
                             "start without train.resume=true") from exc
+    if lora_base is not None:  # the adapters go on only with the base they were trained on
+        lora.check_base(read_lora_base(ckpt), lora_base["digest"],
+                        lora_base.get("path") or lora_base["name"], str(ckpt))
     load_weights(model, ckpt, ctx.device)
     opt_state = load_optimizer_state(ckpt)
     if opt_state is not None:

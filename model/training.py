@@ -14,7 +14,7 @@ Your own model and code in the loop (model/callbacks.py has the protocol):
 
 `model` is a GPT subclass or any nn.Module with GPT's forward contract: forward(idx, targets)
 returns (logits, loss). It is moved to the run's device and trained in place; a module with a
-GPTConfig in `.config` is saved with that config, so `load_checkpoint(run, model_class=MyGPT)`
+GPTConfig in `.config` is saved with that config, so `load_model(run, model_class=MyGPT)`
 rebuilds it. Weight decay follows model/optim.py's rule, which reads only shapes.
 
 Process state: while it runs, train() sets torch's CPU thread count (train.threads), allows TF32
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import runtime
+from . import lora, runtime
 from .batches import BatchSampler, eval_windows
 from .callbacks import Callback, TrainingState
 from .chat_batches import ChatBatchSampler
@@ -50,6 +50,7 @@ from .gpt import GPT
 from .monitor import RunLog, gpu_peak_flops
 from .optim import Optimizer, build_optimizer, set_lr
 from .prepare import PreparedData
+from .pretrained import lora_base_record
 from .run_setup import (
     adopt_model,
     chat_batches,
@@ -162,6 +163,7 @@ class Run:
     flops_per_step: float
     peak_flops: float | None  # of this GPU, for the MFU estimate
     settle_every_step: bool  # copy each loss to the host at once (CPU runs, callbacks)
+    lora_base: dict[str, str] | None = None  # a LoRA run's base, recorded with its adapters
     pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, loss)
     grad_norm: torch.Tensor | float = 0.0  # the latest, for the logs
     compile_seconds: float = 0.0  # the first step's time when it compiled the model
@@ -256,7 +258,8 @@ class Run:
         run_dir = self.result.run_dir
         saved = run_state(state.step, self.best_val_loss, self.sampler, self.device, self.result)
         state.checkpoint = save_checkpoint(run_dir / "latest", self.model, self.cfg,
-                                           self.data.tokenizer.spec(), self.optimizer, saved)
+                                           self.data.tokenizer.spec(), self.optimizer, saved,
+                                           self.lora_base)
         if improved:
             copy_checkpoint(state.checkpoint, run_dir / "best")
         for callback in callbacks:
@@ -290,7 +293,10 @@ def start_run(cfg: Config, ctx: runtime.Distributed, model: nn.Module | None, pr
     """Set a run up in the order it needs: seeds, pretrained weights, data, model, optimizer,
     resume, wrapping (compile, then DDP), logs."""
     t, device = cfg.train, ctx.device
-    dtype = runtime.pick_dtype(t.dtype, device)
+    precision = runtime.choose_dtype(t.dtype, device)
+    dtype = precision.dtype
+    if ctx.is_main and progress:
+        tqdm.write(f"training in {runtime.training_precision(precision)}")
     runtime.configure_backends(device)
     # Each rank its own dropout masks; DDP copies rank 0's initial weights to the others.
     runtime.seed_everything(t.seed + ctx.rank)
@@ -301,6 +307,8 @@ def start_run(cfg: Config, ctx: runtime.Distributed, model: nn.Module | None, pr
     source = load_source(cfg)
     if source is not None:
         cfg = adopt_source(cfg, source)
+    # A LoRA run's checkpoints hold its adapters and this record of the base they adapt.
+    lora_base = lora_base_record(t.init_from, source) if t.lora is not None else None
 
     # Data: token files (prepared once), the training batches and the validation windows.
     data = prepare_data_once(cfg, ctx, progress, source.tokenizer if source else None)
@@ -321,16 +329,22 @@ def start_run(cfg: Config, ctx: runtime.Distributed, model: nn.Module | None, pr
         if ctx.is_main:
             tqdm.write(loaded)
     source = None  # the model now holds the weights; the source must not use them
+    if t.lora is not None:  # adapters beside the frozen base: only they train
+        lora.apply(model, t.lora, base_dtype=lora.frozen_dtype(dtype))
+        if ctx.is_main:
+            tqdm.write(lora.describe(model, t.lora))
     model.to(device)
     run_dir = cfg.out_dir
-    if ctx.is_main:
-        check_writable(run_dir, 4 * count_params(model))
+    if ctx.is_main:  # a LoRA checkpoint holds the adapters alone
+        check_writable(run_dir, 4 * (lora.count_parameters(model)[0] if t.lora else
+                                     count_params(model)))
     optimizer = build_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_step, best_val_loss = 0, math.inf
     if t.resume:
         start_step, best_val_loss = resume(run_dir, model, optimizer, sampler, ctx,
-                                           threads_chosen=t.threads is not None)
+                                           threads_chosen=t.threads is not None,
+                                           lora_base=lora_base)
 
     log = (RunLog(run_dir, cfg.to_dict(), resume_step=start_step if t.resume else None,
                   use_wandb=t.wandb, wandb_project=t.wandb_project,
@@ -348,7 +362,7 @@ def start_run(cfg: Config, ctx: runtime.Distributed, model: nn.Module | None, pr
         result=TrainResult(run_dir=run_dir, steps=start_step, model=model),
         start_step=start_step, best_val_loss=best_val_loss, tokens_per_step=tokens_per_step,
         flops_per_step=flops_per_token(model) * tokens_per_step, peak_flops=peak_flops,
-        settle_every_step=settle_every_step or device.type == "cpu")
+        settle_every_step=settle_every_step or device.type == "cpu", lora_base=lora_base)
     if t.init_from != "scratch" and start_step == 0 and ctx.is_main:
         # Where fine-tuning starts: the pretrained model's own loss on this validation split.
         validate(model, val_windows, data, device, dtype, 0, log, run.bar)

@@ -357,3 +357,14 @@ def test_train_puts_back_the_process_state_it_changes(tmp_path):
     assert seen == [2, 2]  # the run used train.threads ...
     assert torch.get_num_threads() == 1  # ... and the caller's count is back
     assert torch.equal(torch.rand(3), expected_torch) and random.random() == expected_python
+
+
+def test_a_stop_asked_at_a_checkpoint_ends_the_run_after_the_next_step(tmp_path):
+    class StopAtCheckpoint(Callback):
+        def at_checkpoint(self, state: TrainingState) -> None:
+            state.request_stop()
+
+    result = train(config_from_dict(tiny_raw(tmp_path, max_steps=8, eval_interval=3)),
+                   progress=False, callbacks=[StopAtCheckpoint()])
+    assert result.steps == 4  # saved at 3, where it asked; the next step ends (and saves) it
+    assert load_checkpoint(tmp_path / "run").state["step"] == 4
