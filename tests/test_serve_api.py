@@ -1,6 +1,6 @@
 """The server's API against a tiny trained checkpoint, through real HTTP on a free local port:
 the official openai client (plain and streaming), echo + logprobs against the model's own
-log-softmax, the tokenizer endpoints, every bad request, 32 concurrent requests, a client that
+log-softmax, every bad request, 32 concurrent requests, a client that
 disconnects, the page's JSON endpoints, and Ctrl-C."""
 
 from __future__ import annotations
@@ -131,14 +131,6 @@ def test_seeded_sampling_equals_generate(client, pretrained):
     assert top_k.choices[0].text == reference(pretrained, PROMPT, 20, seed=5, top_k=3)[0]
     again = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, n=2, **kw)
     assert [c.text for c in again.choices] == [c.text for c in resp.choices]
-    # Any integer is a seed, taken modulo 2**64 as torch's seeds are 64 bits (no late error on
-    # the engine thread for a seed torch would refuse).
-    for seed in (2**64 + 5, 2**70 + 5):
-        wide = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=20, seed=seed)
-        assert wide.choices[0].text == reference(pretrained, PROMPT, 20, seed=5)[0]
-    assert client.completions.create(model=NAME, prompt=PROMPT, max_tokens=5,
-                                     seed=-(2**64) - 1).choices[0].text == reference(
-        pretrained, PROMPT, 5, seed=2**64 - 1)[0]
 
 
 @pytest.mark.parametrize("max_tokens", [0, 6])
@@ -198,18 +190,6 @@ def test_streamed_logprobs_match_plain(client):
     assert tokens == plain.tokens and lps == pytest.approx(plain.token_logprobs)
 
 
-def test_tokenize_detokenize_round_trip(server, pretrained):
-    url = server[0]
-    text = "whether the nobler mind\nto suffer"
-    tok = httpx.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
-    assert tok["tokens"] == pretrained.tokenizer.encode(text) and tok["count"] == len(text)
-    back = httpx.post(f"{url}/detokenize", json={"tokens": tok["tokens"]}).json()
-    assert back == {"prompt": text}
-    info = httpx.get(f"{url}/tokenizer_info").json()
-    assert info["eos_token"] == "<|endoftext|>" and info["tokenizer_name"] == "char"
-    assert info["vocab_size"] == pretrained.tokenizer.vocab_size
-
-
 BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", b'{"prompt": "to be", ', 400, None),
     ("/v1/completions", b"[1, 2]", 400, None),
@@ -238,8 +218,7 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]"),
     ("/api/attention", {"prompt": "to be", "layer": 99}, 400, "layer"),
     ("/api/distribution", {"tokens": [1, 2], "temperatures": [3]}, 400, "temperatures[0]"),
-    ("/api/distribution", {"tokens": [1, 2], "temperatures": [1, -1]}, 400,
-     "temperatures[1]"),
+    ("/api/distribution", {"tokens": [1], "temperatures": [1, -1]}, 400, "temperatures[1]"),
     ("/api/neighbors", {"word": "ROMEO"}, 400, "word"),
     ("/api/generate", {"prompt": "to", "top_k": 0}, 400, "top_k"),
 ]

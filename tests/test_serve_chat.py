@@ -1,7 +1,7 @@
 """POST /v1/chat/completions through the official openai client (plain, streamed, logprobs)
 against model.chat's template and model.sampling.generate; end of turn; every bad chat request;
-and the protocol every endpoint shares: one validation path, /openapi.json with each body,
-/docs offline, 405 with Allow."""
+and the protocol every endpoint shares: one validation path, seeds, the tokenizer endpoints,
+/openapi.json with each body, /docs offline, 405 with Allow."""
 
 from __future__ import annotations
 
@@ -206,6 +206,37 @@ def test_one_validation_path_for_completions_chat_and_page(server):
             assert r.status_code == 400, (path, field, r.text)
             messages.add(r.json()["error"]["message"])
         assert len(messages) == 1, messages
+
+
+def test_any_integer_is_a_seed_taken_modulo_2_64(server, pretrained):
+    """torch's seeds are 64 bits: a wider one is reduced, never a late error on the engine
+    thread, the same way on every endpoint."""
+    def completion(seed: int) -> str:
+        return httpx.post(f"{server}/v1/completions", json={
+            "prompt": "to be", "max_tokens": 10, "seed": seed}).json()["choices"][0]["text"]
+
+    def reference_text(seed: int) -> str:
+        return "".join(s.delta for s in generate(pretrained.model, pretrained.tokenizer, "to be",
+                                                 10, seed=seed))
+
+    assert completion(2**64 + 5) == completion(2**70 + 5) == reference_text(5)
+    assert completion(-(2**64) - 1) == reference_text(2**64 - 1)
+    chat = httpx.post(f"{server}/v1/chat/completions", json={
+        "messages": USER, "max_tokens": 10, "seed": 2**64 + 3}).json()
+    assert chat["choices"][0]["message"]["content"] == "".join(
+        s.delta for s in reference(pretrained, USER, 10, seed=3))
+
+
+def test_tokenize_detokenize_round_trip(server, pretrained):
+    url = server
+    text = "whether the nobler mind\nto suffer"
+    tok = httpx.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert tok["tokens"] == pretrained.tokenizer.encode(text) and tok["count"] == len(text)
+    back = httpx.post(f"{url}/detokenize", json={"tokens": tok["tokens"]}).json()
+    assert back == {"prompt": text}
+    info = httpx.get(f"{url}/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["tokenizer_name"] == "char"
+    assert info["vocab_size"] == pretrained.tokenizer.vocab_size
 
 
 def test_openapi_documents_every_body_and_its_errors(server):

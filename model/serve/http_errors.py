@@ -115,7 +115,9 @@ def validation_error(errors: Sequence[Any]) -> APIError:
         " after validation", ""))
     given = json.dumps(first.get("input"), default=str)
     given = given if len(given) <= 60 else given[:57] + "..."
-    return APIError(f"'{param}' {expected}; got {given}", param, "invalid_value")
+    wrong_type = first["type"].endswith("_type") or first["type"].endswith("_parsing")
+    return APIError(f"'{param}' {expected}; got {given}", param,
+                    "invalid_type" if wrong_type else "invalid_value")
 
 
 def path(loc: Sequence[Any]) -> str:
