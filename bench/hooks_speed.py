@@ -14,12 +14,13 @@ model code alone. The trees alternate A, B, B, A, ... so that load from other jo
 both; the median of the rounds is reported.
 
 Measured with `flock /tmp/bench.lock python bench/hooks_speed.py --base /tmp/base978 --rounds 7`
-(2-core AMD EPYC VM shared with 7 other jobs' tests, load 2-3; torch 2.13 CPU, one thread;
-6x6x384 model, context 256, batch 4), tokens per CPU second, median of 7:
-training 1,028 with hook points vs 997 before them (ratio 1.03), generation 145 vs 143 (1.01):
-no slowdown, and the rounds' spread (770-1,115 and 108-170) is far wider than any difference.
-Measured inside one process, where the load cannot blur it, the unused hook points' calls take
-0.11% of a decode step (68 calls of ~100 ns; the other points are flag checks).
+(2-core AMD EPYC VM shared with 7 other jobs, load 2-3; torch 2.13 CPU, one thread; 6x6x384
+model, context 256, batch 4), tokens per CPU second, median of 7, two runs 20 minutes apart:
+training 1,028 vs 997 (ratio 1.03), then 1,011 vs 962 (1.05); generation 145 vs 143 (1.01),
+then 140 vs 153 (0.92). The rounds' spread (108-170 tokens/s for generation) is wider than
+any difference, so on this machine these figures cannot resolve 2% either way. Measured inside
+one process, where the load cannot blur it, the unused hook points' calls take 0.11% of a
+decode step (68 calls of ~100 ns; the other points are flag checks).
 """
 
 from __future__ import annotations
