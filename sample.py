@@ -24,7 +24,7 @@ from model.chat import TURN_STOPS, render_chat
 from model.cli import load_named_model, run_cli
 from model.errors import SamplingError
 from model.pretrained import Pretrained
-from model.runtime import configure_threads, generation_threads, pick_device, pick_dtype
+from model.runtime import choose_dtype, configure_threads, generation_threads, pick_device
 from model.sampling import Step, check_sampling_args, generate
 from model.tokenizer import Tokenizer
 
@@ -78,9 +78,9 @@ def load_model(args: argparse.Namespace, err: TextIO) -> Pretrained:
     """The model --checkpoint names (default: the newest checkpoint under out/), in --dtype on
     --device, compiled with --compile; stderr says which model it is."""
     device = pick_device(args.device, setting="--device")
-    dtype = pick_dtype(args.dtype, device, setting="--dtype")
-    loaded = load_named_model(args.checkpoint, device, err)  # errors list what exists
-    loaded.model.to(dtype)
+    precision = choose_dtype(args.dtype, device, setting="--dtype")
+    # errors list what exists; the weights are converted to `precision`'s dtype
+    loaded = load_named_model(args.checkpoint, device, err, precision)
     if args.compile:
         # dynamic shapes: one graph for every cache length instead of a recompile per token
         loaded.model = torch.compile(loaded.model, dynamic=True)

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+# ../shared next to the checkout, or next to the folder of git worktrees it is one of.
+SHARED = next((d for d in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if d.is_dir()),
+              ROOT.parent / "shared")
 TINY_SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 
 # Run from anywhere: the benchmarks import the package from this checkout.

@@ -2,20 +2,30 @@
 
     python bench/load_memory.py --shape gpt2-xl          # 1.56B parameters, 6.2 GB of float32
     python bench/load_memory.py --shape gpt2 --dir some/hf/dir   # an existing directory instead
+    python bench/load_memory.py --shape gpt2-xl --sample float32 auto   # sample.py, per dtype
 
 The directory is written by `transformers` from a randomly initialised GPT2LMHeadModel of the
 shape's sizes (real 50257 vocabulary, 1024 positions), in a temporary folder that is deleted at
 the end; nothing is downloaded. Loading then runs in a fresh process through model.pretrained
 (as `sample.py --checkpoint DIR` does), which reports its own peak RSS (getrusage). The figure
 to look at is peak RSS over the weights' size: about 1 means the weights are held once.
+
+--sample DTYPE... instead runs the whole `python sample.py --checkpoint DIR --dtype DTYPE` (10
+new tokens) once per dtype and reports each process's peak RSS (from wait4) and wall time:
+what sampling the model costs in float32 and in what `auto` picks (bfloat16 weights on a CPU
+that computes it natively).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from common import ROOT, machine_line, scratch_dir
@@ -53,11 +63,34 @@ print(json.dumps({"params": params, "weights_mib": weights, "seconds": seconds,
 """
 
 
+def sample_peak(directory: Path, dtype: str, tokens: int = 10) -> None:
+    """Peak RSS and wall time of one whole sample.py process on `directory` in `dtype`."""
+    command = [sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(directory),
+               "--prompt", "Hello", "--max-new-tokens", str(tokens), "--seed", "1",
+               "--dtype", dtype]
+    with tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not all children's
+        seconds = time.perf_counter() - start
+        err.seek(0)
+        text = err.read()
+    if status:
+        raise SystemExit(f"error: sample.py failed:\n{text[-2000:]}")
+    chosen = re.search(r"in (dtype \w+ \(.*\))$", text, re.M)
+    print(f"sample.py --dtype {dtype}, {tokens} tokens: peak RSS {usage.ru_maxrss / 1024:,.0f} "
+          f"MiB, {seconds:.1f} s whole process; {chosen.group(1) if chosen else '?'}",
+          flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-xl")
     parser.add_argument("--dir", default=None, help="an existing HF GPT-2 directory to load")
     parser.add_argument("--tmp", default=None, help="where the generated directory goes")
+    parser.add_argument("--sample", nargs="+", metavar="DTYPE",
+                        help="peak RSS of sample.py in each of these dtypes (float32, auto, "
+                             "bfloat16) instead of loading alone")
     args = parser.parse_args()
     print(machine_line())
 
@@ -70,6 +103,10 @@ def main() -> None:
                             *map(str, SHAPES[args.shape])], check=True)
         files = {p.name: p.stat().st_size / 2**20 for p in directory.iterdir() if p.is_file()}
         print("files: " + ", ".join(f"{n} {s:,.0f} MiB" for n, s in sorted(files.items())))
+        if args.sample:
+            for dtype in args.sample:
+                sample_peak(directory, dtype)
+            return
         out = subprocess.run([sys.executable, "-c", LOAD, str(directory), str(ROOT)],
                              check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])

@@ -38,9 +38,9 @@ directory, mode, dtype_name = sys.argv[2:5]
 steps, batch, block, rank = map(int, sys.argv[5:9])
 from model import lora, runtime
 from model.config import config_from_dict
-from model.finetune import adopt_source, load_source, model_from_source
+from model.finetune import adopt_source, load_source
 from model.optim import build_optimizer
-from model.pretrained import lora_base_record
+from model.pretrained import lora_base_record, model_from_source
 from model.training import train_step
 
 peak_during_steps, sampling = [0], [False]

@@ -21,6 +21,7 @@ import time
 import torch
 from common import machine_line, require_tiny_shakespeare
 
+from model import runtime
 from model.batches import sequential_windows
 from model.config import load_config
 from model.prepare import prepare_data
@@ -102,6 +103,8 @@ def main() -> None:
     print(f"config {args.config} ({' '.join(args.overrides) or 'as shipped'}), "
           f"tokenizer {cfg.data.tokenizer} (vocab {data.tokenizer.vocab_size}), "
           f"{model.num_params():,} parameters")
+    precision = runtime.choose_dtype(run.train.dtype, runtime.pick_device(run.train.device))
+    print(f"training in {runtime.training_precision(precision)}")
     print(f"data preparation {prep_seconds:.1f} s (outside the budget); calibrated "
           f"{step_seconds * 1e3:.1f} ms/step -> max_steps {steps}")
     limit = "no time budget" if args.steps else f"a {args.budget_seconds:.0f} s budget"

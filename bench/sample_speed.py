@@ -24,6 +24,7 @@ from common import machine_line
 from model.config import GPTConfig
 from model.gpt import GPT
 from model.pretrained import load_checkpoint
+from model.runtime import choose_dtype
 from model.sampling import generate
 from model.tokenizer import Tokenizer, train_tokenizer
 
@@ -61,8 +62,9 @@ def main() -> None:
     p.add_argument("--pos-emb", default="learned", choices=["learned", "rope"])
     p.add_argument("--prompt", default="ROMEO:")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights and cache; bfloat16 halves the memory each token reads")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                   help="weights and cache; bfloat16 halves the memory each token reads; auto "
+                        "as sample.py chooses (bfloat16 where the CPU computes it natively)")
     # Decoding one token at a time is bound by reading the weights, not by arithmetic: a second
     # thread adds little, and on a shared CPU its spin-waiting can make everything 5x slower.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
@@ -84,14 +86,16 @@ def main() -> None:
                               n_layer=args.layers, n_head=args.heads, n_embd=args.width,
                               pos_emb=args.pos_emb))
         what = "random weights"
-    model.to(getattr(torch, args.dtype))
+    precision = choose_dtype(args.dtype, torch.device("cpu"), setting="--dtype")
+    model.to(precision.dtype)
     if args.compile:
         model = torch.compile(model, dynamic=True)
     c = model.config
     print(machine_line())
     print(f"model: {what}; {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context "
           f"{c.block_size}, vocab {c.vocab_size}, {c.pos_emb} positions, "
-          f"{model.num_params() / 1e6:.2f}M parameters, {args.dtype}, compile={args.compile}")
+          f"{model.num_params() / 1e6:.2f}M parameters, {precision.describe()}, "
+          f"compile={args.compile}")
     print(f"run: {args.tokens} new tokens after {args.prompt!r}, temperature 1, seed {args.seed}")
 
     for _ in generate(model, tokenizer, args.prompt, max_new_tokens=8, show_top=0):

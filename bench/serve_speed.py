@@ -32,6 +32,7 @@ from common import machine_line, require_tiny_shakespeare
 from model.config import load_config
 from model.gpt import GPT
 from model.pretrained import Pretrained
+from model.runtime import choose_dtype
 from model.sampling import generate
 from model.tokenizer import Tokenizer, tokenizer_from_spec, train_tokenizer
 
@@ -48,7 +49,7 @@ def random_small() -> tuple[GPT, Tokenizer]:
     return model.eval(), tokenizer
 
 
-def serve_child(checkpoint: str | None, port: int, threads: int) -> None:
+def serve_child(checkpoint: str | None, port: int, threads: int, dtype: str) -> None:
     """The server process: the same app `python sample.py --serve` runs."""
     import uvicorn
 
@@ -62,6 +63,7 @@ def serve_child(checkpoint: str | None, port: int, threads: int) -> None:
         model, tokenizer = random_small()
         loaded = Pretrained(model, tokenizer, "smallgpt", Path("random"),
                             "random small.yaml model")
+    loaded.model.to(choose_dtype(dtype, torch.device("cpu"), setting="--dtype").dtype)
     uvicorn.run(create_app(loaded, "bench", max_tokens=4096), host="127.0.0.1", port=port,
                 log_level="warning")
 
@@ -107,6 +109,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=200, help="new tokens per client")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                   help="the served weights' dtype; auto as sample.py --serve chooses")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -121,12 +125,16 @@ def main() -> None:
         model, tokenizer = random_small()
         print(f"model: small.yaml's shape ({model.num_params() / 1e6:.2f}M parameters, context "
               f"{model.config.block_size}, {tokenizer.vocab_size}-token BPE), RANDOM weights")
+    precision = choose_dtype(args.dtype, torch.device("cpu"), setting="--dtype")
+    model.to(precision.dtype)
+    print(f"serving in {precision.describe()}")
     spec = tokenizer.spec()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
-    server = ctx.Process(target=serve_child, args=(args.checkpoint, port, args.threads),
+    server = ctx.Process(target=serve_child,
+                         args=(args.checkpoint, port, args.threads, args.dtype),
                          daemon=True)
     server.start()
     url = f"http://127.0.0.1:{port}"

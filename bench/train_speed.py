@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common import TINY_SHAKESPEARE, machine_line, peak_rss_mib
 
+from model import runtime
 from model.config import load_config
 from model.training import train
 
@@ -51,6 +52,8 @@ def main() -> None:
           f"{cfg.model.n_layer} layers, {cfg.model.n_embd} wide, context {cfg.model.block_size}, "
           f"batch {cfg.train.batch_size}x{cfg.train.grad_accum}, {tokens} tokens/step, "
           f"compile={cfg.train.compile}")
+    precision = runtime.choose_dtype(cfg.train.dtype, runtime.pick_device(cfg.train.device))
+    print(f"training in {runtime.training_precision(precision)}")
     print(f"steady state over {len(steady)} steps: median {ms:.1f} ms/step "
           f"(p10 {1e3 * statistics.quantiles(steady, n=10)[0]:.1f}, "
           f"p90 {1e3 * statistics.quantiles(steady, n=10)[-1]:.1f}), "

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from .pretrained import Pretrained
+    from .runtime import DtypeChoice
 
 
 def run_cli(main: Callable[[], int | None]) -> int:
@@ -33,12 +34,19 @@ def run_cli(main: Callable[[], int | None]) -> int:
 
 
 def load_named_model(name: str | None, device: str | torch.device,
-                     err: TextIO | None = None) -> Pretrained:
+                     err: TextIO | None = None,
+                     precision: DtypeChoice | None = None) -> Pretrained:
     """`pretrained.load_model(name, device)`, saying on stderr what was loaded: with no name,
-    the newest checkpoint under out/ is taken, and the user should know which one."""
+    the newest checkpoint under out/ is taken, and the user should know which one. With
+    `precision` the weights are converted to its dtype (bfloat16 halves the memory each
+    generated token reads) and the line says which dtype and why."""
     from .pretrained import load_model
 
     loaded = load_model(name, device)
     which = "" if name else "the newest checkpoint under out/: "
-    print(f"using {which}{loaded.description}", file=err or sys.stderr)
+    line = f"using {which}{loaded.description}"
+    if precision is not None:
+        loaded.model.to(precision.dtype)
+        line += f", in {precision.describe()}"
+    print(line, file=err or sys.stderr)
     return loaded

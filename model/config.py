@@ -107,7 +107,7 @@ class TrainConfig:
     checkpoint_interval: int = 0  # 0: checkpoint at every evaluation
     seed: int = 1337
     device: str = "auto"
-    dtype: str = "auto"  # auto: bfloat16 on CUDA when supported, else float32
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs that compute it natively
     compile: bool = False
     threads: int | None = None  # CPU threads; None: the cores not busy when the run starts
     resume: bool = False

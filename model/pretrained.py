@@ -41,7 +41,7 @@ from .checkpoint import (
 from .config import Config, DataConfig
 from .errors import CheckpointError, SmallGPTError
 from .gpt import GPT, GPTConfig
-from .hf import load_hf
+from .hf import assign_weights, load_hf
 from .tokenizer import Tokenizer, tokenizer_from_spec
 
 HUB_NAMES = {name: f"openai-community/{name}"
@@ -124,8 +124,6 @@ def _smallgpt(path: str | Path, device: str | torch.device,
 def load_lora_run(ckpt: Path, config: Config) -> GPT:
     """A LoRA checkpoint's model: its base, loaded as train.init_from named it and checked
     against the digest the run recorded, with the saved adapters merged into its weights."""
-    from .finetune import model_from_source  # deferred: finetune builds on this module
-
     record = read_lora_base(ckpt)
     where = record.get("path") or record["name"]  # the absolute directory, where there is one
     if "path" in record and not Path(where).exists():
@@ -141,6 +139,30 @@ def load_lora_run(ckpt: Path, config: Config) -> GPT:
     lora.apply(model, config.train.lora)
     load_weights(model, ckpt)  # a model with adapters takes the adapters alone
     return lora.merge(model)
+
+
+def model_from_source(config: GPTConfig, source: Pretrained) -> tuple[GPT, str]:
+    """A model of `config` (adopt_source's) whose parameters are the source's tensors, its
+    position table cropped to config.block_size; and a line saying what was loaded.
+
+    The model is built on the meta device and takes the tensors themselves: no random init
+    runs for weights about to be replaced, and memory holds them once, not twice. The source
+    model shares them afterwards; drop it before training.
+    """
+    state = source.model.state_dict()
+    before, after = source.model.config.block_size, config.block_size
+    if "pos_emb.weight" in state and after < before:
+        # A copy of the kept rows, so the parameter does not hold on to the whole table.
+        state["pos_emb.weight"] = state["pos_emb.weight"][:after].clone()
+    with torch.device("meta"):
+        model = GPT(config)
+    assign_weights(model, state)
+    crop = f", block_size cropped {before} -> {after}" if after < before else ""
+    # keep_vars: the Parameters themselves, so a tied W_E/W_U counts once (state_dict's
+    # detached tensors are new objects under each name).
+    tensors = len({id(t) for t in model.state_dict(keep_vars=True).values()})
+    return model, (f"init_from {source.description}: {tensors} tensors loaded, "
+                   f"{model.num_params():,} parameters{crop}")
 
 
 def lora_base_record(name: str, source: Pretrained) -> dict[str, str]:

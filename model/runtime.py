@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import ConfigError
 
@@ -44,25 +45,105 @@ def pick_device(name: str = "auto", setting: str = "train.device") -> torch.devi
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device, setting: str = "train.dtype") -> torch.dtype:
-    """'auto': bfloat16 on CUDA GPUs that support it, float16 on older ones, float32 elsewhere.
-    Errors name `setting`."""
+# CPU features that compute bfloat16 in hardware: AVX512-BF16 dot products (AMD Zen 4 and
+# later, Intel Cooper Lake, Sapphire Rapids and later) and AMX tiles (Sapphire Rapids and
+# later). Elsewhere torch emulates bfloat16 by converting to float32 and back, which is slower
+# than float32 itself, so `auto` must not pick it there.
+NATIVE_BF16_FEATURES = ("amx_bf16", "avx512_bf16")
+# Overrides the detection: 0 treats the CPU as lacking native bfloat16, 1 as having it (a CPU
+# torch does not know, or a test suite that must compute the same on every machine).
+CPU_BF16_ENV = "SMALLGPT_CPU_BF16"
+
+
+def cpu_capabilities() -> dict[str, Any]:
+    """What torch found this CPU can do (torch.cpu.get_capabilities: feature name -> bool);
+    empty where this torch cannot tell."""
+    try:
+        return dict(torch.cpu.get_capabilities())
+    except (AttributeError, RuntimeError):
+        return {}
+
+
+def native_bf16_feature() -> str | None:
+    """Why this CPU counts as computing bfloat16 natively (the feature torch reports, or the
+    SMALLGPT_CPU_BF16=1 override), or None when it would only emulate it."""
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override in ("0", "1"):
+        return f"{CPU_BF16_ENV}=1" if override == "1" else None
+    found = cpu_capabilities()
+    return next((name for name in NATIVE_BF16_FEATURES if found.get(name)), None)
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype to compute in and why, in words for the user ("auto: ...")."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def describe(self) -> str:
+        return f"dtype {self.name} ({self.reason})"
+
+
+def choose_dtype(name: str, device: torch.device, setting: str = "train.dtype") -> DtypeChoice:
+    """'auto': bfloat16 on CUDA GPUs that support it, float16 on older ones; on the CPU
+    bfloat16 where the processor computes it natively (native_bf16_feature), float32 elsewhere
+    (mps included). An explicit name is taken as given. Errors name `setting`."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+            if torch.cuda.is_bf16_supported():
+                return DtypeChoice(torch.bfloat16, "auto: this GPU supports bfloat16")
+            return DtypeChoice(torch.float16, "auto: this GPU lacks bfloat16")
+        if device.type == "cpu":
+            feature = native_bf16_feature()
+            if feature:
+                return DtypeChoice(torch.bfloat16, f"auto: this CPU computes bfloat16 natively, "
+                                   f"{feature}; {setting}=float32 for full precision")
+            why = (f"{CPU_BF16_ENV}=0" if os.environ.get(CPU_BF16_ENV, "").strip() == "0"
+                   else f"no {' or '.join(NATIVE_BF16_FEATURES)}")
+            return DtypeChoice(torch.float32, "auto: this CPU has no native bfloat16 "
+                               f"({why}); emulated, bfloat16 would be slower")
+        return DtypeChoice(torch.float32, f"auto: float32 on {device.type}")
     if name not in DTYPES:
         raise ConfigError(f"{setting}: {name!r} is not one of auto, {', '.join(DTYPES)}")
     if device.type == "cpu" and name == "float16":
         raise ConfigError(f"{setting}: float16 needs a GPU; use float32 or bfloat16 on the CPU")
-    return DTYPES[name]
+    return DtypeChoice(DTYPES[name], f"{setting}={name}")
+
+
+def pick_dtype(name: str, device: torch.device, setting: str = "train.dtype") -> torch.dtype:
+    """choose_dtype's dtype, without the reason."""
+    return choose_dtype(name, device, setting).dtype
+
+
+def training_precision(choice: DtypeChoice) -> str:
+    """How training uses `choice`, in words: the matmuls run in it under autocast, while the
+    weights, their gradients and the optimizer's moments stay float32."""
+    if choice.dtype == torch.float32:
+        return choice.describe()
+    return (f"{choice.describe()}: autocast computes in {choice.name}; weights and optimizer "
+            "state stay float32")
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision: weights stay float32, matmuls run in `dtype`. A no-op for float32."""
+    """Mixed precision: weights stay float32, matmuls run in `dtype`. A no-op for float32.
+
+    On the CPU in bfloat16, attention also takes torch's math kernels (matmuls and a softmax):
+    its CPU flash-attention kernels are slower in bfloat16 than those, whose matmuls get the
+    bfloat16 units (small.yaml's training step, one thread, CPU time: 370 ms against 386 ms
+    with flash attention, 538 ms in float32)."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type="cpu", dtype=dtype))
+    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    return stack
 
 
 # -- CPU threads --------------------------------------------------------------------------------

@@ -45,12 +45,12 @@ from .chat_batches import ChatBatchSampler
 from .checkpoint import copy_checkpoint, rng_state, save_checkpoint
 from .config import Config, TrainConfig
 from .errors import TrainingError
-from .finetune import adopt_source, load_source, model_from_source
+from .finetune import adopt_source, load_source
 from .gpt import GPT
 from .monitor import RunLog, gpu_peak_flops
 from .optim import Optimizer, build_optimizer, set_lr
 from .prepare import PreparedData
-from .pretrained import lora_base_record
+from .pretrained import lora_base_record, model_from_source
 from .run_setup import (
     adopt_model,
     chat_batches,
@@ -293,7 +293,10 @@ def start_run(cfg: Config, ctx: runtime.Distributed, model: nn.Module | None, pr
     """Set a run up in the order it needs: seeds, pretrained weights, data, model, optimizer,
     resume, wrapping (compile, then DDP), logs."""
     t, device = cfg.train, ctx.device
-    dtype = runtime.pick_dtype(t.dtype, device)
+    precision = runtime.choose_dtype(t.dtype, device)
+    dtype = precision.dtype
+    if ctx.is_main and progress:
+        tqdm.write(f"training in {runtime.training_precision(precision)}")
     runtime.configure_backends(device)
     # Each rank its own dropout masks; DDP copies rank 0's initial weights to the others.
     runtime.seed_everything(t.seed + ctx.rank)

@@ -23,6 +23,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def float32_cpu():
+    """dtype auto computes in float32 in every test and in the processes tests start, whatever
+    the CPU: results compared with float32 references (transformers, a library call, another
+    process) must not depend on the machine. tests/test_precision.py fakes both kinds of CPU."""
+    import os
+
+    from model.runtime import CPU_BF16_ENV
+
+    before = os.environ.get(CPU_BF16_ENV)
+    os.environ[CPU_BF16_ENV] = "0"
+    yield
+    if before is None:
+        del os.environ[CPU_BF16_ENV]
+    else:
+        os.environ[CPU_BF16_ENV] = before
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped where none is visible")
 

@@ -17,14 +17,18 @@ from model.training import train
 WORDS = ["to", "be", "or", "not", "the", "question", "whether", "nobler", "mind", "suffer"]
 
 
-def train_tiny(tmp: Path) -> Path:
-    """A few steps of a 1-layer char model on varied text: a real checkpoint in seconds."""
+def train_tiny(tmp: Path, block_size: int = 32) -> Path:
+    """A few steps of a 2-layer char model on varied text: a real checkpoint in seconds. Some
+    lines are dialogue in the chat template's shape, so the vocabulary has its role headers
+    (and no capitals besides theirs: "ROMEO" stays outside it)."""
     corpus = tmp / "corpus.txt"
     lines = [" ".join(WORDS[(i * k) % len(WORDS)] for k in range(1, 5)) + "."
              for i in range(1500)]
+    for i in range(0, len(lines), 10):
+        lines[i] = f"System: be brief.\n\nUser: {lines[i]}\n\nAssistant: {lines[i + 1]}"
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     cfg = config_from_dict({
-        "model": dict(block_size=32, n_layer=2, n_head=2, n_embd=32),
+        "model": dict(block_size=block_size, n_layer=2, n_head=2, n_embd=32),
         "data": dict(source=str(corpus), tokenizer="char", cache_dir=str(tmp / "cache"),
                      num_proc=1),
         "train": dict(out_dir=str(tmp / "run"), max_steps=30, batch_size=8, lr=1e-2,

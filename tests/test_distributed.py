@@ -25,6 +25,7 @@ from test_training import step_losses, tiny_raw
 from torch.overrides import TorchFunctionMode
 
 from model import runtime
+from model.callbacks import Callback, TrainingState
 from model.config import config_from_dict
 from model.errors import ConfigError
 
@@ -103,6 +104,13 @@ def tiny_job(tmp_path: Path, name: str, **train: object) -> dict:
     return raw
 
 
+class StopAfterEvaluation(Callback):
+    """Asks to stop where rank 0 alone has evaluated: every rank must still stop there."""
+
+    def after_evaluation(self, state: TrainingState) -> None:
+        state.request_stop()
+
+
 def rank_main(rank: int, world_size: int, jobs: list[tuple[int, dict]], report: str,
               timeout: float) -> None:
     """One process of a torchrun-like job: trains each (port, config) in turn, collectives
@@ -120,8 +128,9 @@ def rank_main(rank: int, world_size: int, jobs: list[tuple[int, dict]], report: 
         device = torch.device(raw["train"]["device"])
         if device.type == "cuda":
             device = torch.device("cuda", rank)
+        callbacks = [StopAfterEvaluation()] if raw.pop("stop_after_evaluation", False) else []
         with checked_collectives(device, calls):
-            train(config_from_dict(raw, name="ddp"), progress=False)
+            train(config_from_dict(raw, name="ddp"), progress=False, callbacks=callbacks)
     Path(f"{report}.{rank}").write_text(" ".join(calls))
 
 
@@ -149,10 +158,12 @@ def test_two_process_job_uses_the_job_device_and_resumes_bit_for_bit(tmp_path):
     """Every collective is checked (this fails on a collective over a CPU tensor made without
     device=, the bug NCCL jobs hit at their first step). The job then stops after one step
     and resumes: with dropout on, the losses equal an uninterrupted run's only when every
-    rank draws the same masks after the resume as without it."""
+    rank draws the same masks after the resume as without it. A last run is stopped by a
+    callback on rank 0 alone."""
     jobs = [tiny_job(tmp_path, "full"),
             tiny_job(tmp_path, "resumed", time_budget_s=1e-9),  # stops after step 1
-            tiny_job(tmp_path, "resumed", resume=True)]
+            tiny_job(tmp_path, "resumed", resume=True),
+            dict(tiny_job(tmp_path, "stopped"), stop_after_evaluation=True)]
     report = str(tmp_path / "calls")
     run_job(2, jobs, report)
     for rank in range(2):
@@ -162,6 +173,8 @@ def test_two_process_job_uses_the_job_device_and_resumes_bit_for_bit(tmp_path):
     full, resumed = step_losses(tmp_path / "full"), step_losses(tmp_path / "resumed")
     assert full.keys() == {1, 2, 3, 4}
     assert resumed == full
+    # A stop asked by a callback on rank 0 only (after its evaluation) ends every rank there.
+    assert step_losses(tmp_path / "stopped").keys() == {1, 2}
 
 
 def test_the_tracker_catches_a_tensor_made_without_device():

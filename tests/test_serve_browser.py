@@ -1,7 +1,8 @@
 """The playground in a real headless browser (Debian's chromium and chromedriver, driven by
 selenium): type a prompt, generate, select a token, read the distribution's bars, move the
 temperature, see the attention heatmap and an embedding table, and save a screenshot
-(SERVE_SCREENSHOT=path keeps a copy).
+(SERVE_SCREENSHOT=path keeps a copy); in chat mode, hold a two-turn conversation whose replies
+are shaded and clickable the same way (SERVE_CHAT_SCREENSHOT=path keeps its screenshot).
 
 Skipped, saying why, where selenium, chromium or chromedriver is missing; CI installs them
 (apt-get install chromium chromium-driver) and sets SMALLGPT_REQUIRE_BROWSER=1, under which a
@@ -19,6 +20,8 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the server needs the serve extra (fastapi, uvicorn)")
 pytest.importorskip("uvicorn", reason="the server needs the serve extra (fastapi, uvicorn)")
+
+httpx = pytest.importorskip("httpx", reason="the browser tests compare with the API over httpx")
 
 from serve_server import failing_generate, load, running_server, train_tiny  # noqa: E402
 
@@ -97,17 +100,25 @@ def bar_probs(driver) -> list[float]:
     return [float(b.get_attribute("data-prob")) for b in bars]
 
 
-def open_and_generate(driver, server: str, prompt: str, **fields: str) -> WebDriverWait:
-    """Load the page, type `prompt` (and fields such as max-tokens by test id), press Generate."""
+def open_and_generate(driver, server: str, prompt: str, context: int = 32, chat: bool = False,
+                      **fields: str) -> WebDriverWait:
+    """Load the page, type `prompt` (and fields such as max-tokens by test id), press Generate
+    (in chat mode: Send)."""
     wait = WebDriverWait(driver, 30)
     driver.get(server + "/")
-    wait.until(lambda d: "context 32 tokens" in d.find_element(*by_id("model-info")).text)
+    wait.until(lambda d: f"context {context} tokens" in d.find_element(*by_id("model-info")).text)
+    if chat:
+        driver.find_element(*by_id("mode-chat")).click()
+    type_and_send(driver, prompt, **fields)
+    return wait
+
+
+def type_and_send(driver, prompt: str, **fields: str) -> None:
     for testid, value in (("prompt", prompt), *fields.items()):
         box = driver.find_element(*by_id(testid))
         box.clear()
         box.send_keys(value)
     driver.find_element(*by_id("generate")).click()
-    return wait
 
 
 def test_generate_select_a_token_move_the_temperature(server, browser, tmp_path: Path):
@@ -155,6 +166,77 @@ def test_generate_select_a_token_move_the_temperature(server, browser, tmp_path:
     assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     if os.environ.get("SERVE_SCREENSHOT"):  # keep a copy to look at
         shutil.copy(shot, os.environ["SERVE_SCREENSHOT"])
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    """A model with room for a few turns of the chat template (a char model: ~25 tokens of
+    template for one short exchange)."""
+    pretrained = load(train_tiny(tmp_path_factory.mktemp("browser-chat"), block_size=96))
+    with running_server(pretrained, "tiny-chat") as (url, _):
+        yield url
+
+
+def turns(driver, role: str) -> list:
+    return driver.find_element(*by_id("output")).find_elements(*by_id(f"turn-{role}"))
+
+
+def reply_text(turn) -> str:
+    shown = "".join(t.get_attribute("textContent") for t in turn.find_elements(*by_id("token")))
+    return shown.replace("↵\n", "\n")
+
+
+def test_chat_mode_a_conversation_with_shaded_clickable_replies(chat_server, browser,
+                                                                tmp_path: Path):
+    driver = browser
+    wait = open_and_generate(driver, chat_server, "to be", context=96, chat=True,
+                             **{"max-tokens": "12", "seed": "1"})
+    assert driver.find_element(*by_id("system")).is_displayed()
+    assert driver.find_element(*by_id("generate")).text == "Send"
+    wait.until(lambda d: "tokens generated" in d.find_element(*by_id("status")).text)
+    assert [t.text.split("\n", 1)[-1] for t in turns(driver, "user")] == ["to be"]
+    first = turns(driver, "assistant")
+    assert len(first) == 1
+    tokens = first[0].find_elements(*by_id("token"))
+    assert 1 <= len(tokens) <= 12 and all(0 < float(t.get_attribute("data-prob")) <= 1
+                                          for t in tokens)
+    assert not driver.find_elements(*by_id("prompt-token"))  # turns, not the template's tokens
+    # The page sent the conversation through the server's template: the API gives the same
+    # reply for the same settings.
+    api = httpx.post(f"{chat_server}/v1/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": "to be"}], "max_tokens": 12, "seed": 1,
+        "temperature": 0.8}).json()
+    assert reply_text(first[0]) == api["choices"][0]["message"]["content"]
+
+    type_and_send(driver, "or not")
+    wait.until(lambda d: len(turns(d, "assistant")) == 2 and
+               d.find_element(*by_id("generate")).is_enabled())
+    assert [t.text.split("\n", 1)[-1] for t in turns(driver, "user")] == ["to be", "or not"]
+    assert driver.find_element(*by_id("prompt")).get_attribute("value") == ""
+
+    # A token of the first reply still opens its distribution, and the temperature what-if.
+    first[0].find_elements(*by_id("token"))[0].click()
+    wait.until(lambda d: "softmax" in d.find_element(By.ID, "distribution-caption").text)
+    before = bar_probs(driver)
+    assert sum(before) == pytest.approx(1.0, abs=1e-3)
+    slider = driver.find_element(*by_id("temperature"))
+    for _ in range(8):  # 0.80 -> 1.20
+        slider.send_keys(Keys.ARROW_RIGHT)
+    wait.until(lambda d: d.find_element(*by_id("distribution")).get_attribute(
+        "data-temperature") == "1.2")
+    after = bar_probs(driver)
+    assert after != before and sum(after) == pytest.approx(1.0, abs=1e-3)
+    turns(driver, "assistant")[1].find_elements(*by_id("token"))[0].click()
+    wait.until(lambda d: "step 0" in d.find_element(By.ID, "distribution-caption").text)
+    shot = tmp_path / "chat.png"
+    assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    if os.environ.get("SERVE_CHAT_SCREENSHOT"):
+        shutil.copy(shot, os.environ["SERVE_CHAT_SCREENSHOT"])
+
+    driver.find_element(*by_id("chat-reset")).click()
+    assert not turns(driver, "assistant") and not turns(driver, "user")
+    driver.find_element(*by_id("mode-completion")).click()
+    assert not driver.find_element(*by_id("system")).is_displayed()
 
 
 def test_errors_show_in_the_page(server, browser):

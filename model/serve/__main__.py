@@ -11,7 +11,7 @@ from typing import TextIO
 
 from ..cli import load_named_model, run_cli
 from ..errors import ConfigError, SamplingError
-from ..runtime import configure_threads, generation_threads, pick_device, pick_dtype
+from ..runtime import choose_dtype, configure_threads, generation_threads, pick_device
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 GRACE_S = 2  # at Ctrl-C, open streams get this long to end before the server closes them
@@ -51,8 +51,7 @@ def run(name: str | None, host: str = "127.0.0.1", port: int = 8000, device: str
         print(warning, file=err)
     sock = listen(host, port)  # before the (slow) load: a busy port fails at once
     try:
-        loaded = load_named_model(name, dev, err)
-        loaded.model.to(pick_dtype(dtype, dev, setting="--dtype"))
+        loaded = load_named_model(name, dev, err, choose_dtype(dtype, dev, setting="--dtype"))
         app = create_app(loaded, name, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
         port = sock.getsockname()[1]  # the one the OS chose, for --port 0
         shown = f"[{host}]" if ":" in host else host

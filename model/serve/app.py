@@ -3,50 +3,28 @@
 `create_app(pretrained)` builds it around one model, chosen when the server starts; no request
 can name a file or load anything else. The engine's worker thread lives as long as the app
 (FastAPI's lifespan), so an app can be served by uvicorn or driven in-process by a test client.
+/openapi.json describes every endpoint with the served model's limits; /docs shows it (Swagger
+UI from the swagger-ui-bundle package, so the page works offline).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Sequence
+import inspect
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..gpt import GPT
 from ..pretrained import Pretrained
-from ..tokenizer import Tokenizer
-from .engine import Engine
-from .http_errors import APIError, install_handlers
+from .http_errors import install_handlers
+from .state import DEFAULT_MAX_TOKENS, Served
 
 STATIC = Path(__file__).parent / "static"
-DEFAULT_MAX_TOKENS = 1024  # the most new tokens one request may ask for
-
-
-@dataclass
-class Served:
-    """The one model this server runs, with its limits; every endpoint reads it from here."""
-
-    model: GPT
-    tokenizer: Tokenizer
-    model_id: str  # what /v1/models lists and requests may name
-    description: str
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    engine: Engine = field(default_factory=Engine)
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def block_size(self) -> int:
-        return self.model.config.block_size
-
-    def check_context(self, ids: Sequence[int], param: str) -> None:
-        if len(ids) > self.block_size:
-            raise APIError(f"'{param}' is {len(ids)} tokens, longer than this model's context "
-                           f"of {self.block_size} tokens", param, "context_length_exceeded")
 
 
 def model_id(pretrained: Pretrained, name: str | None = None) -> str:
@@ -57,10 +35,13 @@ def model_id(pretrained: Pretrained, name: str | None = None) -> str:
 def create_app(pretrained: Pretrained, name: str | None = None,
                max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
     """The app serving `pretrained` (from model.pretrained.load_model) under the id `name`."""
-    from . import openai_api, pages  # FastAPI and pydantic load only when a server is made
+    # FastAPI and pydantic load only when a server is made.
+    from . import chat_api, openai_api, pages
+    from .protocol import openapi_for
 
     served = Served(pretrained.model.eval(), pretrained.tokenizer,
-                    model_id(pretrained, name), pretrained.description, max_tokens)
+                    model_id(pretrained, name), pretrained.description, max_tokens,
+                    chat_api.chat_trained(pretrained))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,13 +51,27 @@ def create_app(pretrained: Pretrained, name: str | None = None,
         finally:
             served.engine.stop()
 
-    # No /docs or /redoc: their pages load scripts from a CDN, and this server works offline.
-    app = FastAPI(title="smallgpt", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # FastAPI's own /docs loads Swagger UI from a CDN; this server serves a local copy instead.
+    # A JSON body sent without a Content-Type (curl -d) is read too, as FastAPI did before it
+    # had the strict_content_type option.
+    lenient = ({"strict_content_type": False}
+               if "strict_content_type" in inspect.signature(FastAPI).parameters else {})
+    app = FastAPI(title="smallgpt", summary=f"serving {served.model_id}", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, **lenient)
     app.state.served = served
     install_handlers(app)
     app.include_router(openai_api.router)
+    app.include_router(chat_api.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_for(FastAPI.openapi(app), served)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    docs_assets(app)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -87,3 +82,25 @@ def create_app(pretrained: Pretrained, name: str | None = None,
         return {"status": "ok"}
 
     return app
+
+
+def docs_assets(app: FastAPI) -> None:
+    """/docs: Swagger UI over /openapi.json, from the swagger-ui-bundle package's files (no
+    network); without that package, a page that says how to get it."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        swagger_ui_path = None
+    if swagger_ui_path is not None:
+        app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        if swagger_ui_path is None:
+            return HTMLResponse("<p>The API documentation page needs the swagger-ui-bundle-v2 "
+                                "package (pip install -e '.[serve]'); the schema itself is at "
+                                "<a href='/openapi.json'>/openapi.json</a>.</p>")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="smallgpt API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")

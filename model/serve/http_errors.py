@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SmallGPTError
 from .engine import EngineStopped
 
-M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused before it is parsed
 log = logging.getLogger("smallgpt.serve")
@@ -86,62 +86,106 @@ def stream_error(exc: Exception, path: str) -> APIError:
 # Messages for fields whose pydantic errors (one per branch of a union) say little on their own.
 FIELD_HELP = {
     "prompt": "must be a string, a list of strings, a list of token ids, or a list of lists of "
-              "token ids",
-    "stop": "must be a string or a list of strings",
-    "tokens": "must be a list of token ids (integers)",
+              "token ids (each within the limits in /openapi.json)",
+    "stop": f"must be a non-empty string or a list of at most {16} non-empty strings",
+    "top_k": "must be an integer >= 1, or -1 (or null) for no limit",
+    "content": "must be a string or a list of text parts ({\"type\": \"text\", \"text\": ...})",
+    "words": "must be a list of words or a string of words separated by spaces",
 }
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
-    """The JSON body validated against `model`, or an APIError naming what is wrong."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise APIError(f"the request body is larger than {MAX_BODY_BYTES} bytes", None,
-                       "request_too_large", status=413)
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(f"the request body is larger than {MAX_BODY_BYTES} bytes", None,
-                           "request_too_large", status=413)
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(f"the request body is not valid JSON: {exc}", None, "invalid_json"
-                       ) from exc
-    if not isinstance(data, dict):
-        raise APIError("the request body must be a JSON object", None, "invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from exc
-
-
-def validation_error(exc: ValidationError) -> APIError:
-    """The first field pydantic rejected, named, with what was expected and what came."""
-    first = exc.errors()[0]
-    param = str(first["loc"][0]) if first["loc"] else None
+def validation_error(errors: Sequence[Any]) -> APIError:
+    """The first field pydantic rejected (FastAPI's RequestValidationError.errors()), named,
+    with what was expected and what came."""
+    first = errors[0]
+    loc = [part for part in first["loc"] if part != "body"]
+    if first["type"] == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "")
+        return APIError(f"the request body is not valid JSON: {reason}", None, "invalid_json")
+    if not loc or not isinstance(loc[0], str):
+        if first["type"] == "missing":
+            return APIError("the request needs a JSON object body", None, "invalid_json")
+        return APIError("the request body must be a JSON object (sent as application/json)",
+                        None, "invalid_json")
+    param, field = path(loc), str(loc[0])
     if first["type"] == "missing":
         return APIError(f"'{param}' is required", param, "missing_field")
-    expected = FIELD_HELP.get(param or "", first["msg"].replace("Input should", "should"))
+    leaf = next((str(x) for x in reversed(loc) if str(x) in FIELD_HELP), field)
+    expected = FIELD_HELP.get(leaf, re.sub(r"^\w+ should", "should", first["msg"]).replace(
+        " after validation", ""))
     given = json.dumps(first.get("input"), default=str)
     given = given if len(given) <= 60 else given[:57] + "..."
-    return APIError(f"'{param}' {expected}; got {given}", param, "invalid_type")
+    wrong_type = first["type"].endswith("_type") or first["type"].endswith("_parsing")
+    return APIError(f"'{param}' {expected}; got {given}", param,
+                    "invalid_type" if wrong_type else "invalid_value")
+
+
+def path(loc: Sequence[Any]) -> str:
+    """OpenAI's way of naming a nested field: messages[0].content. pydantic's names of union
+    branches (list[int], constrained-str...) are left out."""
+    out = str(loc[0])
+    for part in loc[1:]:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier() and part not in ("str", "int", "float", "bool", "list"):
+            out += f".{part}"
+        else:
+            break  # a union branch: what follows is that branch's view
+    return out
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over MAX_BODY_BYTES is a 413, refused on its declared
+    length before it is read, or as soon as a body without one grows past the limit."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            too_large = APIError(f"the request body is larger than {MAX_BODY_BYTES} bytes", None,
+                                 "request_too_large", 413)
+            return await too_large.response()(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:  # FastAPI passes an HTTPException from here through
+                raise StarletteHTTPException(413)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def install_handlers(app: FastAPI) -> None:
     """Every error leaves the server in OpenAI's format; none stops it."""
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc.errors()).response()
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        message = (f"no such endpoint: {request.method} {request.url.path}"
-                   if exc.status_code in (404, 405) else str(exc.detail))
-        return APIError(message, None, code, exc.status_code).response()
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            exc.status_code)
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path} (allowed: "
+                        f"{(exc.headers or {}).get('Allow', '')})",
+                   413: f"the request body is larger than {MAX_BODY_BYTES} bytes"}.get(
+            exc.status_code, str(exc.detail))
+        response = APIError(message, None, code, exc.status_code).response()
+        response.headers.update(exc.headers or {})  # a 405's Allow: the methods that are
+        return response
 
     @app.exception_handler(EngineStopped)
     async def stopped(request: Request, exc: EngineStopped) -> JSONResponse:

@@ -9,77 +9,34 @@ batch, and choice `i * n + s` is sample s of prompt i, as in OpenAI's API.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
 
 from ..sampling import Step, generate
 from ..tokenizer import EOT_TEXT
 from .compute import TokenLogprob, finite, prompt_logprobs
-from .http_errors import APIError, in_thread, parse_body, stream_error
+from .http_errors import in_thread, stream_error
+from .protocol import (
+    ERRORS,
+    STREAMED,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    check,
+    limit,
+    sse,
+)
+from .state import Served, ServedModel
 
-if TYPE_CHECKING:
-    from .app import Served
-
-router = APIRouter()
-MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows (OpenAI: 5)
-MAX_N = 16
-MAX_CHOICES = 64  # prompts x n in one request: each choice holds its own KV cache
-MAX_STOPS = 16
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
-IDS = list[int]
-
-
-class Strict(BaseModel):
-    # Strict: "1" is not a number and true is not 1. Unknown fields are ignored, as vLLM does,
-    # so clients that send options a small model has no use for (user, ...) keep working.
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class StreamOptions(Strict):
-    include_usage: bool = False
-
-
-class CompletionRequest(Strict):
-    model: str | None = None
-    prompt: Union[str, list[str], IDS, list[IDS]] = EOT_TEXT  # noqa: UP007 (pydantic order)
-    max_tokens: int | None = 16
-    temperature: float | None = 1.0
-    top_p: float | None = 1.0
-    top_k: int | None = None  # vLLM's extension; None or -1: off
-    n: int = 1
-    stop: Union[str, list[str], None] = None  # noqa: UP007
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    logprobs: int | None = None
-    echo: bool = False
-    # OpenAI fields a plain sampler cannot honour: accepted only at their neutral values.
-    best_of: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
-
-
-class TokenizeRequest(Strict):
-    model: str | None = None
-    prompt: str
-    add_special_tokens: bool = False  # no tokenizer here adds any: accepted, changes nothing
-
-
-class DetokenizeRequest(Strict):
-    model: str | None = None
-    tokens: IDS
+router = APIRouter(responses=ERRORS)
 
 
 @dataclass
@@ -116,86 +73,28 @@ class Choice:
                 "text_offset": self.text_offset[start:]}
 
 
-def check_model(served: Served, name: str | None) -> None:
-    if name is not None and name != served.model_id:
-        raise APIError(f"the model {name!r} does not exist; this server serves "
-                       f"{served.model_id!r} (GET /v1/models)", "model", "model_not_found", 404)
-
-
-def check_seed(seed: int | None) -> None:
-    """A seed torch can take: out of range, manual_seed would fail on the engine thread, after
-    the stream's 200 went out. Shared with the page's /api/generate."""
-    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise APIError(f"'seed' must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1]}), "
-                       f"got {seed}", "seed", "invalid_value")
-
-
-def check_completion(req: CompletionRequest, served: Served) -> None:
-    """Every range rule of the request, each failure naming its field."""
-    check_model(served, req.model)
-    limit = served.max_tokens
-    max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    if not 0 <= max_tokens <= limit:
-        raise APIError(f"'max_tokens' must be between 0 and this server's limit {limit}, got "
-                       f"{max_tokens}", "max_tokens", "invalid_value")
-    t = 1.0 if req.temperature is None else req.temperature
-    if not 0 <= t <= 2:  # `not` catches NaN as well
-        raise APIError(f"'temperature' must be between 0 and 2 (0 is greedy), got {t}",
-                       "temperature", "invalid_value")
-    p = 1.0 if req.top_p is None else req.top_p
-    if not 0 < p <= 1:
-        raise APIError(f"'top_p' must be in (0, 1], got {p}", "top_p", "invalid_value")
-    if req.top_k is not None and req.top_k != -1 and req.top_k < 1:
-        raise APIError(f"'top_k' must be >= 1 (or -1 for no limit), got {req.top_k}", "top_k",
-                       "invalid_value")
-    if not 1 <= req.n <= MAX_N:
-        raise APIError(f"'n' must be between 1 and {MAX_N}, got {req.n}", "n", "invalid_value")
-    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
-        raise APIError(f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}",
-                       "logprobs", "invalid_value")
-    stops = stop_list(req)
-    if len(stops) > MAX_STOPS or any(s == "" for s in stops):
-        raise APIError(f"'stop' takes at most {MAX_STOPS} non-empty strings", "stop",
-                       "invalid_value")
-    check_seed(req.seed)
-    if req.best_of not in (None, req.n):
-        raise APIError("'best_of' is not supported (it must equal n)", "best_of", "unsupported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (None, 0):
-            raise APIError(f"'{name}' is not supported (it must be 0)", name, "unsupported")
-    if req.logit_bias:
-        raise APIError("'logit_bias' is not supported", "logit_bias", "unsupported")
-    if req.suffix:
-        raise APIError("'suffix' is not supported", "suffix", "unsupported")
-
-
-def stop_list(req: CompletionRequest) -> list[str]:
-    return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+async def encode(served: Served, text: str, param: str) -> list[int]:
+    """`text` as token ids, checked against the context: a text the tokenizer cannot encode or
+    that does not fit is a 400 about `param`. Shared by every endpoint that takes a text."""
+    ids = await in_thread(served.tokenizer.encode, text, param)
+    served.check_context(ids, param)
+    return ids
 
 
 async def read_prompts(req: CompletionRequest, served: Served) -> list[Prompt]:
     """The request's prompts as token ids, each checked against the vocabulary and context."""
-    raw = req.prompt
-    if isinstance(raw, list) and not raw:
-        raise APIError("'prompt' must not be an empty list", "prompt", "invalid_value")
+    raw = req.prompt  # pydantic made sure it is one of the four forms, none empty
     many = raw if isinstance(raw, list) and not isinstance(raw[0], int) else [raw]
-    if len(many) * req.n > MAX_CHOICES:
-        raise APIError(f"{len(many)} prompts x n={req.n} is more than {MAX_CHOICES} choices",
-                       "prompt", "invalid_value")
     tokenizer = served.tokenizer
     prompts = []
     for one in many:
         if isinstance(one, str):
             text = "" if one == EOT_TEXT else one  # OpenAI's default prompt: start a document
-            ids = await in_thread(tokenizer.encode, text, "prompt")
-        else:
+            ids = await encode(served, text, "prompt")
+        else:  # check() has checked the ids against the vocabulary
             ids = list(one)
-            bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
-            if bad:
-                raise APIError(f"'prompt' holds token id {bad[0]}, outside the vocabulary "
-                               f"(0..{tokenizer.vocab_size - 1})", "prompt", "invalid_value")
+            served.check_context(ids, "prompt")  # text or token ids: the same limit
             text = tokenizer.decode(ids)
-        served.check_context(ids, "prompt")  # text or token ids: the same limit
         prompts.append(Prompt(ids or [tokenizer.eot_id], text, ids))
     return prompts
 
@@ -243,13 +142,12 @@ class Completion:
 
     def steps(self, p: int) -> AsyncIterator[Step]:
         req, served = self.req, self.served
-        top_k = None if req.top_k in (None, -1) else req.top_k
         return served.engine.stream(lambda: generate(
             served.model, served.tokenizer, self.prompts[p].ids,
-            max_new_tokens=16 if req.max_tokens is None else req.max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature, top_k=top_k,
-            top_p=req.top_p, seed=req.seed, stop=stop_list(req), num_samples=req.n,
-            show_top=req.logprobs or 0))
+            max_new_tokens=req.new_tokens(served),
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_k=req.top_k_or_none(), top_p=req.top_p, seed=req.seed, stop=req.stops(),
+            num_samples=req.n, show_top=req.logprobs or 0))
 
     def take(self, p: int, step: Step) -> Choice:
         """Add a generated token to its choice. The end-of-text token ends the text and is not
@@ -289,7 +187,7 @@ class Completion:
                                 "choices": choices}
         if usage is not None:
             body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return sse(body)
 
     def body(self) -> dict[str, Any]:
         logprobs = self.req.logprobs is not None
@@ -329,19 +227,24 @@ class Completion:
             if self.req.stream_options and self.req.stream_options.include_usage:
                 yield self.chunk([], self.usage())
         except Exception as exc:  # stream_error logs it; the client is told why, then [DONE]
-            yield f"data: {json.dumps(stream_error(exc, '/v1/completions').body())}\n\n"
-        yield "data: [DONE]\n\n"
+            yield sse(stream_error(exc, "/v1/completions").body())
+        yield sse("[DONE]")
 
 
-@router.post("/v1/completions")
-async def completions(request: Request) -> Any:
-    served: Served = request.app.state.served
-    req = await parse_body(request, CompletionRequest)
-    check_completion(req, served)
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/v1/completions", responses=STREAMED)
+async def completions(req: CompletionRequest, request: Request,
+                      served: ServedModel) -> Any:
+    """OpenAI's completions: text (or token ids) in, continuations out; `stream` sends them as
+    server-sent events, `echo` with `logprobs` scores the prompt itself."""
+    check(req, served)
     job = Completion(req, served, await read_prompts(req, served))
     if req.stream:
-        return StreamingResponse(job.events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return event_stream(job.events())
     for p in range(len(job.prompts)):
         # Between prompts too: short prompts never reach run_prompt's own check.
         if await request.is_disconnected() or not await job.run_prompt(p, request):
@@ -350,25 +253,27 @@ async def completions(request: Request) -> Any:
 
 
 def model_card(served: Served) -> dict[str, Any]:
+    """OpenAI's model object, with vLLM's max_model_len and whether the model was fine-tuned
+    on conversations (chat_trained; /v1/chat/completions serves either kind)."""
     return {"id": served.model_id, "object": "model", "created": served.created,
-            "owned_by": "smallgpt", "max_model_len": served.block_size}
+            "owned_by": "smallgpt", "max_model_len": served.block_size,
+            "chat_trained": served.chat_trained}
 
 
 @router.get("/v1/models")
-async def models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(request.app.state.served)]}
+async def models(served: ServedModel) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(served)]}
 
 
 @router.get("/v1/models/{name:path}")
-async def model(name: str, request: Request) -> dict[str, Any]:
-    served: Served = request.app.state.served
-    check_model(served, name)
+async def model(name: Annotated[str, Path(json_schema_extra=limit("model"))],
+                served: ServedModel) -> dict[str, Any]:
+    served.check_model(name)
     return model_card(served)
 
 
 @router.get("/tokenizer_info")
-async def tokenizer_info(request: Request) -> dict[str, Any]:
-    served: Served = request.app.state.served
+async def tokenizer_info(served: ServedModel) -> dict[str, Any]:
     tokenizer = served.tokenizer
     return {"tokenizer_name": tokenizer.name, "tokenizer_class": type(tokenizer).__name__,
             "vocab_size": tokenizer.vocab_size, "eos_token": EOT_TEXT,
@@ -376,17 +281,15 @@ async def tokenizer_info(request: Request) -> dict[str, Any]:
 
 
 @router.post("/tokenize")
-async def tokenize(request: Request) -> dict[str, Any]:
-    served: Served = request.app.state.served
-    req = await parse_body(request, TokenizeRequest)
-    check_model(served, req.model)
+async def tokenize(req: TokenizeRequest, served: ServedModel) -> dict[str, Any]:
+    """vLLM's: a text as token ids (however long: no context check here)."""
+    check(req, served)
     tokens = await in_thread(served.tokenizer.encode, req.prompt, "prompt")
     return {"tokens": tokens, "count": len(tokens), "max_model_len": served.block_size}
 
 
 @router.post("/detokenize")
-async def detokenize(request: Request) -> dict[str, Any]:
-    served: Served = request.app.state.served
-    req = await parse_body(request, DetokenizeRequest)
-    check_model(served, req.model)
+async def detokenize(req: DetokenizeRequest,
+                     served: ServedModel) -> dict[str, Any]:
+    check(req, served)
     return {"prompt": await in_thread(served.tokenizer.decode, req.tokens, "tokens")}

@@ -1,7 +1,10 @@
 // The playground: streams tokens from POST /api/generate, shows the distribution behind each
 // one (POST /api/distribution, at every slider temperature at once so the slider redraws
 // without asking the server), attention (POST /api/attention) and embeddings (/api/neighbors,
-// /api/analogy, /api/direction). Plain JavaScript, no libraries, nothing from the network.
+// /api/analogy, /api/direction). Two modes: completion (a prompt continued) and chat (a
+// conversation: the server applies the chat template to the messages; each reply's tokens are
+// shaded and clickable like a completion's). Plain JavaScript, no libraries, nothing from the
+// network.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -10,9 +13,13 @@ const GRID = Array.from({ length: Math.round(2 / STEP_T) + 1 }, (_, i) => +(i * 
 const SHOWN = 10; // bars besides the picked token and the rest
 const VISIBLE = { " ": "·", "\n": "↵", "\t": "→", "\r": "␍" };
 
-let run = null; // the current generation: {ids, promptLen, steps, settings, controller}
-let selected = null; // index of the selected step
-const grids = new Map(); // step index -> distribution at every GRID temperature
+// A generation: {ids, promptLen, steps, settings, controller, grids, attention}; in chat mode
+// every reply keeps its own, so a token of an earlier reply can still be selected.
+let run = null; // the latest generation
+let selected = null; // {run, index}: the selected step
+let mode = "completion";
+const conversation = []; // chat mode: the turns so far, {role, content}
+let modelNote = ""; // chat mode: what to know about this model (not fine-tuned for chat)
 
 function visible(text) {
   const shown = [...text].map((c) => VISIBLE[c] ?? c).join("");
@@ -40,31 +47,85 @@ function optionalNumber(id, parse) {
   return v === "" ? null : parse(v);
 }
 
+// -- modes ------------------------------------------------------------------------------------
+function setMode(next) {
+  if (run && run.controller) run.controller.abort();
+  mode = next;
+  document.body.classList.toggle("chat", mode === "chat");
+  const chat = mode === "chat";
+  $("prompt-label").textContent = chat ? "Message" : "Prompt";
+  $("prompt").placeholder = chat ? "Write a message; Ctrl+Enter sends it"
+    : "Type the beginning of a text";
+  $("generate").textContent = chat ? "Send" : "Generate";
+  $("output-title").textContent = chat ? "Conversation" : "Text";
+  resetOutput();
+}
+
+function resetOutput() {
+  conversation.length = 0;
+  run = null;
+  selected = null;
+  $("output").replaceChildren();
+  $("distribution").replaceChildren();
+  $("distribution-caption").textContent = "select a generated token";
+}
+
+function turnElement(role, text) {
+  const turn = document.createElement("div");
+  turn.className = `turn ${role}`;
+  turn.dataset.testid = `turn-${role}`;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = role;
+  turn.append(who);
+  if (text !== undefined) turn.append(text);
+  $("output").append(turn);
+  return turn;
+}
+
 // -- generation ---------------------------------------------------------------------------
 async function generate() {
   if (run && run.controller) run.controller.abort();
+  const chat = mode === "chat";
   const settings = {
-    prompt: $("prompt").value, temperature: temperature(), k: SHOWN,
+    temperature: temperature(), k: SHOWN,
     max_tokens: optionalNumber("max-tokens", (v) => parseInt(v, 10)) ?? 100,
     top_k: optionalNumber("top-k", (v) => parseInt(v, 10)),
     top_p: optionalNumber("top-p", parseFloat),
     seed: optionalNumber("seed", (v) => parseInt(v, 10)),
   };
+  const message = $("prompt").value;
+  let body, target, turns = [];
+  if (chat) {
+    if (!message.trim()) { status("write a message first", true); return; }
+    const system = $("system").value.trim();
+    const messages = [...(system ? [{ role: "system", content: system }] : []), ...conversation,
+      { role: "user", content: message }];
+    body = { ...settings, messages };
+    if (conversation.length === 0 && system) turns.push(turnElement("system", system));
+    turns.push(turnElement("user", message));
+    target = turnElement("assistant");
+    turns.push(target);
+  } else {
+    body = { ...settings, prompt: message };
+    $("output").replaceChildren();
+    $("distribution").replaceChildren();
+    $("distribution-caption").textContent = "select a generated token";
+    target = $("output");
+    selected = null;
+  }
   const controller = new AbortController();
-  run = { ids: [], promptLen: 0, steps: [], settings, controller };
-  selected = null;
-  grids.clear();
-  $("output").replaceChildren();
-  $("distribution").replaceChildren();
-  $("distribution-caption").textContent = "select a generated token";
+  const mine = { ids: [], promptLen: 0, steps: [], settings, controller, grids: new Map(),
+    target, chat, attention: message, reply: "" };
+  run = mine;
   $("generate").disabled = true;
   $("stop").disabled = false;
   status("generating…");
-  const mine = run;
+  let kept = true; // chat: the turn stays in the conversation
   try {
     const res = await fetch("/api/generate", {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(settings), signal: controller.signal,
+      body: JSON.stringify(body), signal: controller.signal,
     });
     if (!res.ok) {
       const data = await res.json().catch(() => ({}));
@@ -73,21 +134,37 @@ async function generate() {
     let done = false; // a stream cut off without "done" (the server went away) is no success
     await readEvents(res, (event) => {
       done = done || event.type === "done";
-      if (run === mine) onEvent(event);
+      onEvent(mine, event);
     });
-    if (done) status(`${mine.steps.length} tokens generated`);
-    else status(`the stream ended early, after ${mine.steps.length} tokens`, true);
+    const last = mine.steps[mine.steps.length - 1];
+    const ended = last && last.finished && last.finished !== "length";
+    if (chat && ended) target.classList.add("ended");
+    if (done) {
+      status(`${mine.steps.length} tokens generated` +
+        (chat ? (ended ? ", the reply ended its turn" : ", the reply hit max tokens") : ""));
+    } else status(`the stream ended early, after ${mine.steps.length} tokens`, true);
   } catch (err) {
     if (err.name === "AbortError") status(`stopped after ${mine.steps.length} tokens`);
     else if (err.name === "StreamError") {
       status(`generation failed after ${mine.steps.length} tokens: ${err.message}`, true);
-    } else status(err.message, true);
+    } else {
+      status(err.message, true);
+      kept = mine.steps.length > 0;
+    }
   } finally {
     if (run === mine) {
       run.controller = null;
       $("generate").disabled = false;
       $("stop").disabled = true;
     }
+  }
+  if (chat) {
+    if (kept) {
+      conversation.push({ role: "user", content: message }, { role: "assistant", content: mine.reply });
+      $("prompt").value = "";
+      $("chat-note").textContent = `${conversation.length / 2} exchange(s) so far; each ` +
+        `message is sent with the whole conversation. ${modelNote}`;
+    } else turns.forEach((t) => t.remove()); // refused: the message stays in the box to edit
   }
   if (run === mine) showAttention();
 }
@@ -124,28 +201,30 @@ async function readEvents(res, handle) {
   }
 }
 
-function onEvent(event) {
-  const out = $("output");
+function onEvent(r, event) {
   if (event.type === "prompt") {
     for (const t of event.tokens) {
-      run.ids.push(t.id);
+      r.ids.push(t.id);
+      if (r.chat) continue; // the conversation shows as turns, not as the template's tokens
       const span = document.createElement("span");
       span.className = "ptok";
       span.dataset.testid = "prompt-token";
       span.textContent = t.text.replace(/\n/g, "↵\n");
       span.title = `prompt token ${t.id}`;
-      out.append(span);
+      r.target.append(span);
     }
-    run.promptLen = event.tokens.length;
+    r.promptLen = event.tokens.length;
   } else if (event.type === "token") {
-    run.steps.push(event);
-    run.ids.push(event.token);
-    out.append(tokenSpan(event));
-    out.scrollTop = out.scrollHeight;
+    r.steps.push(event);
+    r.ids.push(event.token);
+    r.reply += event.delta;
+    if (r.chat && event.finished === "eot") return; // the end of the turn, not reply text
+    r.target.append(tokenSpan(r, event));
+    $("output").scrollTop = $("output").scrollHeight;
   }
 }
 
-function tokenSpan(step) {
+function tokenSpan(r, step) {
   const span = document.createElement("span");
   span.className = "tok";
   span.dataset.testid = "token";
@@ -156,54 +235,55 @@ function tokenSpan(step) {
   if (alpha > 0.5) span.style.color = "#fff";
   span.textContent = step.text.replace(/\n/g, "↵\n") || "∅";
   span.title = `${visible(step.text)}  p = ${step.prob.toFixed(3)}`;
-  span.addEventListener("click", () => select(step.index));
+  span.addEventListener("click", () => select(r, step.index));
+  step.span = span;
   return span;
 }
 
 // -- the distribution of a step ---------------------------------------------------------------
-async function select(index) {
-  selected = index;
+async function select(r, index) {
+  selected = { run: r, index };
   document.querySelectorAll(".tok.selected").forEach((s) => s.classList.remove("selected"));
-  const span = document.querySelector(`.tok[data-index="${index}"]`);
-  if (span) span.classList.add("selected");
-  const step = run.steps[index];
-  if (!grids.has(index)) {
-    drawFromStep(step); // what the stream said, until the full grid arrives
-    const start = run.promptLen + index;
+  const step = r.steps[index];
+  if (step.span) step.span.classList.add("selected");
+  if (!r.grids.has(index)) {
+    drawFromStep(r, step); // what the stream said, until the full grid arrives
+    const start = r.promptLen + index;
     try {
-      grids.set(index, await post("/api/distribution", {
-        tokens: run.ids.slice(step.context_start, start), temperatures: GRID, k: SHOWN,
-        top_k: run.settings.top_k, top_p: run.settings.top_p, include: [step.token],
+      r.grids.set(index, await post("/api/distribution", {
+        tokens: r.ids.slice(step.context_start, start), temperatures: GRID, k: SHOWN,
+        top_k: r.settings.top_k, top_p: r.settings.top_p, include: [step.token],
       }));
     } catch (err) {
       status(err.message, true);
       return;
     }
   }
-  if (selected === index) drawDistribution();
+  if (selected && selected.run === r && selected.index === index) drawDistribution();
 }
 
-function drawFromStep(step) {
+function drawFromStep(r, step) {
   const bars = step.top.map((t) => ({ id: t.id, text: t.text, prob: t.prob }));
   if (!bars.some((b) => b.id === step.token)) {
     bars.push({ id: step.token, text: step.text, prob: step.prob });
   }
   const rest = Math.max(0, 1 - bars.reduce((s, b) => s + b.prob, 0));
   drawBars(bars, rest, step.token,
-    `step ${step.index}: picked "${visible(step.text)}" at T = ${run.settings.temperature}`);
+    `step ${step.index}: picked "${visible(step.text)}" at T = ${r.settings.temperature}`);
 }
 
 function drawDistribution() {
-  if (selected === null || !grids.has(selected)) return;
-  const grid = grids.get(selected);
-  const step = run.steps[selected];
+  if (selected === null || !selected.run.grids.has(selected.index)) return;
+  const r = selected.run;
+  const grid = r.grids.get(selected.index);
+  const step = r.steps[selected.index];
   const j = Math.round(temperature() / STEP_T);
   const bars = grid.tokens.map((t, i) => ({ id: t.id, text: t.text, prob: grid.probs[j][i] }));
   const t = GRID[j];
   const how = t === 0 ? "T = 0: greedy picks the top bar; bars show softmax(logits)"
     : `softmax(logits / ${t.toFixed(2)})`;
   drawBars(bars, grid.rest[j], step.token,
-    `step ${step.index}: picked "${visible(step.text)}" (drawn at T = ${run.settings.temperature}); ${how}`);
+    `step ${step.index}: picked "${visible(step.text)}" (drawn at T = ${r.settings.temperature}); ${how}`);
 }
 
 function drawBars(bars, rest, picked, caption) {
@@ -242,9 +322,11 @@ function barRow(label, prob, kind, title) {
 // -- attention ------------------------------------------------------------------------------
 async function showAttention() {
   const head = $("attention-head").value;
+  const prompt = run ? run.attention : $("prompt").value; // chat: the last message sent
+  if (!prompt) return;
   try {
     const map = await post("/api/attention", {
-      prompt: $("prompt").value, layer: parseInt($("attention-layer").value, 10),
+      prompt, layer: parseInt($("attention-layer").value, 10),
       head: head === "" ? null : parseInt(head, 10),
     });
     drawAttention(map);
@@ -365,6 +447,14 @@ embeddingForm("direction-form", "/api/direction",
 // -- start ------------------------------------------------------------------------------------
 async function start() {
   $("generate").addEventListener("click", generate);
+  document.querySelectorAll('input[name="mode"]').forEach((radio) => {
+    radio.addEventListener("change", () => { if (radio.checked) setMode(radio.value); });
+  });
+  $("chat-reset").addEventListener("click", () => {
+    resetOutput();
+    $("chat-note").textContent = modelNote;
+    status("");
+  });
   $("stop").addEventListener("click", () => { if (run && run.controller) run.controller.abort(); });
   $("prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate();
@@ -381,7 +471,10 @@ async function start() {
     const info = await (await fetch("/api/info")).json();
     $("model-info").textContent = `${info.description} · context ${info.block_size} tokens · ` +
       `${info.n_layer} layers × ${info.n_head} heads · ${info.tokenizer} tokenizer, ` +
-      `${info.vocab_size} tokens`;
+      `${info.vocab_size} tokens` + (info.chat_trained ? " · chat-trained" : "");
+    modelNote = info.chat_trained ? "" : "This model was not fine-tuned on conversations: " +
+      "it still answers (the chat template is plain text to it), but may not end its turn.";
+    $("chat-note").textContent = modelNote;
     document.querySelectorAll(".model-id").forEach((e) => { e.textContent = info.model; });
     $("max-tokens").max = info.max_tokens;
     for (let i = 0; i < info.n_layer; i++) $("attention-layer").append(new Option(`${i}`, i));
