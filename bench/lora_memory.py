@@ -125,7 +125,8 @@ def run_case(directory: Path, mode: str, dtype: str, args: argparse.Namespace,
     done = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit, env=env)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"fits": False, "why": last[:160]}
+        why = "out of memory" if "can't allocate memory" in last or "MemoryError" in last else last
+        return {"fits": False, "why": why[:160]}
     return {"fits": True, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 

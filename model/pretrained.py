@@ -105,17 +105,19 @@ def _smallgpt(path: str | Path, device: str | torch.device,
         except SmallGPTError as exc:
             raise CheckpointError(
                 f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from exc
-        if config.train.lora_rank is not None:  # adapters: the base, with them merged in
-            model = load_lora_run(ckpt, config)
-        else:
+        if config.train.lora_rank is None:
             model = model_class(config.model)
             load_weights(model, ckpt, device)
         state = load_state(ckpt)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; {listing()}") from exc
+    if config.train.lora_rank is not None:  # adapters: the base, with them merged in
+        model = load_lora_run(ckpt, config)
     model.to(device).eval()
     description = (f"smallgpt checkpoint {ckpt} (step {state.get('step')}, "
                    f"{_params(model)})")
+    if config.train.lora_rank is not None:
+        description += f", LoRA adapters merged into {config.train.init_from}"
     return Pretrained(model, tokenizer, "smallgpt", ckpt, description, config, state)
 
 
@@ -124,11 +126,14 @@ def load_lora_run(ckpt: Path, config: Config) -> GPT:
     against the digest the run recorded, with the saved adapters merged into its weights."""
     record = read_lora_base(ckpt)
     where = record.get("path") or record["name"]  # the absolute directory, where there is one
+    if "path" in record and not Path(where).exists():
+        raise CheckpointError(f"{where}: the base of LoRA run {str(ckpt)!r} is missing; put it "
+                              "back there, or fine-tune again from another base")
     try:
         base = load_model(where, "cpu")
     except CheckpointError as exc:
-        raise CheckpointError(f"{where}: the base of LoRA run {str(ckpt)!r} cannot be loaded "
-                              f"({exc})") from exc
+        raise CheckpointError(f"{where}: the base of LoRA run {str(ckpt)!r} cannot be loaded: "
+                              f"{exc}") from exc
     lora.check_base(record, lora.weights_digest(base.model), str(base.path), str(ckpt))
     model, _ = model_from_source(config.model, base)  # the run's shape: block_size cropped
     lora.apply(model, config.train.lora)
