@@ -38,9 +38,9 @@ directory, mode, dtype_name = sys.argv[2:5]
 steps, batch, block, rank = map(int, sys.argv[5:9])
 from model import lora, runtime
 from model.config import config_from_dict
-from model.finetune import adopt_source, load_source, model_from_source
+from model.finetune import adopt_source, load_source
 from model.optim import build_optimizer
-from model.pretrained import lora_base_record
+from model.pretrained import lora_base_record, model_from_source
 from model.training import train_step
 
 peak_during_steps, sampling = [0], [False]
@@ -125,7 +125,8 @@ def run_case(directory: Path, mode: str, dtype: str, args: argparse.Namespace,
     done = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit, env=env)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"fits": False, "why": last[:160]}
+        why = "out of memory" if "can't allocate memory" in last or "MemoryError" in last else last
+        return {"fits": False, "why": why[:160]}
     return {"fits": True, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 

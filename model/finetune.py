@@ -7,18 +7,16 @@ The network's shape and the tokenizer come from the weights, not from the config
   - GPT-2 weights bring GPT-2's tokenizer; a smallgpt checkpoint brings its own, and the new
     corpus is encoded with it (never a newly trained one).
 The optimizer, the schedule and the step count start afresh; the run writes to its own out_dir.
+The model itself is built from the source's tensors by `pretrained.model_from_source`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from .config import Config, DataConfig
 from .errors import ConfigError
-from .gpt import GPT, GPTConfig
-from .hf import assign_weights
+from .gpt import GPTConfig
 from .pretrained import Pretrained, load_model
 
 # Keys a fine-tuning config may set freely: block_size can only shrink (checked below).
@@ -80,27 +78,3 @@ def _adopt_tokenizer(cfg: Config, source: Pretrained) -> DataConfig:
             f"data.tokenizer: {wanted!r} cannot be used with {cfg.train.init_from!r}, whose "
             f"tokenizer is {theirs!r}; remove the key (the pretrained tokenizer is used)")
     return dataclasses.replace(cfg.data, tokenizer=theirs)
-
-
-def model_from_source(config: GPTConfig, source: Pretrained) -> tuple[GPT, str]:
-    """A model of `config` (adopt_source's) whose parameters are the source's tensors, its
-    position table cropped to config.block_size; and a line saying what was loaded.
-
-    The model is built on the meta device and takes the tensors themselves: no random init
-    runs for weights about to be replaced, and memory holds them once, not twice. The source
-    model shares them afterwards; drop it before training.
-    """
-    state = source.model.state_dict()
-    before, after = source.model.config.block_size, config.block_size
-    if "pos_emb.weight" in state and after < before:
-        # A copy of the kept rows, so the parameter does not hold on to the whole table.
-        state["pos_emb.weight"] = state["pos_emb.weight"][:after].clone()
-    with torch.device("meta"):
-        model = GPT(config)
-    assign_weights(model, state)
-    crop = f", block_size cropped {before} -> {after}" if after < before else ""
-    # keep_vars: the Parameters themselves, so a tied W_E/W_U counts once (state_dict's
-    # detached tensors are new objects under each name).
-    tensors = len({id(t) for t in model.state_dict(keep_vars=True).values()})
-    return model, (f"init_from {source.description}: {tensors} tensors loaded, "
-                   f"{model.num_params():,} parameters{crop}")

@@ -156,7 +156,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = self.hook_z(y.transpose(1, 2))  # (B, H, T, D) -> (B, T, H, D)
         if self.hook_result.active:  # each head's share of the output, summed by proj
-            w = self.proj.weight.view(C, self.n_head, self.head_dim)  # (C, H, D)
+            w = self.proj.weight.to(y.dtype).view(C, self.n_head, self.head_dim)  # (C, H, D)
             result = self.hook_result(torch.einsum("bthd,chd->bthc", y, w))
             return result.sum(dim=2) + (self.proj.bias if self.proj.bias is not None else 0)
         return self.proj(y.reshape(B, T, C))  # (B, T, H, D) -> (B, T, H*D)

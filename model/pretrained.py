@@ -41,7 +41,7 @@ from .checkpoint import (
 from .config import Config, DataConfig
 from .errors import CheckpointError, SmallGPTError
 from .gpt import GPT, GPTConfig
-from .hf import load_hf
+from .hf import assign_weights, load_hf
 from .tokenizer import Tokenizer, tokenizer_from_spec
 
 HUB_NAMES = {name: f"openai-community/{name}"
@@ -105,37 +105,64 @@ def _smallgpt(path: str | Path, device: str | torch.device,
         except SmallGPTError as exc:
             raise CheckpointError(
                 f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from exc
-        if config.train.lora_rank is not None:  # adapters: the base, with them merged in
-            model = load_lora_run(ckpt, config)
-        else:
+        if config.train.lora_rank is None:
             model = model_class(config.model)
             load_weights(model, ckpt, device)
         state = load_state(ckpt)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; {listing()}") from exc
+    if config.train.lora_rank is not None:  # adapters: the base, with them merged in
+        model = load_lora_run(ckpt, config)
     model.to(device).eval()
     description = (f"smallgpt checkpoint {ckpt} (step {state.get('step')}, "
                    f"{_params(model)})")
+    if config.train.lora_rank is not None:
+        description += f", LoRA adapters merged into {config.train.init_from}"
     return Pretrained(model, tokenizer, "smallgpt", ckpt, description, config, state)
 
 
 def load_lora_run(ckpt: Path, config: Config) -> GPT:
     """A LoRA checkpoint's model: its base, loaded as train.init_from named it and checked
     against the digest the run recorded, with the saved adapters merged into its weights."""
-    from .finetune import model_from_source  # deferred: finetune builds on this module
-
     record = read_lora_base(ckpt)
     where = record.get("path") or record["name"]  # the absolute directory, where there is one
+    if "path" in record and not Path(where).exists():
+        raise CheckpointError(f"{where}: the base of LoRA run {str(ckpt)!r} is missing; put it "
+                              "back there, or fine-tune again from another base")
     try:
         base = load_model(where, "cpu")
     except CheckpointError as exc:
-        raise CheckpointError(f"{where}: the base of LoRA run {str(ckpt)!r} cannot be loaded "
-                              f"({exc})") from exc
+        raise CheckpointError(f"{where}: the base of LoRA run {str(ckpt)!r} cannot be loaded: "
+                              f"{exc}") from exc
     lora.check_base(record, lora.weights_digest(base.model), str(base.path), str(ckpt))
     model, _ = model_from_source(config.model, base)  # the run's shape: block_size cropped
     lora.apply(model, config.train.lora)
     load_weights(model, ckpt)  # a model with adapters takes the adapters alone
     return lora.merge(model)
+
+
+def model_from_source(config: GPTConfig, source: Pretrained) -> tuple[GPT, str]:
+    """A model of `config` (adopt_source's) whose parameters are the source's tensors, its
+    position table cropped to config.block_size; and a line saying what was loaded.
+
+    The model is built on the meta device and takes the tensors themselves: no random init
+    runs for weights about to be replaced, and memory holds them once, not twice. The source
+    model shares them afterwards; drop it before training.
+    """
+    state = source.model.state_dict()
+    before, after = source.model.config.block_size, config.block_size
+    if "pos_emb.weight" in state and after < before:
+        # A copy of the kept rows, so the parameter does not hold on to the whole table.
+        state["pos_emb.weight"] = state["pos_emb.weight"][:after].clone()
+    with torch.device("meta"):
+        model = GPT(config)
+    assign_weights(model, state)
+    crop = f", block_size cropped {before} -> {after}" if after < before else ""
+    # keep_vars: the Parameters themselves, so a tied W_E/W_U counts once (state_dict's
+    # detached tensors are new objects under each name).
+    tensors = len({id(t) for t in model.state_dict(keep_vars=True).values()})
+    return model, (f"init_from {source.description}: {tensors} tensors loaded, "
+                   f"{model.num_params():,} parameters{crop}")
 
 
 def lora_base_record(name: str, source: Pretrained) -> dict[str, str]:

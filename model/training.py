@@ -45,12 +45,12 @@ from .chat_batches import ChatBatchSampler
 from .checkpoint import copy_checkpoint, rng_state, save_checkpoint
 from .config import Config, TrainConfig
 from .errors import TrainingError
-from .finetune import adopt_source, load_source, model_from_source
+from .finetune import adopt_source, load_source
 from .gpt import GPT
 from .monitor import RunLog, gpu_peak_flops
 from .optim import Optimizer, build_optimizer, set_lr
 from .prepare import PreparedData
-from .pretrained import lora_base_record
+from .pretrained import lora_base_record, model_from_source
 from .run_setup import (
     adopt_model,
     chat_batches,

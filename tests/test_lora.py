@@ -218,6 +218,22 @@ def test_lora_run_saves_adapters_alone_and_loads_merged(base_copy, tmp_path, mon
     assert loaded.tokenizer.spec() == load_checkpoint(base_copy).tokenizer.spec()
     assert load_checkpoint(result.run_dir).state["step"] == 6
 
+    # The server serves the merged model.
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from model.sampling import generate
+    from model.serve import create_app
+
+    with TestClient(create_app(loaded)) as client:  # its lifespan starts the engine
+        name = client.get("/v1/models").json()["data"][0]["id"]
+        reply = client.post("/v1/completions", json={"model": name, "prompt": "to be",
+                                                      "max_tokens": 8, "temperature": 0})
+    assert reply.status_code == 200
+    expected = "".join(s.delta for s in generate(loaded.model, loaded.tokenizer, "to be",
+                                                 max_new_tokens=8, temperature=0))
+    assert reply.json()["choices"][0]["text"] == expected
+
     # sample.py from another directory: the base is found by its absolute path.
     monkeypatch.chdir(tmp_path.parent)
     out = io.StringIO()

@@ -17,10 +17,16 @@ from model.batches import BatchSampler
 from model.config import Config, config_from_dict, load_config
 from model.errors import CheckpointError, ConfigError
 from model.explore.__main__ import main as explore_main
-from model.finetune import adopt_source, model_from_source
+from model.finetune import adopt_source
 from model.gpt import GPT, GPTConfig
 from model.prepare import prepare_data
-from model.pretrained import Pretrained, is_hf_directory, load_checkpoint, load_model
+from model.pretrained import (
+    Pretrained,
+    is_hf_directory,
+    load_checkpoint,
+    load_model,
+    model_from_source,
+)
 from model.sampling import generate
 from model.tokenizer import GPT2Tokenizer, train_tokenizer
 from model.training import train

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-from types import SimpleNamespace
 
 import pytest
 
@@ -18,10 +17,14 @@ openai = pytest.importorskip("openai", reason="the API tests use the official op
 
 from serve_server import load, running_server, train_tiny  # noqa: E402
 
+from model import GPT, Config, GPTConfig  # noqa: E402
 from model.chat import TURN_STOPS, render_chat  # noqa: E402
-from model.pretrained import Pretrained  # noqa: E402
+from model.checkpoint import save_checkpoint  # noqa: E402
+from model.config import DataConfig  # noqa: E402
+from model.pretrained import Pretrained, load_model  # noqa: E402
 from model.sampling import generate  # noqa: E402
 from model.serve.chat_api import chat_trained  # noqa: E402
+from model.tokenizer import train_tokenizer  # noqa: E402
 
 NAME = "tiny"
 LIMIT = 200
@@ -140,13 +143,24 @@ def test_a_stop_string_ends_the_reply_with_stop(client, pretrained):
     assert resp.choices[0].message.content == text[:text.index(stop)]
 
 
-def test_models_say_whether_the_model_was_chat_trained(client, pretrained):
-    card = client.models.retrieve(NAME)
-    assert card.model_extra["chat_trained"] is False  # a base model: chat still answers
-    chat_run = SimpleNamespace(data=SimpleNamespace(format="chat"))
-    assert chat_trained(Pretrained(pretrained.model, pretrained.tokenizer, "smallgpt",
-                                   pretrained.path, "", chat_run))
+def test_models_say_whether_the_model_was_chat_trained(client, pretrained, tmp_path):
+    """A base model says chat_trained false (chat still answers, as above); a checkpoint whose
+    run trained on chat data (data.format "chat") says true, in /v1/models and /api/info."""
+    assert client.models.retrieve(NAME).model_extra["chat_trained"] is False
     assert not chat_trained(pretrained)
+    tokenizer = train_tokenizer("char", ["abcdefghijklmnopqrstuvwxyz :\nSUA"])
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2,
+                       n_embd=16)
+    save_checkpoint(tmp_path / "chat" / "latest", GPT(config),
+                    Config(model=config, data=DataConfig(format="chat"), name="t"),
+                    tokenizer.spec())
+    chatty = load_model(str(tmp_path / "chat"))
+    with running_server(chatty, "chatty") as (url, _):
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["chat_trained"] is True
+        assert httpx.get(f"{url}/api/info").json()["chat_trained"] is True
+        reply = httpx.post(f"{url}/v1/chat/completions", json={
+            "messages": USER, "max_tokens": 3}).json()
+        assert reply["object"] == "chat.completion"
 
 
 BAD = [  # (body, status, param)

@@ -18,6 +18,11 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    status_code_conformance,
+)
 from serve_server import running_server  # noqa: E402
 
 from model.gpt import GPT, GPTConfig  # noqa: E402
@@ -64,6 +69,9 @@ def fuzz(server, mode: GenerationMode, examples: int) -> list[tuple[str, int]]:
 
 
 def judge(mode: GenerationMode, label: str, case, response) -> None:
+    # schemathesis's own checks: no 5xx, a status and a content type the schema documents.
+    case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
+                                             content_type_conformance])
     status = response.status_code
     sent = f"{label} with {case.body!r}"
     assert status < 500, f"{sent}: {status} {response.text[:300]}"
@@ -86,3 +94,19 @@ def test_schema_valid_requests_are_accepted(server):
 def test_invalid_requests_get_4xx_never_5xx(server):
     seen = fuzz(server, GenerationMode.NEGATIVE, 150)
     assert any(400 <= s < 500 for _, s in seen)
+
+
+@pytest.mark.parametrize("label,body", [
+    ("POST /v1/completions", {"prompt": "hi", "stream": True}),
+    ("POST /v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                   "stream": True}),
+    ("POST /api/generate", {"prompt": "hi"}),
+])
+def test_streams_have_the_documented_content_type(server, label, body):
+    """The seeded fuzz need not draw a stream: one of each, through the same checks."""
+    url, schema = server
+    op = next(op for op in operations(schema) if op.label == label)
+    case = op.Case(body=body)
+    response = case.call(base_url=url, timeout=30)
+    assert response.headers["content-type"][0].startswith("text/event-stream")
+    judge(GenerationMode.POSITIVE, label, case, response)

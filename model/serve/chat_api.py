@@ -27,7 +27,7 @@ from ..sampling import Step, generate
 from .compute import LOGPROB_FLOOR, finite
 from .http_errors import in_thread, stream_error
 from .openai_api import event_stream
-from .protocol import ERRORS, ChatCompletionRequest, Message, check, sse
+from .protocol import ERRORS, STREAMED, ChatCompletionRequest, Message, check, sse
 from .state import Served, ServedModel
 
 router = APIRouter(responses=ERRORS)
@@ -163,7 +163,7 @@ class ChatCompletion:
         yield sse("[DONE]")
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAMED)
 async def chat_completions(req: ChatCompletionRequest, request: Request,
                            served: ServedModel) -> Any:
     """OpenAI's chat completions: the template is applied here, on the server."""

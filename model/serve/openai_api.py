@@ -26,6 +26,7 @@ from .compute import TokenLogprob, finite, prompt_logprobs
 from .http_errors import in_thread, stream_error
 from .protocol import (
     ERRORS,
+    STREAMED,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
@@ -235,7 +236,7 @@ def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache"})
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAMED)
 async def completions(req: CompletionRequest, request: Request,
                       served: ServedModel) -> Any:
     """OpenAI's completions: text (or token ids) in, continuations out; `stream` sends them as

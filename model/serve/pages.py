@@ -32,6 +32,7 @@ from .http_errors import from_library, stream_error
 from .openai_api import encode, event_stream
 from .protocol import (
     ERRORS,
+    STREAMED,
     AnalogyRequest,
     AttentionRequest,
     DirectionRequest,
@@ -66,7 +67,7 @@ async def info(served: ServedModel) -> dict[str, Any]:
             "chat_trained": served.chat_trained}
 
 
-@router.post("/generate", response_class=StreamingResponse)
+@router.post("/generate", response_class=StreamingResponse, responses=STREAMED)
 async def generate_page(req: GenerateRequest,
                         served: ServedModel) -> StreamingResponse:
     """Server-sent events: "prompt" (the tokens the model continues: in chat mode, the

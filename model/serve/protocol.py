@@ -325,6 +325,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# What a generating endpoint answers: JSON, or with "stream": true server-sent events.
+STREAMED: dict[int | str, dict[str, Any]] = {200: {
+    "description": "JSON; with \"stream\": true (always, for /api/generate) server-sent events, "
+                   "one `data: <json>` per chunk",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
 def sse(data: dict[str, Any] | str) -> str:
     """One server-sent event: `data: <json>` and a blank line (OpenAI's and the page's framing)."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
