@@ -40,17 +40,20 @@ def load_named_model(name: str | None, device: str | torch.device,
     the newest checkpoint under out/ is taken, and the user should know which one. With
     `precision` the weights are converted to its dtype (bfloat16 halves the memory each
     generated token reads) and the line says which dtype and why."""
-    from .pretrained import load_model
+    from .pretrained import load_model, parameter_count
 
-    loaded = load_model(name, device)
-    which = "" if name else "the newest checkpoint under out/: "
-    line = f"using {which}{loaded.description}"
+    dtype = None
     if precision is not None:
         from .runtime import generation_precision
 
-        params = sum(p.numel() for p in loaded.model.parameters())
-        precision = generation_precision(precision, params, precision.reason.startswith("auto"))
-        loaded.model.to(precision.dtype)
+        # Chosen before the weights are read, so that they are converted as they load.
+        precision = generation_precision(precision, parameter_count(name),
+                                         precision.reason.startswith("auto"))
+        dtype = precision.dtype
+    loaded = load_model(name, device, dtype=dtype)
+    which = "" if name else "the newest checkpoint under out/: "
+    line = f"using {which}{loaded.description}"
+    if precision is not None:
         line += f", in {precision.describe()}"
     print(line, file=err or sys.stderr)
     return loaded

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import CheckpointError, ConfigError
 from .gpt import GPT, GPTConfig, rope_tables
@@ -99,8 +100,11 @@ def read_hf_config(directory: Path, what: str = "Hugging Face") -> dict:
     return hf_config
 
 
-def read_hf_weights(directory: Path, what: str = "Hugging Face") -> dict[str, torch.Tensor]:
-    """The state dict of model.safetensors, or of the older pytorch_model.bin."""
+def read_hf_weights(directory: Path, what: str = "Hugging Face",
+                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The state dict of model.safetensors, or of the older pytorch_model.bin, each floating
+    tensor in `dtype`. Tensors are read and converted one at a time, so loading gpt2-xl's
+    float32 file in bfloat16 holds about 3 GB, not the file's 6 GB and then a copy."""
     safetensors_path, bin_path = directory / "model.safetensors", directory / "pytorch_model.bin"
     path = safetensors_path if safetensors_path.is_file() else bin_path
     if not path.is_file():
@@ -108,14 +112,21 @@ def read_hf_weights(directory: Path, what: str = "Hugging Face") -> dict[str, to
             f"{what} checkpoint {str(directory)!r} has neither model.safetensors nor "
             "pytorch_model.bin"
         )
+
+    def converted(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
     try:
         if path == safetensors_path:
-            # pread: each tensor is read into memory of its own. The default (mmap) keeps the
-            # whole file mapped, and resident beside the model, until the last tensor is freed.
-            state = load_file(path, backend="pread")
+            # pread: each tensor is read into memory of its own. mmap would keep the whole
+            # file mapped, and resident beside the model, until the last tensor is freed.
+            with safe_open(path, framework="pt", backend="pread") as file:
+                state = {key: converted(file.get_tensor(key)) for key in file.keys()}
         else:
             # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code.
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            state = ({key: converted(t) if isinstance(t, torch.Tensor) else t
+                      for key, t in loaded.items()} if isinstance(loaded, dict) else loaded)
     except Exception as exc:  # each format fails in its own way on a truncated or corrupt file
         raise CheckpointError(
             f"cannot read {str(path)!r}, it looks truncated or corrupt ({_first_line(exc)})"
@@ -125,13 +136,13 @@ def read_hf_weights(directory: Path, what: str = "Hugging Face") -> dict[str, to
     return state
 
 
-def _read_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _read_directory(directory: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
     hf_config = read_hf_config(directory, "GPT-2")
     if hf_config.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(
             f"{str(directory)!r} holds a {hf_config['model_type']!r} model, not GPT-2"
         )
-    return read_hf_weights(directory, "GPT-2"), hf_config
+    return read_hf_weights(directory, "GPT-2", dtype), hf_config
 
 
 def _check_hf_config(hf_config: dict) -> tuple[str, float, bool]:
@@ -153,7 +164,8 @@ def _check_hf_config(hf_config: dict) -> tuple[str, float, bool]:
 
 
 def _to_our_layout(state: dict, owned: bool, tied: bool = True) -> dict[str, torch.Tensor]:
-    """Our names, with Conv1D weights turned into nn.Linear's (out, in) layout, float32.
+    """Our names, with Conv1D weights turned into nn.Linear's (out, in) layout; a caller's
+    tensors become float32, a state read from disk keeps the dtype it was read in.
 
     Converts one tensor at a time. A state read from disk (`owned`) is emptied as it goes, so
     every weight is held about once, even for gpt2-xl; a caller's dict is left as it was, and
@@ -175,15 +187,15 @@ def _to_our_layout(state: dict, owned: bool, tied: bool = True) -> dict[str, tor
             tensor = tensor.t()
         # contiguous() writes a transposed weight out as a tensor of its own (its source is
         # freed on the next turn); clone() copies a caller's tensor.
-        tensor = tensor.contiguous() if owned else tensor.clone(
-            memory_format=torch.contiguous_format)
-        ours[name] = tensor.float()
+        ours[name] = tensor.contiguous() if owned else tensor.clone(
+            memory_format=torch.contiguous_format).float()
     return ours
 
 
 def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
-                 n_head: int | None = None) -> GPT:
-    """Build a GPT from a Hugging Face GPT-2 directory or state dict.
+                 n_head: int | None = None, dtype: torch.dtype = torch.float32) -> GPT:
+    """Build a GPT from a Hugging Face GPT-2 directory (its weights read in `dtype`) or a
+    state dict (float32).
 
     The shape comes from the tensors: vocab_size from wte, block_size from wpe, n_embd, n_layer
     from the h.N blocks and the MLP width from c_fc. The head count is not visible in any tensor
@@ -199,7 +211,7 @@ def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
                 "pass n_head=..., e.g. 12 for the 124M model"
             )
     else:
-        state, hf_config = _read_directory(Path(source))
+        state, hf_config = _read_directory(Path(source), dtype)
         owned = True
         if "n_head" not in hf_config and n_head is None:
             raise CheckpointError(f"{str(Path(source) / 'config.json')!r} does not give n_head")
@@ -418,18 +430,19 @@ class LoadedHF(NamedTuple):
     model_type: str  # config.json's: gpt2, llama, qwen3, arcee or apertus
 
 
-def load_hf(directory: str | Path) -> LoadedHF:
-    """A GPT and its tokenizer from a Hugging Face directory of any architecture we write
-    (gpt2, llama, qwen3, arcee, apertus), chosen by config.json's model_type. The tokenizer
+def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> LoadedHF:
+    """A GPT, its weights read in `dtype`, and its tokenizer from a Hugging Face directory of
+    any architecture we write (gpt2, llama, qwen3, arcee, apertus), chosen by config.json's
+    model_type. The tokenizer
     comes from tokenizer.json (char or byte-level BPE as we write them); GPT-2's otherwise."""
     directory = Path(directory)
     hf_config = read_hf_config(directory)
     family = hf_config.get("model_type", "gpt2")
     if family == "gpt2":
-        model = load_hf_gpt2(directory)
+        model = load_hf_gpt2(directory, dtype=dtype)
     elif family in FAMILIES:
         config = config_from_rotary(hf_config)
-        ours = rotary_to_ours(read_hf_weights(directory), config, family)
+        ours = rotary_to_ours(read_hf_weights(directory, dtype=dtype), config, family)
         with torch.device("meta"):
             model = GPT(config)
         expected = model.state_dict()

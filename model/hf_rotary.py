@@ -212,14 +212,14 @@ def _ratio(hidden: int, n_embd: int) -> float:
 
 def rotary_to_ours(state: dict[str, torch.Tensor], config: GPTConfig,
                    family: str) -> dict[str, torch.Tensor]:
-    """The family's tensors under our names (the reverse of `rotary_state`), float32; emptied
-    as it goes so each weight is held about once."""
+    """The family's tensors under our names (the reverse of `rotary_state`), in the dtype they
+    were read in; emptied as it goes so each weight is held about once."""
     fam = FAMILIES[family]
 
     def take(key: str) -> torch.Tensor:
         for name in (key, key.removeprefix("model.")):
             if name in state:
-                return state.pop(name).float()
+                return state.pop(name)
         raise CheckpointError(f"{family} state dict lacks {key!r}")
 
     ours = {"tok_emb.weight": take("model.embed_tokens.weight"),

@@ -20,12 +20,14 @@ A checkpoint never names code to run: a model of your own class loads with `mode
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from . import lora
@@ -66,25 +68,59 @@ class Pretrained:
 
 def load_model(name: str | Path | None = None, device: str | torch.device = "cpu", *,
                root: str | Path = "out",
-               model_class: Callable[[GPTConfig], nn.Module] = GPT) -> Pretrained:
+               model_class: Callable[[GPTConfig], nn.Module] = GPT,
+               dtype: torch.dtype | None = None) -> Pretrained:
     """The model called `name` (see the module docstring), in eval mode on `device`.
     `model_class` builds a smallgpt checkpoint's network from its stored GPTConfig: pass the
-    GPT subclass (or module) a variant was trained with."""
-    if not name:
-        found = find_checkpoints(root)
-        if not found:
-            raise CheckpointError(
-                f"no checkpoint under {str(root)}/; train one (python train.py --config "
-                "small.yaml) or name a model, e.g. --checkpoint gpt2")
-        name = found[0]
+    GPT subclass (or module) a variant was trained with. `dtype` converts the weights (None:
+    float32); Hugging Face weights are converted as they are read, so gpt2-xl in bfloat16
+    never holds its float32 copy."""
+    name = _named(name, root)
     if str(name) in HUB_NAMES:
-        loaded = _hf(hub_snapshot(str(name)), device)
+        loaded = _hf(hub_snapshot(str(name)), device, dtype)
         loaded.description = (f"{name} ({HUB_NAMES[str(name)]}, {_params(loaded.model)}) "
                               f"from {loaded.path}")
         return loaded
     if is_hf_directory(Path(name)):
-        return _hf(Path(name), device)
-    return _smallgpt(name, device, model_class)
+        return _hf(Path(name), device, dtype)
+    loaded = _smallgpt(name, device, model_class)
+    if dtype is not None:
+        loaded.model.to(dtype)
+    return loaded
+
+
+def _named(name: str | Path | None, root: str | Path) -> str | Path:
+    """`name`, or with none the newest checkpoint under `root`."""
+    if name:
+        return name
+    found = find_checkpoints(root)
+    if not found:
+        raise CheckpointError(
+            f"no checkpoint under {str(root)}/; train one (python train.py --config "
+            "small.yaml) or name a model, e.g. --checkpoint gpt2")
+    return found[0]
+
+
+def parameter_count(name: str | Path | None = None, *, root: str | Path = "out") -> int:
+    """How many parameters the model `name` names has, read from its files without loading
+    its weights: the dtype to hold them in can then be chosen before they are read."""
+    name = _named(name, root)
+    directory = hub_snapshot(str(name)) if str(name) in HUB_NAMES else Path(name)
+    if is_hf_directory(directory):
+        weights = directory / "model.safetensors"
+        if not weights.is_file():  # a pytorch_model.bin: float32, 4 bytes a parameter
+            return (directory / "pytorch_model.bin").stat().st_size // 4
+        try:
+            with safe_open(weights, framework="pt") as file:  # reads the header only
+                return sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys()
+                           # older GPT-2 files hold causal masks, not parameters
+                           if not key.endswith((".attn.bias", ".attn.masked_bias")))
+        except Exception as exc:  # the format's own errors for a truncated or corrupt file
+            raise CheckpointError(f"cannot read {str(weights)!r}, it looks truncated or "
+                                  f"corrupt ({type(exc).__name__})") from exc
+    config, _ = read_checkpoint_config(resolve_checkpoint(name))
+    with torch.device("meta"):  # shapes only: the count of a LoRA run's merged model too
+        return GPT(config.model).num_params()
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *,
@@ -171,11 +207,11 @@ def lora_base_record(name: str, source: Pretrained) -> dict[str, str]:
     return lora.base_record(name, source.model, path)
 
 
-def _hf(directory: Path, device: str | torch.device) -> Pretrained:
+def _hf(directory: Path, device: str | torch.device, dtype: torch.dtype | None) -> Pretrained:
     """Weights in a Hugging Face directory (GPT-2, Llama, Qwen3, ...: model/hf.py reads them)
     with their tokenizer; the config holds their shape and the tokenizer's name."""
-    model, tokenizer, model_type = load_hf(directory)
-    model = model.to(device).eval()
+    model, tokenizer, model_type = load_hf(directory, dtype or torch.float32)
+    model = model.to(device, dtype).eval()  # dtype: the buffers (rotary tables) too
     config = Config(model=model.config, data=DataConfig(tokenizer=tokenizer.name),
                     name=directory.name)
     what = "GPT-2" if model_type == "gpt2" else model_type

@@ -256,3 +256,36 @@ def test_missing_tensor_is_named():
     del state["transformer.h.1.ln_2.bias"]
     with pytest.raises(CheckpointError, match=r"blocks\.1\.norm2\.bias"):
         load_hf_gpt2(state, n_head=4)
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_weights_are_converted_as_they_are_read(tmp_path, weights):
+    """load_model(dtype=bfloat16) reads a float32 directory into bfloat16 tensor by tensor (no
+    float32 copy of the whole model is held: bench/load_memory.py --sample measures the peak);
+    the result is the float32 model converted, exactly, and its parameters are counted from
+    the files' headers alone, before anything is loaded."""
+    from model.pretrained import load_model, parameter_count
+
+    theirs = hf_model()
+    if weights == "safetensors":
+        theirs.save_pretrained(tmp_path)
+    else:
+        theirs.config.save_pretrained(tmp_path)
+        torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
+    from model.hf import read_hf_weights
+
+    read = read_hf_weights(tmp_path, dtype=torch.bfloat16)  # each tensor converted on reading
+    assert read and {t.dtype for t in read.values() if t.is_floating_point()} == {torch.bfloat16}
+    full = load_model(tmp_path).model
+    half = load_model(tmp_path, dtype=torch.bfloat16).model
+    assert {p.dtype for p in half.state_dict().values()} == {torch.bfloat16}
+    assert all(torch.equal(h, f.to(torch.bfloat16))
+               for h, f in zip(half.state_dict().values(), full.state_dict().values()))
+    assert half.lm_head.weight is half.tok_emb.weight  # still tied
+    with torch.no_grad():
+        assert torch.equal(half(tokens())[0], full.to(torch.bfloat16)(tokens())[0])
+    expected = sum(p.numel() for p in load_model(tmp_path).model.parameters())
+    if weights == "safetensors":
+        assert parameter_count(tmp_path) == expected
+    else:  # a pickle has no header: its size, 4 bytes a float32 parameter, give or take
+        assert abs(parameter_count(tmp_path) - expected) < 0.05 * expected

@@ -160,3 +160,10 @@ def test_auto_keeps_a_small_model_in_float32_for_generation(cli, fake_cpu,  # no
     choice = runtime.choose_dtype("auto", CPU)
     big = runtime.generation_precision(choice, runtime.MIN_BF16_GENERATION_PARAMS, auto=True)
     assert big.dtype == torch.bfloat16
+
+
+def test_a_checkpoints_parameters_are_counted_without_loading_it(saved):  # noqa: F811
+    from model.pretrained import parameter_count
+
+    _, run, model, _ = saved
+    assert parameter_count(run) == model.num_params()
