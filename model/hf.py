@@ -433,8 +433,8 @@ class LoadedHF(NamedTuple):
 def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> LoadedHF:
     """A GPT, its weights read in `dtype`, and its tokenizer from a Hugging Face directory of
     any architecture we write (gpt2, llama, qwen3, arcee, apertus), chosen by config.json's
-    model_type. The tokenizer
-    comes from tokenizer.json (char or byte-level BPE as we write them); GPT-2's otherwise."""
+    model_type. The tokenizer comes from tokenizer.json (char or byte-level BPE as we write
+    them); GPT-2's otherwise."""
     directory = Path(directory)
     hf_config = read_hf_config(directory)
     family = hf_config.get("model_type", "gpt2")
