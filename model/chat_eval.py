@@ -9,7 +9,12 @@ answers greedily. Reported per model:
     --max-new-tokens (no stop strings help);
   - accuracy: the share whose first line equals the expected answer (case, surrounding spaces
     and punctuation aside), per task and overall, beside chance: 1/4 for the four-option
-    questions, about 0 for continuing a speech.
+    questions, about 0 for continuing a speech;
+  - choice accuracy, for the four-option questions: how often the expected answer is the
+    option the model finds likeliest as its whole reply (" option" + end-of-text, scored with
+    model.scoring), against chance 1/4. This is how evaluation harnesses score multiple
+    choice, and it tells what a small model knows even when its free reply names something
+    that is not among the options.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from .chat import render_chat
+from .chat import end_of_turn_id, render_chat
 from .chat_demo import demo_records
 from .tokenizer import Tokenizer
 
@@ -37,6 +42,9 @@ class ChatScore:
     ended: int = 0  # replies that closed their turn with end-of-text
     cropped: int = 0  # prompts longer than the context, of which the model saw the end only
     correct: int = 0
+    choices: int = 0  # replies that pick among listed options
+    chosen: int = 0  # of those, where the expected option is the likeliest reply
+    choice_chance: float = 0.0  # expected `chosen` when picking an option at random
     chance: float = 0.0  # expected correct replies when guessing among the options
     by_task: dict[str, list[int]] = field(default_factory=dict)  # task -> [correct, replies]
     examples: list[dict[str, Any]] = field(default_factory=list)  # the first few replies
@@ -53,6 +61,10 @@ class ChatScore:
     def chance_accuracy(self) -> float:
         return self.chance / max(1, self.replies)
 
+    @property
+    def choice_accuracy(self) -> float:
+        return self.chosen / max(1, self.choices)
+
 
 def normalise(text: str) -> str:
     """The first line, lower case, inner spaces collapsed, outer spaces and punctuation off."""
@@ -67,6 +79,15 @@ def held_out(limit: int | None) -> list[dict[str, Any]]:
         return records
     step = len(records) / limit
     return [records[int(i * step)] for i in range(limit)]
+
+
+def reply_logprob(model: nn.Module, tokenizer: Tokenizer, prompt: list[int], reply: str) -> float:
+    """log p(reply | prompt) for a whole assistant reply: its tokens as training renders them
+    (" " + reply) and the end-of-text that closes the turn."""
+    from .scoring import score_tokens
+
+    tokens = tokenizer.encode(" " + reply) + [end_of_turn_id(tokenizer)]
+    return float(score_tokens(model, prompt + tokens).logprobs[-len(tokens):].sum())
 
 
 def score_chat(model: nn.Module, tokenizer: Tokenizer, records: list[dict[str, Any]],
@@ -87,7 +108,13 @@ def score_chat(model: nn.Module, tokenizer: Tokenizer, records: list[dict[str, A
             score.cropped += bool(cropped)
             reply = "".join(s.delta for s in steps)
             ended = bool(steps) and steps[-1].finished == "eot"
-            right = normalise(reply) == normalise(messages[turn]["content"])
+            expected = messages[turn]["content"]
+            right = normalise(reply) == normalise(expected)
+            if options:
+                picked = max(options, key=lambda o: reply_logprob(model, tokenizer, prompt, o))
+                score.choices += 1
+                score.chosen += picked == expected
+                score.choice_chance += 1 / len(options)
             score.replies += 1
             score.ended += ended
             score.correct += right
@@ -97,7 +124,7 @@ def score_chat(model: nn.Module, tokenizer: Tokenizer, records: list[dict[str, A
             tally[1] += 1
             if len(score.examples) < keep_examples:
                 score.examples.append({"task": task, "question": messages[turn - 1]["content"],
-                                       "expected": messages[turn]["content"], "reply": reply,
+                                       "expected": expected, "reply": reply,
                                        "ended": ended})
     return score
 
@@ -105,7 +132,9 @@ def score_chat(model: nn.Module, tokenizer: Tokenizer, records: list[dict[str, A
 def report(score: ChatScore) -> str:
     tasks = "  ".join(f"{task} {c}/{n}" for task, (c, n) in sorted(score.by_task.items()))
     return (f"{score.model}: {score.replies} replies, ended their turn {score.ended_share:.1%}, "
-            f"accuracy {score.accuracy:.1%} (chance {score.chance_accuracy:.1%}; {tasks})"
+            f"accuracy {score.accuracy:.1%} (chance {score.chance_accuracy:.1%}; {tasks}); "
+            f"likeliest of the listed options {score.choice_accuracy:.1%} of {score.choices} "
+            f"(chance {score.choice_chance / max(1, score.choices):.1%})"
             + (f"; {score.cropped} prompts longer than the context were cropped"
                if score.cropped else ""))
 
@@ -135,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                            args.examples)
         if args.json:
             print(json.dumps({**asdict(score), "ended_share": score.ended_share,
-                              "accuracy": score.accuracy, "chance": score.chance_accuracy}))
+                              "accuracy": score.accuracy, "chance": score.chance_accuracy,
+                              "choice_accuracy": score.choice_accuracy}))
         else:
             print(report(score))
             for ex in score.examples:

@@ -1,0 +1,81 @@
+"""The chat demo's evaluation: turn-ending rate, free-reply accuracy against chance, and the
+likeliest-option accuracy, on stand-in models whose answers are known in advance."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from model import sampling
+from model.chat_eval import ChatScore, normalise, report, score_chat
+from model.tokenizer import train_tokenizer
+
+OPTIONS = ["Macbeth", "Othello", "Pericles", "Cymbeline"]
+RECORDS = [
+    {"messages": [{"role": "user", "content": "Which play is this from: ...?"},
+                  {"role": "assistant", "content": "Othello"}],
+     "tasks": ["play"], "options": [OPTIONS]},
+    {"messages": [{"role": "user", "content": "Continue this speech: ..."},
+                  {"role": "assistant", "content": "And so on."}],
+     "tasks": ["continue"], "options": [[]]},
+]
+
+
+@pytest.fixture(scope="module")
+def chars():
+    return train_tokenizer("char", ["".join(OPTIONS) + "Which play is this from: ...? "
+                                    "Continue this speech: And so on. User: Assistant:\n"])
+
+
+class Unigram(nn.Module):
+    """GPT's forward contract with a model that ignores its input: every position predicts
+    the same distribution, so the likelihood of each option is known in advance."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = nn.Parameter(logits)
+        self.config = SimpleNamespace(block_size=256, vocab_size=len(logits))
+
+    def forward(self, idx, targets=None):
+        return self.logits.expand(*idx.shape, -1), None
+
+
+def favouring(tokenizer, text: str) -> Unigram:
+    logits = torch.zeros(tokenizer.vocab_size)
+    logits[tokenizer.encode(text)] = 5.0
+    logits[tokenizer.eot_id] = 5.0
+    return Unigram(logits)
+
+
+def replying(monkeypatch, *replies: tuple[str, str | None]) -> None:
+    """generate() answers with these (text, how it finished), one per prompt, in order."""
+    queue = list(replies)
+
+    def fake(model, tokenizer, prompt, **kw):
+        text, finished = queue.pop(0)
+        return [SimpleNamespace(delta=text, finished=finished)]
+    monkeypatch.setattr(sampling, "generate", fake)
+
+
+def test_free_replies_count_turn_endings_and_matches_against_chance(chars, monkeypatch):
+    replying(monkeypatch, (" othello.\nmore", "eot"), (" And so", "length"))
+    score = score_chat(favouring(chars, "Othello"), chars, RECORDS)
+    assert (score.replies, score.ended, score.correct) == (2, 1, 1)
+    assert score.by_task == {"play": [1, 1], "continue": [0, 1]}
+    assert score.chance_accuracy == pytest.approx(0.25 / 2)  # 1/4, and ~0 for free text
+    assert normalise("  The  Tempest!\nExit.") == "the tempest"
+
+
+@pytest.mark.parametrize("favoured, chosen", [("Othello", 1), ("Pericles", 0)])
+def test_the_likeliest_listed_option_is_the_models_choice(chars, monkeypatch, favoured,
+                                                           chosen):
+    replying(monkeypatch, (" Hamlet", "eot"), (" And so", "eot"))  # not among the options
+    score = score_chat(favouring(chars, favoured), chars, RECORDS)
+    assert score.correct == 0 and (score.choices, score.chosen) == (1, chosen)
+    assert score.choice_accuracy == chosen and score.choice_chance == 0.25
+    assert f"likeliest of the listed options {chosen:.1%} of 1 (chance 25.0%)" in report(score)
+
+
+def test_an_empty_score_reports_zeros():
+    assert "0 replies" in report(ChatScore("m")) and ChatScore("m").choice_accuracy == 0
