@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, SamplingError, TokenizerError
-from .sampling import encode_prompt
+from .sampling import encode_prompt, without_padding
 
 if TYPE_CHECKING:
     from .gpt import GPT
@@ -200,7 +200,8 @@ def next_token(model: GPT, tokenizer: Tokenizer, prompt: str,
     idx = _prompt_ids(model, tokenizer, prompt)
     logits, _ = model(idx)
     last = logits[0, -1].float()  # (V,): only the last position predicts the unseen next token
-    top = last.topk(min(k, last.numel()))
+    last = without_padding(last, tokenizer.vocab_size)
+    top = last.topk(min(k, tokenizer.vocab_size))
     ids = top.indices.tolist()
     probs, other = [], []
     for t in temperatures:
@@ -266,8 +267,8 @@ def logit_lens(model: GPT, tokenizer: Tokenizer, prompt: str, k: int = 3) -> Len
     stream = cache.accumulated_resid()  # (L+1, 1, T, C): before each block, then the last
     # One row at a time, as the forward pass computes it: the last row is bit-exact.
     logits = torch.stack([model.lm_head(model.norm_f(x))[0] for x in stream])  # (L+1, T, V)
-    probs = logits.float().softmax(dim=-1)
-    values, indices = probs.topk(min(k, probs.size(-1)), dim=-1)  # (L+1, T, k)
+    probs = without_padding(logits.float(), tokenizer.vocab_size).softmax(dim=-1)
+    values, indices = probs.topk(min(k, tokenizer.vocab_size), dim=-1)  # (L+1, T, k)
     top = [[[Scored(i, tokenizer.token_text(i), v) for i, v in zip(ids, vals)]
             for ids, vals in zip(layer_ids, layer_vals)]
            for layer_ids, layer_vals in zip(indices.tolist(), values.tolist())]

@@ -99,6 +99,16 @@ def check_sampling_args(temperature: float = 1.0, top_k: int | None = None,
         raise SamplingError("a stop string must not be empty")
 
 
+def without_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`logits` (..., V) with every id from `vocab_size` on at -inf. A head can be wider than
+    its tokenizer (gpt2_124m.yaml pads 50257 to 50304 for faster matmuls): those ids have no
+    text, so they must never be drawn, shown or counted in a distribution."""
+    if logits.size(-1) <= vocab_size:
+        return logits
+    return logits.index_fill(-1, torch.arange(vocab_size, logits.size(-1),
+                                              device=logits.device), float("-inf"))
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     """Set every logit outside the top-k, then outside the nucleus, to -inf. logits: (B, V).
@@ -289,6 +299,7 @@ def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], max_new_to
         for index in range(max_new_tokens):
             # Its own copy: a view would keep the whole forward pass's (B, T, V) logits alive.
             raw = logits.clone() if with_logits else None
+            logits = without_padding(logits, tokenizer.vocab_size)
             if processors:
                 logits = logits.to(torch.float32, copy=True)  # the processors' own copy
                 for fn in processors:

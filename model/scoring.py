@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .sampling import without_padding
 from .tokenizer import Tokenizer
 
 
@@ -62,14 +63,16 @@ def windows(length: int, block_size: int, stride: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def score_tokens(model: nn.Module, ids: Sequence[int] | torch.Tensor, top: int = 0,
-                 stride: int | None = None, batch_size: int = 4) -> TokenScores:
+                 stride: int | None = None, batch_size: int = 4,
+                 vocab_size: int | None = None) -> TokenScores:
     """log p(ids[t] | ids[:t]) for t >= 1 of ids (T,) or of each row of ids (B, T).
 
     `top` also returns the likeliest tokens at each position. Sequences longer than the
     context (model.config.block_size + 1 ids) are scored with a sliding window that starts a
     new window every `stride` tokens (default block_size // 2; see the module docstring).
     Up to `batch_size` windows go through the model together. The model runs in eval mode
-    (no dropout) without gradients; its mode is restored afterwards.
+    (no dropout) without gradients; its mode is restored afterwards. `vocab_size` (the
+    tokenizer's) leaves a padded head's extra ids out of every distribution.
     """
     block_size = model.config.block_size
     stride = stride if stride is not None else max(1, block_size // 2)
@@ -88,7 +91,7 @@ def score_tokens(model: nn.Module, ids: Sequence[int] | torch.Tensor, top: int =
     vocab = model.config.vocab_size
     if rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < vocab:
         raise ConfigError(f"ids must be token ids in 0..{vocab - 1}")
-    top = min(top, vocab)
+    top = min(top, vocab_size or vocab)
     logprobs = torch.zeros(B, max(T - 1, 0), device=device)
     top_ids = torch.zeros(B, max(T - 1, 0), top, dtype=torch.long, device=device)
     top_logprobs = torch.zeros(B, max(T - 1, 0), top, device=device)
@@ -106,7 +109,10 @@ def score_tokens(model: nn.Module, ids: Sequence[int] | torch.Tensor, top: int =
                 inputs = torch.stack([rows[b, s:s + span] for b, s, _ in chunk])  # (n, span)
                 logits = model(inputs)[0]  # (n, span, V)
                 for j, (b, start, first) in enumerate(chunk):
-                    new = logits[j, first - start:].float().log_softmax(dim=-1)  # unscored only
+                    new = logits[j, first - start:].float()  # unscored positions only
+                    if vocab_size is not None:
+                        new = without_padding(new, vocab_size)
+                    new = new.log_softmax(dim=-1)
                     targets = rows[b, first + 1:start + span + 1]
                     logprobs[b, first:first + len(targets)] = (
                         new.gather(-1, targets[:, None]).squeeze(-1))
@@ -135,6 +141,6 @@ def score_text(model: nn.Module, tokenizer: Tokenizer, text: str, top: int = 0,
     ids = tokenizer.encode(text)
     if prepend_eot:
         ids = [tokenizer.eot_id] + ids
-    scores = score_tokens(model, ids, top, stride, batch_size)
+    scores = score_tokens(model, ids, top, stride, batch_size, tokenizer.vocab_size)
     scores.texts = [tokenizer.token_text(t) for t in scores.tokens.tolist()]
     return scores

@@ -461,3 +461,28 @@ def test_bad_logits_processors_are_named(chars):
     for penalty in (0.0, -1.0, math.nan, math.inf):
         with pytest.raises(SamplingError, match="repetition penalty"):
             repetition_penalty(penalty)
+
+
+def test_ids_past_the_tokenizer_are_never_drawn_shown_or_scored(chars):
+    """A head wider than its tokenizer (gpt2_124m.yaml pads 50257 to 50304) has ids with no
+    text: here they get by far the largest logits, and still nothing picks or lists them."""
+    from model.analysis import logit_lens, next_token
+    from model.scoring import score_text
+    from model.serve.compute import distribution
+
+    vocab = chars.vocab_size
+    model = sharp_model(vocab + 7).float()
+    with torch.no_grad():
+        model.lm_head.weight[vocab:] = 50 * model.lm_head.weight[:7]  # tied: W_E's rows too
+    steps = list(generate(model, chars, "First", max_new_tokens=40, temperature=1.5, seed=0,
+                          show_top=vocab + 7, with_logits=True))
+    assert all(s.token < vocab and all(t < vocab for t, _, _ in s.top) for s in steps)
+    assert steps[0].logits.shape == (vocab + 7,)  # the raw logits stay the model's own
+    scores = score_text(model, chars, "First Citizen", top=vocab + 7)
+    assert scores.top_ids.max() < vocab and scores.top_ids.shape[-1] == vocab
+    assert torch.allclose(scores.top_logprobs.exp().sum(-1), torch.ones(()), atol=1e-5)
+    assert max(t.id for t in next_token(model, chars, "First", k=vocab + 7).top) < vocab
+    assert max(s.id for row in logit_lens(model, chars, "Fi", k=vocab + 7).top for pos in row
+               for s in pos) < vocab
+    shown = distribution(model, chars, chars.encode("First"), [1.0], k=vocab + 7)
+    assert max(t["id"] for t in shown.tokens) < vocab

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..gpt import GPT
-from ..sampling import filter_logits
+from ..sampling import filter_logits, without_padding
 from ..scoring import score_tokens
 from ..tokenizer import Tokenizer
 
@@ -38,7 +38,7 @@ def prompt_logprobs(model: GPT, tokenizer: Tokenizer, ids: Sequence[int],
                     k: int) -> list[TokenLogprob]:
     """log p(ids[t] | ids[:t]) for every t >= 1 and the k likeliest alternatives, from
     model.scoring (one forward pass: len(ids) must be at most the context size)."""
-    scores = score_tokens(model, ids, top=k)
+    scores = score_tokens(model, ids, top=k, vocab_size=tokenizer.vocab_size)
     out = [TokenLogprob(ids[0], tokenizer.token_text(ids[0]), None, None)]
     top_ids = scores.top_ids.tolist() if k else [[] for _ in ids[1:]]
     top_lp = scores.top_logprobs.tolist() if k else [[] for _ in ids[1:]]
@@ -71,7 +71,8 @@ def distribution(model: GPT, tokenizer: Tokenizer, ids: Sequence[int],
     device = next(model.parameters()).device
     idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
     logits = model(idx)[0][0, -1].float()  # (V,): the last position predicts the next token
-    shown = logits.topk(min(k, logits.numel())).indices.tolist()
+    logits = without_padding(logits, tokenizer.vocab_size)
+    shown = logits.topk(min(k, tokenizer.vocab_size)).indices.tolist()
     shown += [i for i in include if i not in shown]
     probs, rest = [], []
     for t in temperatures:
