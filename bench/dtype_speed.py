@@ -60,8 +60,10 @@ def write_checkpoints(tmp: Path) -> dict[str, Path]:
 
 def run(command: list[str], pattern: str) -> tuple[float, str]:
     """Run a bench command; the number its output's `pattern` captures, and the dtype line."""
-    text = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"error: {command} failed:\n{done.stderr[-2000:]}")
+    text = done.stdout
     found = re.findall(pattern, text, re.M)
     if not found:
         raise SystemExit(f"error: {pattern!r} not in the output of {command}:\n{text}")

@@ -72,17 +72,20 @@ def stream_one(url: str, tokens: int, seed: int, out: list, i: int) -> None:
     body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 1.0, "seed": seed,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first = None
+    first, done, last = None, None, ""
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
+            last = line
             chunk = json.loads(line[6:])
             if first is None and chunk["choices"]:
                 first = time.perf_counter() - start
             if chunk.get("usage"):
                 done = chunk["usage"]["completion_tokens"]
+    if done is None:  # the stream ended with an error event instead of its usage
+        raise RuntimeError(f"client {i}: the stream ended without usage: {last[:300]}")
     out[i] = (done, first, time.perf_counter() - start)
 
 
@@ -97,6 +100,8 @@ def aggregate(url: str, clients: int, tokens: int, run: int) -> tuple[float, flo
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    if None in results:
+        raise SystemExit("error: a client's stream failed (its error is printed above)")
     total = sum(r[0] for r in results)
     per_client = sum(r[0] / r[2] for r in results) / clients
     return total / wall, per_client, sum(r[1] for r in results) / clients
