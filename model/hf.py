@@ -103,8 +103,8 @@ def read_hf_config(directory: Path, what: str = "Hugging Face") -> dict:
 def read_hf_weights(directory: Path, what: str = "Hugging Face",
                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The state dict of model.safetensors, or of the older pytorch_model.bin, each floating
-    tensor in `dtype`. Tensors are read and converted one at a time, so loading gpt2-xl's
-    float32 file in bfloat16 holds about 3 GB, not the file's 6 GB and then a copy."""
+    tensor in `dtype`. safetensors are read and converted one tensor at a time, so loading
+    gpt2-xl's float32 file in bfloat16 holds about 3 GB, not the file's 6 GB and then a copy."""
     safetensors_path, bin_path = directory / "model.safetensors", directory / "pytorch_model.bin"
     path = safetensors_path if safetensors_path.is_file() else bin_path
     if not path.is_file():
@@ -124,9 +124,11 @@ def read_hf_weights(directory: Path, what: str = "Hugging Face",
                 state = {key: converted(file.get_tensor(key)) for key in file.keys()}
         else:
             # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code.
+            # The whole pickle loads at once; it is emptied as it is converted, so each weight
+            # is held in both dtypes for one tensor's time only.
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-            state = ({key: converted(t) if isinstance(t, torch.Tensor) else t
-                      for key, t in loaded.items()} if isinstance(loaded, dict) else loaded)
+            state = ({key: converted(t) if isinstance(t := loaded.pop(key), torch.Tensor) else t
+                      for key in list(loaded)} if isinstance(loaded, dict) else loaded)
     except Exception as exc:  # each format fails in its own way on a truncated or corrupt file
         raise CheckpointError(
             f"cannot read {str(path)!r}, it looks truncated or corrupt ({_first_line(exc)})"
