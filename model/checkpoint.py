@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from . import lora
@@ -169,10 +169,16 @@ def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
             f"checkpoint {str(ckpt)!r}: stored config is invalid: {exc}") from exc
 
 
-def load_weights(model: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
+def load_weights(model: nn.Module, path: str | Path, device: str | torch.device = "cpu", *,
+                 dtype: torch.dtype | None = None, assign: bool = False) -> None:
     """Fill `model` with a checkpoint's weights. A damaged file, a tensor of another shape, or
     names that do not match the model's (saying which) are each a CheckpointError. A model
-    with LoRA adapters takes a LoRA run's adapters."""
+    with LoRA adapters takes a LoRA run's adapters.
+
+    `dtype` converts floating tensors as they are read. `assign=True` makes the file's tensors
+    the model's own instead of copying them in: for a model built on the meta device, which
+    so skipped the random init they would replace. Tied parameters (W_U = W_E, stored once)
+    come out tied either way."""
     if lora.has_adapters(model):
         file = Path(path) / WEIGHTS
         try:
@@ -181,9 +187,15 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
             raise _damaged(path, exc) from exc
         lora.load_adapter_state_dict(model, adapters, str(file))
         return
+    state = _read_weights(path, device, dtype)
+    tied = _tied_names(model)
+    for names in tied:  # every name of a tied tensor gets the one the file stores
+        stored = [name for name in names if name in state]
+        for name in names:
+            if stored:
+                state.setdefault(name, state[stored[0]])
     try:
-        missing, unexpected = load_model(model, str(Path(path) / WEIGHTS), strict=False,
-                                         device=str(device))
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     except RuntimeError as exc:  # load_state_dict: "size mismatch for <name>: ..."
         mismatch = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         if not mismatch:
@@ -192,13 +204,39 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
             f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
             f"{'; '.join(mismatch)[:300]}; build the model with the shape it was saved with"
         ) from exc
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise _damaged(path, exc) from exc
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
             f"{_names('missing', missing)}{_names('unexpected', unexpected)}"
             "load it with the model class it was trained with (model_class=...)")
+    if assign:  # assign gave each name a Parameter of its own: make them one again
+        for first, *others in tied:
+            shared = model.get_parameter(first)
+            for name in others:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, shared)
+
+
+def _read_weights(path: str | Path, device: str | torch.device,
+                  dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """model.safetensors' tensors on `device`, floating ones converted to `dtype` one at a time."""
+    try:
+        # pread: each tensor in memory of its own; a mapping would keep the whole file
+        # resident beside the converted model until the last tensor is freed.
+        with safe_open(Path(path) / WEIGHTS, framework="pt", device=str(device),
+                       backend="pread") as file:
+            return {key: tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
+                    for key in file.keys() for tensor in [file.get_tensor(key)]}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _damaged(path, exc) from exc
+
+
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    """The names of each parameter that the model holds under more than one name."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
 
 
 def _names(what: str, names: list[str] | set[str]) -> str:

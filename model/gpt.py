@@ -248,9 +248,16 @@ class GPT(HookedModel, nn.Module):
             raise ConfigError("model.vocab_size: not set; set it, or let training take it from "
                               "the tokenizer")
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)  # W_E
-        self.pos_emb = (nn.Embedding(config.block_size, config.n_embd)
-                        if config.pos_emb == "learned" else None)
+        # On the meta device (shapes only, for weights about to be loaded) nothing is drawn:
+        # nn.Embedding's own normal_ there makes torch import its compiler, over a second.
+        meta = torch.get_default_device().type == "meta"
+
+        def table(rows: int) -> nn.Embedding:
+            return nn.Embedding(rows, config.n_embd,
+                                _weight=torch.empty(rows, config.n_embd) if meta else None)
+
+        self.tok_emb = table(config.vocab_size)  # W_E
+        self.pos_emb = table(config.block_size) if config.pos_emb == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config)
@@ -258,15 +265,18 @@ class GPT(HookedModel, nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one tensor: W_U = W_E^T
         if config.pos_emb == "rope":
-            table = rope_tables(config.head_dim, config.block_size, config.rope_base)
-            self.register_buffer("rope", table, persistent=False)
+            # Not in the state dict, so loading cannot fill it: on meta it is made on the CPU.
+            rope = rope_tables(config.head_dim, config.block_size, config.rope_base,
+                               "cpu" if meta else None)
+            self.register_buffer("rope", rope, persistent=False)
         else:
             self.rope = None
         self.hook_embed = HookPoint()
         if config.pos_emb == "learned":
             self.hook_pos_embed = HookPoint()  # (B, T, C), broadcast over the batch as TL's
         self.hook_dict = name_hook_points(self, TL_NAMES)
-        self.reset_parameters()
+        if not meta:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 initialization, every decision in one place: N(0, 0.02) weights, zero biases,

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError, ConfigError
-from .gpt import GPT, GPTConfig, rope_tables
+from .gpt import GPT, GPTConfig
 from .hf_rotary import (
     FAMILIES,
     config_from_rotary,
@@ -286,8 +286,6 @@ def assign_weights(model: GPT, state: dict[str, torch.Tensor]) -> GPT:
     c = model.config
     if c.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight  # assign gave each name a Parameter of its own
-    if model.rope is not None:  # not in a state dict (not persistent): left on meta, so rebuilt
-        model.rope = rope_tables(c.head_dim, c.block_size, c.rope_base)
     return model
 
 

@@ -83,8 +83,8 @@ def load_model(name: str | Path | None = None, device: str | torch.device = "cpu
         return loaded
     if is_hf_directory(Path(name)):
         return _hf(Path(name), device, dtype)
-    loaded = _smallgpt(name, device, model_class)
-    if dtype is not None:
+    loaded = _smallgpt(name, device, model_class, dtype)
+    if dtype is not None:  # the rest: a LoRA run's merged model, buffers such as rotary tables
         loaded.model.to(dtype)
     return loaded
 
@@ -130,7 +130,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *,
 
 
 def _smallgpt(path: str | Path, device: str | torch.device,
-              model_class: Callable[[GPTConfig], nn.Module]) -> Pretrained:
+              model_class: Callable[[GPTConfig], nn.Module],
+              dtype: torch.dtype | None = None) -> Pretrained:
     """A smallgpt checkpoint or run directory (its latest/), rebuilt with `model_class`. Every
     error, for a missing or a damaged checkpoint, lists the checkpoints that exist."""
     ckpt = resolve_checkpoint(path)
@@ -142,8 +143,7 @@ def _smallgpt(path: str | Path, device: str | torch.device,
             raise CheckpointError(
                 f"checkpoint {str(ckpt)!r}: tokenizer spec is invalid: {exc}") from exc
         if config.train.lora_rank is None:
-            model = model_class(config.model)
-            load_weights(model, ckpt, device)
+            model = _built_with_weights(model_class, config.model, ckpt, device, dtype)
         state = load_state(ckpt)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; {listing()}") from exc
@@ -155,6 +155,30 @@ def _smallgpt(path: str | Path, device: str | torch.device,
     if config.train.lora_rank is not None:
         description += f", LoRA adapters merged into {config.train.init_from}"
     return Pretrained(model, tokenizer, "smallgpt", ckpt, description, config, state)
+
+
+def _built_with_weights(model_class: Callable[[GPTConfig], nn.Module], config: GPTConfig,
+                        ckpt: Path, device: str | torch.device,
+                        dtype: torch.dtype | None) -> nn.Module:
+    """model_class(config) holding the checkpoint's weights, read in `dtype`.
+
+    Built on the meta device, so the random init that the weights replace never runs (for
+    GPT-2-124M it took longer than generating 100 tokens). A class of the user's whose
+    construction needs real memory, or that keeps buffers outside its state dict (which
+    loading cannot fill), is built the plain way instead.
+    """
+    try:
+        with torch.device("meta"):
+            model = model_class(config)
+    except (NotImplementedError, RuntimeError):  # e.g. .item() of a meta tensor in __init__
+        model = None
+    if model is not None:
+        load_weights(model, ckpt, device, dtype=dtype, assign=True)
+        if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            return model
+    model = model_class(config)
+    load_weights(model, ckpt, device, dtype=dtype)
+    return model
 
 
 def load_lora_run(ckpt: Path, config: Config) -> GPT:

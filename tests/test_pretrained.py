@@ -14,6 +14,7 @@ import torch
 
 import model as smallgpt
 from model.batches import BatchSampler
+from model.checkpoint import save_checkpoint
 from model.config import Config, config_from_dict, load_config
 from model.errors import CheckpointError, ConfigError
 from model.explore.__main__ import main as explore_main
@@ -280,3 +281,54 @@ def test_finetuning_a_smallgpt_checkpoint_keeps_its_tokenizer(tmp_path):
         saved.train, init_from=str(base.run_dir), out_dir=str(tmp_path / "again")))
     adopted = adopt_source(again, load_model(str(base.run_dir)))
     assert adopted.model == source.config.model and adopted.data.tokenizer == "char"
+
+
+def saved_model(tmp_path: Path, **shape) -> tuple[GPT, Path]:
+    """A random GPT of `shape` saved as a smallgpt checkpoint, and that checkpoint."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, **shape)
+    model = GPT(config).eval()
+    spec = train_tokenizer("char", ["abcdefghij klmnop"]).spec()
+    return model, save_checkpoint(tmp_path / "ckpt", model, Config(model=config), spec)
+
+
+@pytest.mark.parametrize("shape", [dict(pos_emb="rope", tie_embeddings=True),
+                                   dict(pos_emb="learned", tie_embeddings=False)])
+def test_a_checkpoint_is_loaded_without_the_random_init_it_replaces(tmp_path, monkeypatch,
+                                                                   shape):
+    model, ckpt = saved_model(tmp_path, **shape)
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("random init ran for weights about to be loaded")
+
+    monkeypatch.setattr(GPT, "reset_parameters", no_init)
+    monkeypatch.setattr(torch.nn.init, "normal_", no_init)
+    loaded = load_model(ckpt).model
+    x = torch.arange(16)[None] % 50
+    assert torch.equal(loaded(x)[0], model(x)[0])
+    # Tied weights are one Parameter again; the rotary table is computed, not left on meta.
+    assert (loaded.lm_head.weight is loaded.tok_emb.weight) == shape["tie_embeddings"]
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    half = load_model(ckpt, dtype=torch.bfloat16).model
+    assert {t.dtype for t in (*half.parameters(), *half.buffers())} == {torch.bfloat16}
+    assert (half.lm_head.weight is half.tok_emb.weight) == shape["tie_embeddings"]
+
+
+class ScaledGPT(GPT):
+    """A variant whose __init__ computes a buffer that no state dict holds."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.register_buffer("scale", torch.full((), 0.5), persistent=False)
+
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = super().forward(idx, targets, cache)
+        return logits * self.scale, loss
+
+
+def test_a_class_with_buffers_outside_its_state_dict_is_built_the_plain_way(tmp_path):
+    model, ckpt = saved_model(tmp_path)
+    loaded = load_model(ckpt, model_class=ScaledGPT).model
+    assert float(loaded.scale) == 0.5
+    x = torch.arange(16)[None] % 50
+    assert torch.equal(loaded(x)[0], model(x)[0] * 0.5)
