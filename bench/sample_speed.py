@@ -23,6 +23,7 @@ from common import machine_line
 
 from model.config import GPTConfig
 from model.gpt import GPT
+from model.packed import pack_linears
 from model.pretrained import load_checkpoint
 from model.runtime import choose_dtype
 from model.sampling import generate
@@ -72,6 +73,9 @@ def main() -> None:
     p.add_argument("--no-uncached", action="store_true", help="skip the slow reference run")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (dynamic shapes), as sample.py --compile does")
+    p.add_argument("--no-pack", action="store_true",
+                   help="PyTorch's own CPU kernels, as sample.py --no-pack (default: the linear "
+                        "layers packed for oneDNN where the CPU can, as sample.py does)")
     args = p.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -88,14 +92,16 @@ def main() -> None:
         what = "random weights"
     precision = choose_dtype(args.dtype, torch.device("cpu"), setting="--dtype")
     model.to(precision.dtype)
+    params = model.num_params()
     if args.compile:
         model = torch.compile(model, dynamic=True)
+    packed = not (args.compile or args.no_pack) and pack_linears(model) > 0
     c = model.config
     print(machine_line())
     print(f"model: {what}; {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context "
           f"{c.block_size}, vocab {c.vocab_size}, {c.pos_emb} positions, "
-          f"{model.num_params() / 1e6:.2f}M parameters, {precision.describe()}, "
-          f"compile={args.compile}")
+          f"{params / 1e6:.2f}M parameters, {precision.describe()}, "
+          f"compile={args.compile}, packed for oneDNN={packed}")
     print(f"run: {args.tokens} new tokens after {args.prompt!r}, temperature 1, seed {args.seed}")
 
     for _ in generate(model, tokenizer, args.prompt, max_new_tokens=8, show_top=0):

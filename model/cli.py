@@ -35,11 +35,12 @@ def run_cli(main: Callable[[], int | None]) -> int:
 
 def load_named_model(name: str | None, device: str | torch.device,
                      err: TextIO | None = None,
-                     precision: DtypeChoice | None = None) -> Pretrained:
+                     precision: DtypeChoice | None = None, *, pack: bool = False) -> Pretrained:
     """`pretrained.load_model(name, device)`, saying on stderr what was loaded: with no name,
     the newest checkpoint under out/ is taken, and the user should know which one. With
     `precision` the weights are converted to its dtype (bfloat16 halves the memory each
-    generated token reads) and the line says which dtype and why."""
+    generated token reads) and the line says which dtype and why. `pack`: for generation only,
+    the linear layers are packed for oneDNN where the CPU can (model/packed.py)."""
     from .pretrained import load_model, parameter_count
 
     dtype = None
@@ -55,5 +56,10 @@ def load_named_model(name: str | None, device: str | torch.device,
     line = f"using {which}{loaded.description}"
     if precision is not None:
         line += f", in {precision.describe()}"
+    if pack:
+        from .packed import pack_linears
+
+        if pack_linears(loaded.model):
+            line += "; linear layers packed for oneDNN (--no-pack: PyTorch's own kernels)"
     print(line, file=err or sys.stderr)
     return loaded

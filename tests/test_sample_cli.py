@@ -346,3 +346,13 @@ def test_subprocess_end_to_end(saved):
                          env=env)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("error: top-p") and bad.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
+def test_linear_layers_are_packed_unless_asked_not_to(cli):
+    args = ("--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0")
+    code, packed, err = cli(*args, keep_loading_line=True)
+    assert code == 0 and "linear layers packed for oneDNN" in err
+    code, plain, err = cli(*args, "--no-pack", keep_loading_line=True)
+    assert code == 0 and "packed" not in err
+    assert packed == plain

@@ -27,8 +27,9 @@ def bind_warning(host: str) -> str | None:
 
 def run(name: str | None, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
         dtype: str = "auto", threads: int | None = None, max_tokens: int | None = None,
-        err: TextIO | None = None) -> int:
-    """Load the model `name` and serve the playground and API on host:port until Ctrl-C."""
+        err: TextIO | None = None, pack: bool = True) -> int:
+    """Load the model `name` and serve the playground and API on host:port until Ctrl-C.
+    `pack`: the linear layers packed for oneDNN where the CPU can (model/packed.py)."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -51,7 +52,8 @@ def run(name: str | None, host: str = "127.0.0.1", port: int = 8000, device: str
         print(warning, file=err)
     sock = listen(host, port)  # before the (slow) load: a busy port fails at once
     try:
-        loaded = load_named_model(name, dev, err, choose_dtype(dtype, dev, setting="--dtype"))
+        loaded = load_named_model(name, dev, err, choose_dtype(dtype, dev, setting="--dtype"),
+                                  pack=pack)
         app = create_app(loaded, name, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
         port = sock.getsockname()[1]  # the one the OS chose, for --port 0
         shown = f"[{host}]" if ":" in host else host
@@ -92,13 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the model")
     p.add_argument("--max-tokens", type=int, metavar="N",
                    help="the most new tokens one request may ask for (default 1024)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="keep PyTorch's own CPU matrix kernels instead of packing the linear "
+                        "layers for oneDNN (model/packed.py)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run(args.checkpoint, args.host, args.port, args.device, args.dtype, args.threads,
-               args.max_tokens)
+               args.max_tokens, pack=not args.no_pack)
 
 
 if __name__ == "__main__":
