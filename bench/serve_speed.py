@@ -31,6 +31,7 @@ from common import machine_line, require_tiny_shakespeare
 
 from model.config import load_config
 from model.gpt import GPT
+from model.packed import can_pack, pack_linears
 from model.pretrained import Pretrained
 from model.runtime import choose_dtype
 from model.sampling import generate
@@ -49,7 +50,8 @@ def random_small() -> tuple[GPT, Tokenizer]:
     return model.eval(), tokenizer
 
 
-def serve_child(checkpoint: str | None, port: int, threads: int, dtype: str) -> None:
+def serve_child(checkpoint: str | None, port: int, threads: int, dtype: str,
+                pack: bool) -> None:
     """The server process: the same app `python sample.py --serve` runs."""
     import uvicorn
 
@@ -64,6 +66,8 @@ def serve_child(checkpoint: str | None, port: int, threads: int, dtype: str) -> 
         loaded = Pretrained(model, tokenizer, "smallgpt", Path("random"),
                             "random small.yaml model")
     loaded.model.to(choose_dtype(dtype, torch.device("cpu"), setting="--dtype").dtype)
+    if pack:  # as the server does unless --no-pack
+        pack_linears(loaded.model)
     uvicorn.run(create_app(loaded, "bench", max_tokens=4096), host="127.0.0.1", port=port,
                 log_level="warning")
 
@@ -116,6 +120,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
                    help="the served weights' dtype; auto as sample.py --serve chooses")
+    p.add_argument("--no-pack", action="store_true",
+                   help="PyTorch's own CPU kernels, as the server's --no-pack (default: the "
+                        "linear layers packed for oneDNN where the CPU can, as the server does)")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -132,14 +139,16 @@ def main() -> None:
               f"{model.config.block_size}, {tokenizer.vocab_size}-token BPE), RANDOM weights")
     precision = choose_dtype(args.dtype, torch.device("cpu"), setting="--dtype")
     model.to(precision.dtype)
-    print(f"serving in {precision.describe()}")
+    packed = not args.no_pack and can_pack(model)
+    print(f"serving in {precision.describe()}; linear layers packed for oneDNN: {packed}")
     spec = tokenizer.spec()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
     server = ctx.Process(target=serve_child,
-                         args=(args.checkpoint, port, args.threads, args.dtype),
+                         args=(args.checkpoint, port, args.threads, args.dtype,
+                               not args.no_pack),
                          daemon=True)
     server.start()
     url = f"http://127.0.0.1:{port}"
