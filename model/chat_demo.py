@@ -12,7 +12,7 @@ so it needs no download and no extra file. Three tasks, each a short conversatio
 Every third conversation has a system prompt, and every fifth asks a second question in a
 second turn (the speaker of the passage whose play was just named), so multi-turn conversations
 are part of the set. The last tenth of each play's speeches is held out ("val"): the evaluation
-command (model/chat_eval.py) scores replies to those. Records are {"messages": [...]} plus what
+command (model/chat_eval/) scores replies to those. Records are {"messages": [...]} plus what
 checking needs: "tasks" and "options" (one per assistant turn; options [] for free text).
 """
 

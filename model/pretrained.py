@@ -75,38 +75,40 @@ def load_model(name: str | Path | None = None, device: str | torch.device = "cpu
     GPT subclass (or module) a variant was trained with. `dtype` converts the weights (None:
     float32); Hugging Face weights are converted as they are read, so gpt2-xl in bfloat16
     never holds its float32 copy."""
-    name = _named(name, root)
-    if str(name) in HUB_NAMES:
-        loaded = _hf(hub_snapshot(str(name)), device, dtype)
-        loaded.description = (f"{name} ({HUB_NAMES[str(name)]}, {_params(loaded.model)}) "
-                              f"from {loaded.path}")
+    name, hf_directory = _located(name, root)
+    if hf_directory is not None:
+        loaded = _hf(hf_directory, device, dtype)
+        if str(name) in HUB_NAMES:
+            loaded.description = (f"{name} ({HUB_NAMES[str(name)]}, {_params(loaded.model)}) "
+                                  f"from {loaded.path}")
         return loaded
-    if is_hf_directory(Path(name)):
-        return _hf(Path(name), device, dtype)
     loaded = _smallgpt(name, device, model_class, dtype)
     if dtype is not None:  # the rest: a LoRA run's merged model, buffers such as rotary tables
         loaded.model.to(dtype)
     return loaded
 
 
-def _named(name: str | Path | None, root: str | Path) -> str | Path:
-    """`name`, or with none the newest checkpoint under `root`."""
-    if name:
-        return name
-    found = find_checkpoints(root)
-    if not found:
-        raise CheckpointError(
-            f"no checkpoint under {str(root)}/; train one (python train.py --config "
-            "small.yaml) or name a model, e.g. --checkpoint gpt2")
-    return found[0]
+def _located(name: str | Path | None, root: str | Path) -> tuple[str | Path, Path | None]:
+    """`name` (with none, the newest checkpoint under `root`), and the Hugging Face directory
+    it stands for: a hub name's cached download, or the directory itself; None for a
+    smallgpt run or checkpoint. load_model and parameter_count both start here."""
+    if not name:
+        found = find_checkpoints(root)
+        if not found:
+            raise CheckpointError(
+                f"no checkpoint under {str(root)}/; train one (python train.py --config "
+                "small.yaml) or name a model, e.g. --checkpoint gpt2")
+        name = found[0]
+    if str(name) in HUB_NAMES:
+        return name, hub_snapshot(str(name))
+    return name, Path(name) if is_hf_directory(Path(name)) else None
 
 
 def parameter_count(name: str | Path | None = None, *, root: str | Path = "out") -> int:
     """How many parameters the model `name` names has, read from its files without loading
     its weights: the dtype to hold them in can then be chosen before they are read."""
-    name = _named(name, root)
-    directory = hub_snapshot(str(name)) if str(name) in HUB_NAMES else Path(name)
-    if is_hf_directory(directory):
+    name, directory = _located(name, root)
+    if directory is not None:
         weights = directory / "model.safetensors"
         if not weights.is_file():  # a pytorch_model.bin: float32, 4 bytes a parameter
             return (directory / "pytorch_model.bin").stat().st_size // 4

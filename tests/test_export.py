@@ -16,7 +16,8 @@ from model import GPT, ConfigError, GPTConfig
 from model.checkpoint import save_checkpoint
 from model.config import Config, DataConfig, load_config
 from model.errors import TokenizerError
-from model.export import export, main
+from model.export import export
+from model.export.__main__ import main
 from model.hf import hf_architecture, load_hf, save_hf
 from model.pretrained import load_model
 from model.sampling import generate

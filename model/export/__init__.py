@@ -1,4 +1,5 @@
-"""Export a model to the Hugging Face layout: `python -m model.export RUN_OR_CHECKPOINT OUT_DIR`.
+"""Export a model to the Hugging Face layout (the command line, `python -m model.export
+RUN_OR_CHECKPOINT OUT_DIR`, is in __main__.py).
 
 The directory holds config.json, model.safetensors, generation_config.json and the tokenizer
 files, so that `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` and
@@ -13,15 +14,14 @@ rotary models); a model none computes is refused with every blocking setting nam
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
-from .hf import hf_architecture, save_hf
+from ..errors import CheckpointError
+from ..hf import hf_architecture, save_hf
 
 
 @dataclass
@@ -43,7 +43,7 @@ def export(name: str, out_dir: str | Path) -> Exported:
     The files are written to a temporary directory beside `out_dir` and moved into place at
     the end: an export that fails leaves nothing behind, and never touches existing files.
     """
-    from .pretrained import load_model
+    from ..pretrained import load_model
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -66,30 +66,3 @@ def export(name: str, out_dir: str | Path) -> Exported:
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     return Exported(out, model_type, config["architectures"][0], loaded.tokenizer.name,
                     loaded.tokenizer.vocab_size, sorted(p.name for p in out.iterdir()))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m model.export",
-        description="Write a smallgpt model and its tokenizer as a Hugging Face directory "
-                    "(transformers' AutoModelForCausalLM and AutoTokenizer load it).")
-    parser.add_argument("model", help="a run directory, a checkpoint, a Hugging Face "
-                                      "directory, or gpt2 / gpt2-medium / ...")
-    parser.add_argument("out_dir", help="the directory to write (new or empty)")
-    args = parser.parse_args(argv)
-
-    def run() -> None:
-        result = export(args.model, args.out_dir)
-        print(f"wrote {result.directory}: {result.architecture} (model_type "
-              f"{result.model_type}), {result.tokenizer} tokenizer of {result.vocab_size} "
-              f"tokens; files: {', '.join(result.files)}")
-        print(f"load it with transformers: AutoModelForCausalLM.from_pretrained("
-              f"{str(result.directory)!r}) and AutoTokenizer.from_pretrained(...)")
-
-    from .cli import run_cli
-
-    return run_cli(run)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,7 @@
-"""Score a model on the held-out split of the offline chat demo set.
+"""Score a model on the held-out split of the offline chat demo set (the command line is in
+__main__.py):
 
-    python -m model.chat_eval /work/coord/small_run out/chat_small     # before and after
+    python -m model.chat_eval out/small out/chat_small     # before and after
 
 For every assistant turn of the held-out conversations (model/chat_demo.py), the model is
 prompted with the conversation up to that turn (earlier replies as the data has them) and
@@ -19,18 +20,15 @@ answers greedily. Reported per model:
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from .chat import end_of_turn_id, render_chat
-from .chat_demo import demo_records
-from .tokenizer import Tokenizer
+from ..chat import end_of_turn_id, render_chat
+from ..chat_demo import demo_records
+from ..tokenizer import Tokenizer
 
 
 @dataclass
@@ -84,7 +82,7 @@ def held_out(limit: int | None) -> list[dict[str, Any]]:
 def reply_logprob(model: nn.Module, tokenizer: Tokenizer, prompt: list[int], reply: str) -> float:
     """log p(reply | prompt) for a whole assistant reply: its tokens as training renders them
     (" " + reply) and the end-of-text that closes the turn."""
-    from .scoring import score_tokens
+    from ..scoring import score_tokens
 
     tokens = tokenizer.encode(" " + reply) + [end_of_turn_id(tokenizer)]
     return float(score_tokens(model, prompt + tokens).logprobs[-len(tokens):].sum())
@@ -94,7 +92,7 @@ def score_chat(model: nn.Module, tokenizer: Tokenizer, records: list[dict[str, A
                name: str = "model", max_new_tokens: int = 48, keep_examples: int = 5
                ) -> ChatScore:
     """Greedy replies to each assistant turn of `records`, scored as the module docstring says."""
-    from .sampling import generate
+    from ..sampling import generate
 
     score = ChatScore(name)
     for record in records:
@@ -137,44 +135,3 @@ def report(score: ChatScore) -> str:
             f"(chance {score.choice_chance / max(1, score.choices):.1%})"
             + (f"; {score.cropped} prompts longer than the context were cropped"
                if score.cropped else ""))
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import load_named_model
-    from .runtime import configure_threads, generation_threads, pick_device
-
-    p = argparse.ArgumentParser(
-        prog="python -m model.chat_eval",
-        description="Held-out accuracy and turn-ending rate on the offline chat demo set.")
-    p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="runs or checkpoints to score (e.g. the base model, then the chat-tuned)")
-    p.add_argument("--limit", type=int, default=200,
-                   help="held-out conversations to score, spread over the split (default 200)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="one JSON object per model")
-    p.add_argument("--examples", type=int, default=0, help="print the first N replies")
-    args = p.parse_args(argv)
-    configure_threads(generation_threads())
-    device = pick_device(args.device, setting="--device")
-    records = held_out(args.limit)
-    for name in args.models:
-        loaded = load_named_model(name, device)
-        score = score_chat(loaded.model, loaded.tokenizer, records, name, args.max_new_tokens,
-                           args.examples)
-        if args.json:
-            print(json.dumps({**asdict(score), "ended_share": score.ended_share,
-                              "accuracy": score.accuracy, "chance": score.chance_accuracy,
-                              "choice_accuracy": score.choice_accuracy}))
-        else:
-            print(report(score))
-            for ex in score.examples:
-                print(f"  [{ex['task']}] expected {ex['expected']!r}, replied {ex['reply']!r}"
-                      f"{'' if ex['ended'] else ' (did not end its turn)'}")
-    return 0
-
-
-if __name__ == "__main__":
-    from .cli import run_cli
-
-    sys.exit(run_cli(main))
