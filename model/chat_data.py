@@ -33,7 +33,7 @@ from .config import DataConfig
 from .corpus import HF_PREFIX, Shakespeare, _label
 from .errors import ChatFormatError, DataError, TokenizerError
 from .files import ensure_writable_dir, fsync_dir, write_json_atomic
-from .prepare import SPLITS, token_dtype
+from .token_files import SPLITS, token_dtype
 from .tokenizer import GPT2Tokenizer, Tokenizer
 
 CHAT_FORMAT_VERSION = 2

@@ -25,15 +25,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from .chat_data import ChatData, prepare_chat
 from .config import DataConfig
 from .corpus import HF_PREFIX, Corpus, Document, open_corpus
 from .errors import DataError
 from .files import ensure_writable_dir, fsync_dir, write_json_atomic
+from .token_files import SPLITS, token_dtype
 from .tokenizer import (
     Tokenizer,
     safe_pieces,
@@ -41,11 +43,7 @@ from .tokenizer import (
     train_tokenizer,
 )
 
-if TYPE_CHECKING:
-    from .chat_data import ChatData
-
 FORMAT_VERSION = 1  # bump when a change here alters the token files, so old caches rebuild
-SPLITS = ("train", "val")
 TASK_CHARS = 1 << 18  # text per tokenisation task: enough tasks for both cores and a live bar
 Route = tuple[str, str, Iterable[str]]  # (split, document name, its text chunks)
 
@@ -186,11 +184,6 @@ def training_text(cfg: DataConfig, corpus: Corpus, sizes: list[tuple[str, int]] 
 
 # ---------------------------------------------------------------------------------------------
 # Tokenisation
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 holds ids below 65536 in half the space of uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 Task = tuple[str, list[str | None]]  # (split, pieces); None marks the end of a document
@@ -346,8 +339,6 @@ def prepare_data(cfg: DataConfig, block_size: int, progress: bool = True,
     data.format "chat" prepares conversations with a loss mask instead (model/chat_data.py).
     """
     if cfg.format == "chat":
-        from .chat_data import prepare_chat  # it builds on this module
-
         return prepare_chat(cfg, block_size, progress, tokenizer)
     if not 0.0 < cfg.val_fraction < 1.0:
         raise DataError(f"data.val_fraction must be between 0 and 1, got {cfg.val_fraction}")

@@ -79,3 +79,22 @@ def test_the_likeliest_listed_option_is_the_models_choice(chars, monkeypatch, fa
 
 def test_an_empty_score_reports_zeros():
     assert "0 replies" in report(ChatScore("m")) and ChatScore("m").choice_accuracy == 0
+
+
+def test_options_scored_together_score_as_each_alone(chars):
+    """Padding the shorter options changes nothing that a causal model sees before it."""
+    from model.chat_eval import option_logprobs
+    from model.gpt import GPT, GPTConfig
+    from model.scoring import score_tokens
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=chars.vocab_size, block_size=64, n_layer=1, n_head=2,
+                          n_embd=16)).eval()
+    prompt = chars.encode("Which play is this from: ...?")
+    options = ["Othello", "Cymbeline", "Macbeth", "Pericles"]
+    together = option_logprobs(model, chars, prompt, options)
+    for option, logprob in zip(options, together):
+        reply = chars.encode(" " + option) + [chars.eot_id]
+        alone = score_tokens(model, prompt + reply).logprobs[-len(reply):].sum()
+        assert logprob == pytest.approx(float(alone), abs=1e-4)
+    assert len(set(together)) == 4

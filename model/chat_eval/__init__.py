@@ -79,13 +79,21 @@ def held_out(limit: int | None) -> list[dict[str, Any]]:
     return [records[int(i * step)] for i in range(limit)]
 
 
-def reply_logprob(model: nn.Module, tokenizer: Tokenizer, prompt: list[int], reply: str) -> float:
-    """log p(reply | prompt) for a whole assistant reply: its tokens as training renders them
-    (" " + reply) and the end-of-text that closes the turn."""
+def option_logprobs(model: nn.Module, tokenizer: Tokenizer, prompt: list[int],
+                    options: list[str]) -> list[float]:
+    """log p(option | prompt) of each option as a whole assistant reply: its tokens as
+    training renders them (" " + option) and the end-of-text that closes the turn. The options
+    go through the model together, each row padded on the right to the longest, which a
+    causal model's earlier positions never see."""
     from ..scoring import score_tokens
 
-    tokens = tokenizer.encode(" " + reply) + [end_of_turn_id(tokenizer)]
-    return float(score_tokens(model, prompt + tokens).logprobs[-len(tokens):].sum())
+    end = end_of_turn_id(tokenizer)
+    replies = [tokenizer.encode(" " + option) + [end] for option in options]
+    width = max(map(len, replies))
+    rows = [prompt + reply + [end] * (width - len(reply)) for reply in replies]
+    scored = score_tokens(model, rows, batch_size=len(rows)).logprobs  # [:, t - 1]: ids[t]
+    start = len(prompt) - 1
+    return [float(scored[i, start:start + len(reply)].sum()) for i, reply in enumerate(replies)]
 
 
 def score_chat(model: nn.Module, tokenizer: Tokenizer, records: list[dict[str, Any]],
@@ -109,7 +117,8 @@ def score_chat(model: nn.Module, tokenizer: Tokenizer, records: list[dict[str, A
             expected = messages[turn]["content"]
             right = normalise(reply) == normalise(expected)
             if options:
-                picked = max(options, key=lambda o: reply_logprob(model, tokenizer, prompt, o))
+                likelihoods = option_logprobs(model, tokenizer, prompt, options)
+                picked = options[likelihoods.index(max(likelihoods))]
                 score.choices += 1
                 score.chosen += picked == expected
                 score.choice_chance += 1 / len(options)

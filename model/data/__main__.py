@@ -7,7 +7,8 @@ import sys
 
 from ..cli import run_cli
 from ..config import DataConfig
-from ..prepare import SPLITS, prepare_data
+from ..prepare import prepare_data
+from ..token_files import SPLITS
 
 
 def main(argv: list[str] | None = None) -> int:
