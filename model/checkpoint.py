@@ -189,13 +189,16 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
         return
     state = _read_weights(path, device, dtype)
     tied = _tied_names(model)
+    untied = []  # a file that stores two tensors for one tied parameter is an untied model's
     for names in tied:  # every name of a tied tensor gets the one the file stores
         stored = [name for name in names if name in state]
+        untied += stored[1:]
         for name in names:
             if stored:
-                state.setdefault(name, state[stored[0]])
+                state[name] = state[stored[0]]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
+        unexpected = [*unexpected, *untied]
     except RuntimeError as exc:  # load_state_dict: "size mismatch for <name>: ..."
         mismatch = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         if not mismatch:

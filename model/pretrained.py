@@ -166,21 +166,29 @@ def _built_with_weights(model_class: Callable[[GPTConfig], nn.Module], config: G
 
     Built on the meta device, so the random init that the weights replace never runs (for
     GPT-2-124M it took longer than generating 100 tokens). A class of the user's whose
-    construction needs real memory, or that keeps buffers outside its state dict (which
+    construction needs real memory, or that keeps tensors outside its state dict (which
     loading cannot fill), is built the plain way instead.
     """
     try:
         with torch.device("meta"):
             model = model_class(config)
-    except (NotImplementedError, RuntimeError):  # e.g. .item() of a meta tensor in __init__
-        model = None
+    except Exception:  # any failure on meta, e.g. .item() or numpy of a meta tensor
+        model = None  # the plain build below raises what is really wrong, if anything
     if model is not None:
         load_weights(model, ckpt, device, dtype=dtype, assign=True)
-        if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        if not _holds_meta_tensors(model):
             return model
     model = model_class(config)
     load_weights(model, ckpt, device, dtype=dtype)
     return model
+
+
+def _holds_meta_tensors(model: nn.Module) -> bool:
+    """Whether any parameter, buffer or plain tensor attribute of `model` is still on meta."""
+    return any(isinstance(value, torch.Tensor) and value.is_meta
+               for module in model.modules()
+               for value in (*vars(module).values(), *module._parameters.values(),
+                             *module._buffers.values()))
 
 
 def load_lora_run(ckpt: Path, config: Config) -> GPT:

@@ -81,15 +81,16 @@ def test_an_empty_score_reports_zeros():
     assert "0 replies" in report(ChatScore("m")) and ChatScore("m").choice_accuracy == 0
 
 
-def test_options_scored_together_score_as_each_alone(chars):
+@pytest.mark.parametrize("block_size", [64, 24])  # 24: prompt + option need sliding windows
+def test_options_scored_together_score_as_each_alone(chars, block_size):
     """Padding the shorter options changes nothing that a causal model sees before it."""
     from model.chat_eval import option_logprobs
     from model.gpt import GPT, GPTConfig
     from model.scoring import score_tokens
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=chars.vocab_size, block_size=64, n_layer=1, n_head=2,
-                          n_embd=16)).eval()
+    model = GPT(GPTConfig(vocab_size=chars.vocab_size, block_size=block_size, n_layer=1,
+                          n_head=2, n_embd=16)).eval()
     prompt = chars.encode("Which play is this from: ...?")
     options = ["Othello", "Cymbeline", "Macbeth", "Pericles"]
     together = option_logprobs(model, chars, prompt, options)

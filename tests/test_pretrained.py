@@ -14,7 +14,7 @@ import torch
 
 import model as smallgpt
 from model.batches import BatchSampler
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_weights, read_checkpoint_config, save_checkpoint
 from model.config import Config, config_from_dict, load_config
 from model.errors import CheckpointError, ConfigError
 from model.explore.__main__ import main as explore_main
@@ -332,3 +332,41 @@ def test_a_class_with_buffers_outside_its_state_dict_is_built_the_plain_way(tmp_
     assert float(loaded.scale) == 0.5
     x = torch.arange(16)[None] % 50
     assert torch.equal(loaded(x)[0], model(x)[0] * 0.5)
+
+
+class OffsetGPT(GPT):
+    """Keeps a plain tensor attribute, neither parameter nor buffer: on meta it stays meta."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.offset = torch.full((), 3.0)
+
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = super().forward(idx, targets, cache)
+        return logits + self.offset, loss
+
+
+class NumpyOffsetGPT(OffsetGPT):
+    """Reads a tensor through numpy in __init__, which fails on meta."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.offset = torch.full((), float(torch.arange(3.0).numpy().sum()))  # 3.0
+
+
+@pytest.mark.parametrize("model_class", [OffsetGPT, NumpyOffsetGPT])
+def test_a_class_that_cannot_be_built_on_meta_loads_the_plain_way(tmp_path, model_class):
+    model, ckpt = saved_model(tmp_path)
+    loaded = load_model(ckpt, model_class=model_class).model
+    x = torch.arange(16)[None] % 50
+    assert torch.equal(loaded(x)[0], model(x)[0] + 3.0)
+
+
+def test_an_untied_checkpoint_does_not_fit_a_tied_model(tmp_path):
+    _, ckpt = saved_model(tmp_path, tie_embeddings=False)
+    config, spec = read_checkpoint_config(ckpt)
+    tied = dataclasses.replace(config.model, tie_embeddings=True)
+    for loading in (lambda: load_checkpoint(ckpt, model_class=lambda _: GPT(tied)),
+                    lambda: load_weights(GPT(tied), ckpt)):
+        with pytest.raises(CheckpointError, match=r"unexpected keys (lm_head|tok_emb)\.weight"):
+            loading()

@@ -82,17 +82,21 @@ def held_out(limit: int | None) -> list[dict[str, Any]]:
 def option_logprobs(model: nn.Module, tokenizer: Tokenizer, prompt: list[int],
                     options: list[str]) -> list[float]:
     """log p(option | prompt) of each option as a whole assistant reply: its tokens as
-    training renders them (" " + option) and the end-of-text that closes the turn. The options
-    go through the model together, each row padded on the right to the longest, which a
-    causal model's earlier positions never see."""
+    training renders them (" " + option) and the end-of-text that closes the turn. Where every
+    option fits the context with its prompt, they go through the model together, each row
+    padded on the right to the longest, which a causal model's earlier positions never see;
+    longer ones are scored one by one, since padding would move their sliding windows."""
     from ..scoring import score_tokens
 
     end = end_of_turn_id(tokenizer)
     replies = [tokenizer.encode(" " + option) + [end] for option in options]
     width = max(map(len, replies))
+    start = len(prompt) - 1  # logprobs[:, t - 1] is log p(ids[t])
+    if len(prompt) + width > model.config.block_size + 1:
+        return [float(score_tokens(model, prompt + reply).logprobs[start:].sum())
+                for reply in replies]
     rows = [prompt + reply + [end] * (width - len(reply)) for reply in replies]
-    scored = score_tokens(model, rows, batch_size=len(rows)).logprobs  # [:, t - 1]: ids[t]
-    start = len(prompt) - 1
+    scored = score_tokens(model, rows, batch_size=len(rows)).logprobs
     return [float(scored[i, start:start + len(reply)].sum()) for i, reply in enumerate(replies)]
 
 
