@@ -193,9 +193,8 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
     for names in tied:  # every name of a tied tensor gets the one the file stores
         stored = [name for name in names if name in state]
         untied += stored[1:]
-        for name in names:
-            if stored:
-                state[name] = state[stored[0]]
+        if stored:
+            state.update(dict.fromkeys(names, state[stored[0]]))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
         unexpected = [*unexpected, *untied]
@@ -220,16 +219,23 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
                 setattr(model.get_submodule(owner), attr, shared)
 
 
+def read_safetensors(file: str | Path, dtype: torch.dtype | None = None,
+                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors on `device`, each floating one converted to `dtype` as it
+    is read (None: as stored). Raises the format's own errors; callers say which file broke.
+
+    pread: each tensor is read into memory of its own. A mapping would keep the whole file
+    resident beside the converted tensors until the last of them is freed."""
+    with safe_open(file, framework="pt", device=str(device), backend="pread") as opened:
+        return {key: tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
+                for key in opened.keys() for tensor in [opened.get_tensor(key)]}
+
+
 def _read_weights(path: str | Path, device: str | torch.device,
                   dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """model.safetensors' tensors on `device`, floating ones converted to `dtype` one at a time."""
     try:
-        # pread: each tensor in memory of its own; a mapping would keep the whole file
-        # resident beside the converted model until the last tensor is freed.
-        with safe_open(Path(path) / WEIGHTS, framework="pt", device=str(device),
-                       backend="pread") as file:
-            return {key: tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
-                    for key in file.keys() for tensor in [file.get_tensor(key)]}
+        return read_safetensors(Path(path) / WEIGHTS, dtype, device)
     except (SafetensorError, OSError, ValueError) as exc:
         raise _damaged(path, exc) from exc
 

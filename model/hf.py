@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checkpoint import read_safetensors
 from .errors import CheckpointError, ConfigError
 from .gpt import GPT, GPTConfig
 from .hf_rotary import (
@@ -118,10 +118,7 @@ def read_hf_weights(directory: Path, what: str = "Hugging Face",
 
     try:
         if path == safetensors_path:
-            # pread: each tensor is read into memory of its own. mmap would keep the whole
-            # file mapped, and resident beside the model, until the last tensor is freed.
-            with safe_open(path, framework="pt", backend="pread") as file:
-                state = {key: converted(file.get_tensor(key)) for key in file.keys()}
+            state = read_safetensors(path, dtype)
         else:
             # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code.
             # The whole pickle loads at once; it is emptied as it is converted, so each weight

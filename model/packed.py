@@ -5,7 +5,7 @@ the speed of streaming the weights from memory. PyTorch's default CPU kernel for
 row-major weight at about 12 GB/s here (AMD EPYC Zen 4, 2 threads), where oneDNN, given the
 weight in its own blocked layout (the one torch.compile's CPU freezing prepares), reads 20: a
 GPT-2-124M-shaped model decodes about 1.6x faster, in float32 and bfloat16 alike
-(bench/sample_speed.py, --no-packed for the plain kernel).
+(bench/sample_speed.py, --no-pack for the plain kernel).
 
 The packed weight replaces the dense one, so memory does not grow, except that a tied W_U
 keeps W_E for the embedding lookups and so costs one more copy of the table. It is for
