@@ -21,6 +21,7 @@ import gc
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -60,6 +61,9 @@ class Corpus:
     """A source opened for reading; see the module docstring."""
 
     label: str  # a short name for the cache directory, e.g. "tinyshakespeare"
+    # The start of every document name that says where the corpus lives. The split hashes
+    # names without it, so a corpus moved or copied elsewhere keeps its validation set.
+    root: str = ""
 
     def state(self) -> Any:
         """A cheap, JSON-serializable description of the contents: equal state, equal text."""
@@ -120,6 +124,18 @@ def local_files(source: str) -> list[Path]:
                     f"{SHAKESPEARE!r}, or hf:NAME for a Hugging Face dataset")
 
 
+def _corpus_root(source: str) -> str:
+    """The directory a directory or glob source names its files under, ending in a separator;
+    "" for a single file (one document: the split cuts it, it hashes nothing)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return ""
+    if not path.is_dir():  # a glob: the parts before the first wildcard
+        path = Path(*itertools.takewhile(lambda part: not any(c in part for c in "*?["),
+                                         path.parts))
+    return os.path.join(str(path), "")
+
+
 def _read_error(path: Path, exc: OSError) -> DataError:
     return DataError(f"cannot read corpus file {str(path)!r}: {exc.strerror or exc}")
 
@@ -169,6 +185,7 @@ class TextFiles(Corpus):
     def __init__(self, source: str) -> None:
         self.paths = local_files(source)
         self.label = _label(source)
+        self.root = _corpus_root(source)
 
     def state(self) -> Any:
         # Paths, sizes and modification times (as make does): deciding reuse reads no text.
@@ -323,6 +340,7 @@ class HubDataset(Corpus):
             raise DataError("hf: needs a dataset name, e.g. hf:karpathy/tiny_shakespeare")
         self.name, self.config, self.split, self.column = name, config, split, column
         self.label = _label(name)
+        self.root = f"{name}/"  # rows are split alike wherever the dataset is read from
         self.local = Path(name).expanduser().exists() or any(c in name for c in "*?[")
         suffix = Path(name.rstrip("/")).suffix.lower()
         if self.local and not Path(name).expanduser().is_dir():

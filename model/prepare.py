@@ -64,29 +64,36 @@ class SplitPlan:
     val: frozenset[int] = frozenset()
     cut: tuple[int, int] | None = None  # (document index, characters for training)
     by_hash: float | None = None
+    root: str = ""  # the corpus's location, left out of the names hashed
 
     def route(self, index: int, name: str) -> str:
         if self.by_hash is not None:
-            digest = hashlib.sha256(name.encode()).digest()
+            digest = _name_hash(name, self.root)
             return "val" if int.from_bytes(digest[:8], "big") < self.by_hash * 2**64 else "train"
         return "val" if index in self.val else "train"
 
 
-def plan_split(sizes: Sequence[tuple[str, int]], val_fraction: float) -> SplitPlan:
+def _name_hash(name: str, root: str) -> bytes:
+    return hashlib.sha256(name.removeprefix(root).encode()).digest()
+
+
+def plan_split(sizes: Sequence[tuple[str, int]], val_fraction: float,
+               root: str = "") -> SplitPlan:
     """Hold out about `val_fraction` of the characters for validation, deterministically.
 
     One document: its last part is validation, as nanoGPT splits tiny-shakespeare, so figures
     compare. Several: whole documents are held out, so no validation text is seen in training.
-    They are visited in the order of a hash of their names (a fixed shuffle, so not all from
-    one genre or directory) and taken while they fit under the target; if none fits, the one
-    closest to it is taken. Empty documents take no part.
+    They are visited in the order of a hash of their names less the corpus's `root` (a fixed
+    shuffle, so not all from one genre or directory, and the same wherever the corpus lies) and
+    taken while they fit under the target; if none fits, the one closest to it is taken. Empty
+    documents take no part.
     """
     nonempty = [i for i, (_, chars) in enumerate(sizes) if chars]
     if len(nonempty) == 1:
         only = nonempty[0]
         return SplitPlan(cut=(only, int(sizes[only][1] * (1.0 - val_fraction))))
     target = val_fraction * sum(chars for _, chars in sizes)
-    order = sorted(nonempty, key=lambda i: hashlib.sha256(sizes[i][0].encode()).digest())
+    order = sorted(nonempty, key=lambda i: _name_hash(sizes[i][0], root))
     held: set[int] = set()
     held_chars = 0
     for i in order:
@@ -381,8 +388,8 @@ def _build_cache(cfg: DataConfig, directory: Path, corpus: Corpus, progress: boo
         sizes = corpus.sizes(bar.update)
     if sizes is not None and not any(chars for _, chars in sizes):
         raise DataError(f"corpus {cfg.source!r} is empty: it holds no text")
-    plan = SplitPlan(by_hash=cfg.val_fraction) if sizes is None else plan_split(
-        sizes, cfg.val_fraction)
+    plan = SplitPlan(by_hash=cfg.val_fraction, root=corpus.root) if sizes is None else (
+        plan_split(sizes, cfg.val_fraction, corpus.root))
     given = tokenizer
     if tokenizer is None:
         learns = cfg.tokenizer != "gpt2"

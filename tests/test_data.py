@@ -229,6 +229,26 @@ def test_hub_parquet_streams_and_holds_out_whole_rows(tmp_path: Path,
         prepare_data(cfg, block_size=8, progress=False)
 
 
+@pytest.mark.parametrize("layout", ["directory", "glob", "hub parquet"])
+def test_a_moved_corpus_keeps_its_validation_set(tmp_path: Path, layout: str) -> None:
+    def place(where: Path) -> str:
+        if layout == "hub parquet":
+            write_parquet(where / "train-0.parquet", [f"row {i}: {VERSE[:i]}" for i in range(40)])
+            return f"hf:{where}"
+        for i in range(12):
+            write(where / "sub" / f"{i:02d}.txt", f"doc {i}\n" + VERSE * (1 + i % 3))
+        return str(where / "**" / "*.txt") if layout == "glob" else str(where)
+
+    held_out = []
+    for where in (tmp_path / "here" / "corpus", tmp_path / "moved" / "elsewhere" / "corpus"):
+        data = prepare_data(cfg_for(place(where), where.parent, val_fraction=0.3), block_size=8,
+                            progress=False)
+        held_out.append(data.val_path.read_bytes())
+        assert 0 < data.meta["splits"]["val"]["documents"] < data.meta["splits"]["train"][
+            "documents"]
+    assert held_out[0] == held_out[1]
+
+
 def test_lone_hub_row_is_split_like_a_single_file(tmp_path: Path) -> None:
     text = VERSE * 20
     source = write_parquet(tmp_path / "one.parquet", [text])
@@ -372,7 +392,7 @@ def test_bpe_learns_from_an_even_sample(tmp_path: Path) -> None:
                   bpe_sample_mb=0.02)
     corpus = open_corpus(cfg.source)
     sizes = corpus.sizes()
-    plan = plan_split(sizes, cfg.val_fraction)
+    plan = plan_split(sizes, cfg.val_fraction, corpus.root)
     sample = list(training_text(cfg, corpus, sizes, plan))
     taken = sum(len(p) for p in sample)
     assert 20_000 <= taken < 20_000 + TASK_CHARS
