@@ -94,8 +94,13 @@ def open_corpus(source: str, hf_config: str | None = None, hf_split: str = "trai
     return TextFiles(source)
 
 
+def _is_glob(text: str) -> bool:
+    """Whether a source (or one part of its path) holds a wildcard, as glob reads them."""
+    return any(c in text for c in "*?[")
+
+
 def _label(source: str) -> str:
-    plain = [part for part in Path(source).parts if not any(c in part for c in "*?[")]
+    plain = [part for part in Path(source).parts if not _is_glob(part)]
     label = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(plain[-1]).stem if plain else "")[:40]
     return label.strip("._") or "corpus"
 
@@ -115,7 +120,7 @@ def local_files(source: str) -> list[Path]:
             raise DataError(f"corpus directory {source!r} holds no .txt files; add some or "
                             "point data.source at a file")
         return files
-    if any(c in source for c in "*?["):
+    if _is_glob(source):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
             raise DataError(f"corpus glob {source!r} matches no files; check the pattern")
@@ -131,8 +136,7 @@ def _corpus_root(source: str) -> str:
     if path.is_file():
         return ""
     if not path.is_dir():  # a glob: the parts before the first wildcard
-        path = Path(*itertools.takewhile(lambda part: not any(c in part for c in "*?["),
-                                         path.parts))
+        path = Path(*itertools.takewhile(lambda part: not _is_glob(part), path.parts))
     return os.path.join(str(path), "")
 
 
@@ -341,7 +345,7 @@ class HubDataset(Corpus):
         self.name, self.config, self.split, self.column = name, config, split, column
         self.label = _label(name)
         self.root = f"{name}/"  # rows are split alike wherever the dataset is read from
-        self.local = Path(name).expanduser().exists() or any(c in name for c in "*?[")
+        self.local = Path(name).expanduser().exists() or _is_glob(name)
         suffix = Path(name.rstrip("/")).suffix.lower()
         if self.local and not Path(name).expanduser().is_dir():
             if suffix not in DATA_FILE_BUILDERS:
