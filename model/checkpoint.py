@@ -188,7 +188,7 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
         lora.load_adapter_state_dict(model, adapters, str(file))
         return
     state = _read_weights(path, device, dtype)
-    tied = _tied_names(model)
+    tied = tied_names(model)
     untied = []  # a file that stores two tensors for one tied parameter is an untied model's
     for names in tied:  # every name of a tied tensor gets the one the file stores
         stored = [name for name in names if name in state]
@@ -196,7 +196,8 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
         if stored:
             state.update(dict.fromkeys(names, state[stored[0]]))
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
+        missing, unexpected = (assign_state(model, state, strict=False) if assign
+                               else model.load_state_dict(state, strict=False))
         unexpected = [*unexpected, *untied]
     except RuntimeError as exc:  # load_state_dict: "size mismatch for <name>: ..."
         mismatch = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
@@ -211,12 +212,26 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
             f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
             f"{_names('missing', missing)}{_names('unexpected', unexpected)}"
             "load it with the model class it was trained with (model_class=...)")
-    if assign:  # assign gave each name a Parameter of its own: make them one again
-        for first, *others in tied:
-            shared = model.get_parameter(first)
-            for name in others:
-                owner, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(owner), attr, shared)
+
+
+def assign_state(model: nn.Module, state: dict[str, torch.Tensor], *,
+                 strict: bool = True) -> tuple[list[str], list[str]]:
+    """Make the tensors of `state` the parameters of `model`, uncopied; load_state_dict's
+    missing and unexpected names (strict: raised instead).
+
+    For a model built on the meta device (`with torch.device("meta"): GPT(config)`): it has
+    shapes but no memory, and skipped the random init these tensors replace. assign gives
+    every name a Parameter of its own, so the parameters the model ties (W_U = W_E) are made
+    one again.
+    """
+    tied = tied_names(model)
+    missing, unexpected = model.load_state_dict(state, strict=strict, assign=True)
+    for first, *others in tied:
+        shared = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, shared)
+    return missing, unexpected
 
 
 def read_safetensors(file: str | Path, dtype: torch.dtype | None = None,
@@ -240,7 +255,7 @@ def _read_weights(path: str | Path, device: str | torch.device,
         raise _damaged(path, exc) from exc
 
 
-def _tied_names(model: nn.Module) -> list[list[str]]:
+def tied_names(model: nn.Module) -> list[list[str]]:
     """The names of each parameter that the model holds under more than one name."""
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):

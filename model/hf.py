@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import read_safetensors
+from .checkpoint import assign_state, read_safetensors
 from .errors import CheckpointError, ConfigError
 from .gpt import GPT, GPTConfig
 from .hf_rotary import (
@@ -269,20 +269,7 @@ def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
                 f"GPT-2 tensor for {name!r} has shape {tuple(tensor.shape)}, "
                 f"expected {tuple(expected[name].shape)}"
             )
-    return assign_weights(model, ours)
-
-
-def assign_weights(model: GPT, state: dict[str, torch.Tensor]) -> GPT:
-    """Make the tensors of `state` the parameters of `model`, uncopied, and return it.
-
-    For a model built on the meta device (`with torch.device("meta"): GPT(config)`): it has
-    shapes but no memory, and skipped the random init these tensors replace. Also used when
-    fine-tuning starts from pretrained weights (model/finetune.py).
-    """
-    model.load_state_dict(state, assign=True)  # the tensors become the parameters, uncopied
-    c = model.config
-    if c.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight  # assign gave each name a Parameter of its own
+    assign_state(model, ours)
     return model
 
 
@@ -448,7 +435,7 @@ def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loaded
                 raise CheckpointError(f"{family} tensor for {name!r} has shape "
                                       f"{tuple(tensor.shape)}, expected "
                                       f"{tuple(expected[name].shape)}")
-        model = assign_weights(model, ours)
+        assign_state(model, ours)
     else:
         raise CheckpointError(f"{str(directory)!r} holds a {family!r} model; smallgpt reads "
                               f"gpt2, {', '.join(FAMILIES)}")

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import lora
 from .checkpoint import (
+    assign_state,
     find_checkpoints,
     listing,
     load_state,
@@ -43,7 +44,7 @@ from .checkpoint import (
 from .config import Config, DataConfig
 from .errors import CheckpointError, SmallGPTError
 from .gpt import GPT, GPTConfig
-from .hf import assign_weights, load_hf
+from .hf import load_hf
 from .tokenizer import Tokenizer, tokenizer_from_spec
 
 HUB_NAMES = {name: f"openai-community/{name}"
@@ -226,7 +227,7 @@ def model_from_source(config: GPTConfig, source: Pretrained) -> tuple[GPT, str]:
         state["pos_emb.weight"] = state["pos_emb.weight"][:after].clone()
     with torch.device("meta"):
         model = GPT(config)
-    assign_weights(model, state)
+    assign_state(model, state)
     crop = f", block_size cropped {before} -> {after}" if after < before else ""
     # keep_vars: the Parameters themselves, so a tied W_E/W_U counts once (state_dict's
     # detached tensors are new objects under each name).
