@@ -286,3 +286,34 @@ def test_unsupported_directories_are_one_line_errors(tmp_path, change, match):
     with pytest.raises(SmallGPTError, match=match) as info:
         load_hf(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_gpt2_export_carries_the_models_norm_epsilon(tmp_path):
+    """norm_eps 1e-3 against the residual stream's variance at init (~4e-4): a file that said
+    GPT-2's 1e-5 instead would give other logits in transformers."""
+    tokenizer = tokenizer_for("char")
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=2, n_head=2,
+                       n_embd=16, activation="gelu_tanh", norm_eps=1e-3)
+    torch.manual_seed(4)
+    model = GPT(config).eval()
+    save_hf(model, tmp_path, tokenizer)
+    assert json.loads((tmp_path / "config.json").read_text())["layer_norm_epsilon"] == 1e-3
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    batch = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert logits_close(model(batch)[0], theirs(batch).logits)
+
+
+def test_rotary_export_states_its_rope_base_in_every_key_transformers_reads(tmp_path):
+    """transformers 5 reads rope_parameters, 4.x rope_theta (and rope_scaling's type): each
+    must hold the model's own base, not the default 10000."""
+    tokenizer = tokenizer_for("char")
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2,
+                       n_embd=16, pos_emb="rope", norm="rmsnorm", bias=False,
+                       activation="relu2", rope_base=321.0)
+    save_hf(GPT(config), tmp_path, tokenizer)
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    assert hf_config["rope_theta"] == 321.0
+    assert hf_config["rope_parameters"] == {"rope_type": "default", "rope_theta": 321.0}
+    assert hf_config["rope_scaling"]["rope_type"] == "default"
+    assert hf_config["rope_scaling"]["rope_theta"] == 321.0

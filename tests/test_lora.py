@@ -330,3 +330,17 @@ def test_adapters_train_on_a_gpu_beside_a_bfloat16_base():
         assert (merged(idx)[0] - adapted).abs().max() < 0.05
     base = tiny().blocks[0].attn.qkv.weight.cuda()
     assert not torch.equal(merged.blocks[0].attn.qkv.weight, base)  # the adapters trained
+
+
+def test_a_lora_layer_computes_the_base_plus_the_scaled_low_rank_update():
+    """y = W x + b + (alpha / rank) B A x, written out by hand with B non-zero (merge and
+    forward share the scale, so comparing them alone would not catch a wrong one)."""
+    torch.manual_seed(3)
+    base = torch.nn.Linear(8, 6)
+    layer = lora.LoRALinear(base, {"all": (0, 6)}, rank=2, alpha=5.0, dropout=0.0).eval()
+    with torch.no_grad():
+        layer.lora_B["all"].copy_(torch.randn(6, 2))
+    a, b = layer.lora_A["all"].detach(), layer.lora_B["all"].detach()
+    x = torch.randn(3, 8)
+    expected = x @ base.weight.T + base.bias + (5.0 / 2) * (x @ a.T @ b.T)
+    assert torch.allclose(layer(x), expected, atol=1e-6)

@@ -486,3 +486,24 @@ def test_ids_past_the_tokenizer_are_never_drawn_shown_or_scored(chars):
                for s in pos) < vocab
     shown = distribution(model, chars, chars.encode("First"), [1.0], k=vocab + 7)
     assert max(t["id"] for t in shown.tokens) < vocab
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p_even_when_a_prefix_sums_to_p_exactly():
+    """Probabilities 0.5, 0.25, 0.25 with top_p 0.5: the first token alone reaches 0.5, so it is
+    the whole nucleus (a rule that needs mass strictly above p would keep a second token)."""
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    kept = filter_logits(logits, top_p=0.5)
+    assert torch.isfinite(kept).tolist() == [[True, False, False]]
+    kept = filter_logits(logits, top_p=0.75)
+    assert torch.isfinite(kept).tolist() == [[True, True, False]]
+
+
+def test_repetition_penalty_lowers_every_seen_tokens_probability_also_for_negative_logits():
+    """CTRL's rule: a positive logit is divided by the penalty, a negative one multiplied, so
+    a seen token always loses probability (dividing a negative logit would raise it)."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
+    seen = torch.tensor([[0, 1]])
+    out = repetition_penalty(2.0)(seen, logits.clone())
+    assert out.tolist() == [[1.0, -2.0, 0.5, -3.0]]
+    before, after = logits.softmax(-1)[0], out.softmax(-1)[0]
+    assert after[0] < before[0] and after[1] < before[1]

@@ -133,6 +133,29 @@ def test_the_end_of_turn_token_ends_the_reply_with_stop(pretrained):
         assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
 
 
+
+def test_a_reply_ends_at_the_templates_next_user_turn_even_when_the_model_writes_one(pretrained):
+    """A stand-in model that writes a reply, then starts the next user turn itself: the reply
+    ends before "\\n\\nUser:" (the template's stop), with finish_reason "stop"."""
+    scripted = copy.deepcopy(pretrained.model)
+    script = pretrained.tokenizer.encode("to be\n\nUser: or not")
+    calls = []
+
+    def follow_script(module, args, output):
+        step = min(len(calls), len(script) - 1)
+        calls.append(step)
+        output[0][:, -1, script[step]] += 1000.0  # the next token of the script, certainly
+        return output
+
+    scripted.register_forward_hook(follow_script)
+    chatty = Pretrained(scripted, pretrained.tokenizer, "smallgpt", pretrained.path, "scripted")
+    with running_server(chatty, NAME, max_tokens=LIMIT) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        resp = client.chat.completions.create(model=NAME, messages=USER, max_tokens=30,
+                                              temperature=0)
+    assert resp.choices[0].message.content == "to be"
+    assert resp.choices[0].finish_reason == "stop"
+
 def test_a_stop_string_ends_the_reply_with_stop(client, pretrained):
     steps = reference(pretrained, USER, 30, temperature=0)
     text = "".join(s.delta for s in steps)
