@@ -56,10 +56,10 @@ def make_checkpoint(directory: Path) -> Path:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from model.checkpoint import save_checkpoint
     from model.config import Config, DataConfig
+    from model.data.tokenizer import train_tokenizer
     from model.gpt import GPT, GPTConfig
-    from model.tokenizer import train_tokenizer
+    from model.weights.checkpoint import save_checkpoint
 
     tokenizer = train_tokenizer("char", [require_tiny_shakespeare().read_text()])
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ TRAIN = """
 import json, resource, statistics, sys
 sys.path.insert(0, sys.argv[1])
 from model.config import load_config
-from model.training import train
+from model.training.loop import train
 cfg = load_config("chat_gpt2.yaml", sys.argv[2:])
 result = train(cfg, progress=False)
 print(json.dumps({"steps": result.steps, "step_seconds": result.step_seconds,

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from common import machine_line, peak_rss_mib
 
-from model.chat_batches import GROUP, ChatBatchSampler, conversation_rows, usable
-from model.chat_data import prepare_chat
 from model.config import DataConfig
+from model.data.chat_batches import GROUP, ChatBatchSampler, conversation_rows, usable
+from model.data.chat_data import prepare_chat
+from model.data.tokenizer import train_tokenizer
 from model.gpt import GPT, CausalSelfAttention, GPTConfig
-from model.tokenizer import train_tokenizer
 
 MASK: list[torch.Tensor | None] = [None]  # the packed batch's (B, 1, T, T) attention mask
 

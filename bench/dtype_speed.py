@@ -31,10 +31,10 @@ import torch
 from common import ROOT, TINY_SHAKESPEARE, machine_line, require_tiny_shakespeare, scratch_dir
 
 from model import runtime
-from model.checkpoint import save_checkpoint
 from model.config import Config, load_config
+from model.data.tokenizer import tokenizer_from_spec, train_tokenizer
 from model.gpt import GPT
-from model.tokenizer import tokenizer_from_spec, train_tokenizer
+from model.weights.checkpoint import save_checkpoint
 
 DTYPES = ("float32", "auto")
 BENCH = ROOT / "bench"

@@ -50,7 +50,7 @@ LOAD = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[2])
 import torch
-from model.pretrained import load_model
+from model.weights.loading import load_model
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 loaded = load_model(sys.argv[1])

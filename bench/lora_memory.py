@@ -36,12 +36,13 @@ sys.path.insert(0, sys.argv[1])
 import torch
 directory, mode, dtype_name = sys.argv[2:5]
 steps, batch, block, rank = map(int, sys.argv[5:9])
-from model import lora, runtime
+from model.network import lora
+from model import runtime
 from model.config import config_from_dict
-from model.finetune import adopt_source, load_source
-from model.optim import build_optimizer
-from model.pretrained import lora_base_record, model_from_source
-from model.training import train_step
+from model.training.finetune import adopt_source, load_source
+from model.training.optim import build_optimizer
+from model.weights.loading import lora_base_record, model_from_source
+from model.training.loop import train_step
 
 peak_during_steps, sampling = [0], [False]
 def sample_rss():  # resident pages of this process, every 10 ms while the steps run

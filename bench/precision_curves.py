@@ -22,9 +22,9 @@ from common import machine_line, require_tiny_shakespeare
 from quality import whole_split_bits_per_byte
 
 from model.config import load_config
-from model.prepare import prepare_data
-from model.pretrained import load_checkpoint
-from model.training import train
+from model.data.prepare import prepare_data
+from model.training.loop import train
+from model.weights.loading import load_checkpoint
 
 
 def run(config: str, overrides: list[str], out: str) -> tuple[list[float], float, float]:

@@ -40,7 +40,7 @@ RAW_SAMPLE = 20_000_000  # bytes of text for the raw tiktoken measurement
 # Runs in the subprocess: prepare_data with timers around its phases, results as JSON.
 CHILD = """
 import json, resource, sys, time
-import model.prepare as p
+import model.data.prepare as p
 from model.config import DataConfig
 phases = {}
 def timed(name, fn):
@@ -66,7 +66,7 @@ print(json.dumps({"wall": wall, "phases": phases, "bytes": split_bytes, "dir": s
 # Runs in a subprocess too: encode_ordinary_batch with 2 threads, the tokenizer from meta.json.
 RAW = """
 import json, sys, time
-from model.tokenizer import tokenizer_from_spec
+from model.data.tokenizer import tokenizer_from_spec
 meta = json.load(open(sys.argv[1]))
 encoding = tokenizer_from_spec(meta["tokenizer"]).encoding
 with open(sys.argv[2], encoding="utf-8") as f:

@@ -22,11 +22,11 @@ import torch
 from common import machine_line, require_tiny_shakespeare
 
 from model import runtime
-from model.batches import sequential_windows
 from model.config import load_config
-from model.prepare import prepare_data
-from model.pretrained import load_checkpoint
-from model.training import train
+from model.data.batches import sequential_windows
+from model.data.prepare import prepare_data
+from model.training.loop import train
+from model.weights.loading import load_checkpoint
 
 
 @torch.no_grad()

@@ -22,12 +22,12 @@ import torch
 from common import machine_line
 
 from model.config import GPTConfig
+from model.data.tokenizer import Tokenizer, train_tokenizer
 from model.gpt import GPT
-from model.packed import pack_linears
-from model.pretrained import load_checkpoint
+from model.inference.sampling import generate
+from model.network.packed import pack_linears
 from model.runtime import choose_dtype
-from model.sampling import generate
-from model.tokenizer import Tokenizer, train_tokenizer
+from model.weights.loading import load_checkpoint
 
 # nanoGPT's shakespeare_char vocabulary: the 65 characters of tiny-shakespeare.
 CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

@@ -30,12 +30,12 @@ import torch
 from common import machine_line, require_tiny_shakespeare
 
 from model.config import load_config
+from model.data.tokenizer import Tokenizer, tokenizer_from_spec, train_tokenizer
 from model.gpt import GPT
-from model.packed import can_pack, pack_linears
-from model.pretrained import Pretrained
+from model.inference.sampling import generate
+from model.network.packed import can_pack, pack_linears
 from model.runtime import choose_dtype
-from model.sampling import generate
-from model.tokenizer import Tokenizer, tokenizer_from_spec, train_tokenizer
+from model.weights.loading import Pretrained
 
 PROMPT = "ROMEO:\nBut soft, what light"
 
@@ -55,8 +55,8 @@ def serve_child(checkpoint: str | None, port: int, threads: int, dtype: str,
     """The server process: the same app `python sample.py --serve` runs."""
     import uvicorn
 
-    from model.pretrained import load_model
     from model.serve import create_app
+    from model.weights.loading import load_model
 
     torch.set_num_threads(threads)
     if checkpoint:
@@ -128,7 +128,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(machine_line())
     if args.checkpoint:
-        from model.pretrained import load_model
+        from model.weights.loading import load_model
 
         loaded = load_model(args.checkpoint, "cpu")
         model, tokenizer = loaded.model, loaded.tokenizer

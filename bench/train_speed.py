@@ -18,7 +18,7 @@ from common import TINY_SHAKESPEARE, machine_line, peak_rss_mib
 
 from model import runtime
 from model.config import load_config
-from model.training import train
+from model.training.loop import train
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, check_choice, check_positive
-from .gpt import GPTConfig
-from .lora import LoRAConfig
-from .tokenizer import MIN_BPE_VOCAB, TOKENIZER_NAMES
+from model.data.tokenizer import MIN_BPE_VOCAB, TOKENIZER_NAMES
+from model.errors import ConfigError, check_choice, check_positive
+from model.gpt import GPTConfig
+from model.network.lora import LoRAConfig
 
 # The shipped YAML files: configs/ in a source checkout, installed as the package `model.configs`
 # (pyproject.toml maps one onto the other), so they are found with or without `pip install -e`.

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, check_choice, check_positive
-from .hooks import HookedModel, HookPoint, name_hook_points
-from .kv_cache import KVCache
+from model.errors import ConfigError, check_choice, check_positive
+from model.network.hooks import HookedModel, HookPoint, name_hook_points
+from model.network.kv_cache import KVCache
 
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .errors import ConfigError
+from model.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # How long a rank waits in a collective. The other ranks wait in a barrier while the first

@@ -10,9 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from model.config import config_from_dict
-from model.pretrained import Pretrained, load_model
-from model.sampling import Step, generate
-from model.training import train
+from model.inference.sampling import Step, generate
+from model.training.loop import train
+from model.weights.loading import Pretrained, load_model
 
 WORDS = ["to", "be", "or", "not", "the", "question", "whether", "nobler", "mind", "suffer"]
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.analysis import (
+from model.cli.explore import describe_word
+from model.errors import ConfigError, SamplingError, TokenizerError
+from model.gpt import GPT, GPTConfig
+from model.inference.analysis import (
     analogy,
     attention,
     direction,
@@ -16,9 +19,6 @@ from model.analysis import (
     to_jsonable,
     word_vector,
 )
-from model.errors import ConfigError, SamplingError, TokenizerError
-from model.explore.__main__ import describe_word
-from model.gpt import GPT, GPTConfig
 
 
 class WordTokenizer:

@@ -22,10 +22,11 @@ def test_research_imports():
         prepare_data,
         train,
     )
-    from model.pretrained import load_checkpoint as defined
+    from model.weights.loading import load_checkpoint as defined
 
     assert load_checkpoint is defined
-    assert train.__module__ == "model.training" and generate.__module__ == "model.sampling"
+    assert train.__module__ == "model.training.loop"
+    assert generate.__module__ == "model.inference.sampling"
     assert GPTConfig.__module__ == "model.gpt" and issubclass(GPT, model.gpt.nn.Module)
 
 
@@ -38,7 +39,7 @@ def test_every_exported_name_resolves(name):
 def test_unknown_names_and_submodules():
     with pytest.raises(AttributeError, match="no_such_thing"):
         model.no_such_thing  # noqa: B018
-    from model import tokenizer  # a submodule, not an export
+    from model.data import tokenizer  # a submodule, not an export
 
     assert tokenizer.Tokenizer is model.Tokenizer
     assert "format_tally" not in model.__all__
@@ -46,8 +47,8 @@ def test_unknown_names_and_submodules():
 
 def test_import_does_no_work():
     code = ("import sys, model; "
-            "heavy = [m for m in ('torch', 'model.training', 'model.gpt', 'model.config', "
-            "'model.sampling') if m in sys.modules]; "
+            "heavy = [m for m in ('torch', 'model.training.loop', 'model.gpt', 'model.config', "
+            "'model.inference.sampling') if m in sys.modules]; "
             "assert not heavy, heavy")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True)

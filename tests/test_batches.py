@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.batches import BatchSampler, eval_windows, sequential_windows
+from model.data.batches import BatchSampler, eval_windows, sequential_windows
 from model.errors import DataError
 
 

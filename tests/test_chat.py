@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from model import GPTConfig
-from model.chat import (
+from model.data.chat import (
     Message,
     conversation_from_record,
     end_of_turn_id,
@@ -19,9 +19,9 @@ from model.chat import (
     render_text,
     validate_messages,
 )
+from model.data.tokenizer import EOT_TEXT, train_tokenizer
 from model.errors import ChatFormatError, DataError
-from model.sampling import generate
-from model.tokenizer import EOT_TEXT, train_tokenizer
+from model.inference.sampling import generate
 
 TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 CORPUS = ("System: User: Assistant: Which play is this from? Macbeth. Who speaks it?\n"

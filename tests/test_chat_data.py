@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from model.chat_batches import ChatBatchSampler, conversation_rows, usable
-from model.chat_data import prepare_chat
-from model.chat_demo import demo_records
 from model.config import DataConfig, config_from_dict
+from model.data.chat_batches import ChatBatchSampler, conversation_rows, usable
+from model.data.chat_data import prepare_chat
+from model.data.chat_demo import demo_records
+from model.data.tokenizer import train_tokenizer
 from model.errors import ChatFormatError, DataError, TokenizerError
-from model.pretrained import load_model
-from model.tokenizer import train_tokenizer
-from model.training import train
+from model.training.loop import train
+from model.weights.loading import load_model
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,:;?!'\n"
 WORDS = ["apple", "river", "stone", "cloud", "ember", "frost", "grove", "harbor", "ivory",

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from model import sampling
-from model.chat_eval import ChatScore, normalise, report, score_chat
-from model.tokenizer import train_tokenizer
+from model.data.tokenizer import train_tokenizer
+from model.inference import sampling
+from model.inference.chat_eval import ChatScore, normalise, report, score_chat
 
 OPTIONS = ["Macbeth", "Othello", "Pericles", "Cymbeline"]
 RECORDS = [
@@ -84,9 +84,9 @@ def test_an_empty_score_reports_zeros():
 @pytest.mark.parametrize("block_size", [64, 24])  # 24: prompt + option need sliding windows
 def test_options_scored_together_score_as_each_alone(chars, block_size):
     """Padding the shorter options changes nothing that a causal model sees before it."""
-    from model.chat_eval import option_logprobs
     from model.gpt import GPT, GPTConfig
-    from model.scoring import score_tokens
+    from model.inference.chat_eval import option_logprobs
+    from model.inference.scoring import score_tokens
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=chars.vocab_size, block_size=block_size, n_layer=1,

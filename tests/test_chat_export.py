@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.chat import render_chat
 from model.config import config_from_dict
-from model.export import export
-from model.pretrained import load_model
-from model.sampling import generate
-from model.training import train
+from model.data.chat import render_chat
+from model.inference.sampling import generate
+from model.training.loop import train
+from model.weights.export import export
+from model.weights.loading import load_model
 
 TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 

@@ -199,9 +199,9 @@ def test_installed_package_ships_data_and_every_subpackage():
     assert subpackages <= set(setup["packages"])
     assert setup["package-dir"]["model.configs"] == "configs"
     assert setup["package-data"]["model.configs"] == ["*.yaml"]
-    data = setup["package-data"]["model"]
-    assert all(any(p.match(f"model/{pattern}") for pattern in data)
-               for p in (root / "model" / "assets").iterdir())
+    data = setup["package-data"]["model.data"]
+    assert all(any(p.match(f"model/data/{pattern}") for pattern in data)
+               for p in (root / "model" / "data" / "assets").iterdir())
 
 
 def test_resolved_config_round_trips(tiny):

@@ -16,11 +16,11 @@ from test_training import step_losses, tiny_raw
 
 from model import GPT, GPTConfig, runtime
 from model.config import config_from_dict
-from model.optim import build_optimizer
-from model.pretrained import load_checkpoint
-from model.sampling import generate
-from model.tokenizer import train_tokenizer
-from model.training import train
+from model.data.tokenizer import train_tokenizer
+from model.inference.sampling import generate
+from model.training.loop import train
+from model.training.optim import build_optimizer
+from model.weights.loading import load_checkpoint
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")

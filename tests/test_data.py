@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import corpus as corpus_module
-from model import prepare as prepare_module
-from model.batches import BatchSampler
+from model.cli.data import main
 from model.config import DataConfig
-from model.corpus import Document, open_corpus
-from model.data.__main__ import main
+from model.data import corpus as corpus_module
+from model.data import prepare as prepare_module
+from model.data.batches import BatchSampler
+from model.data.corpus import Document, open_corpus
+from model.data.prepare import TASK_CHARS, load_prepared, plan_split, prepare_data, training_text
+from model.data.tokenizer import safe_pieces, train_tokenizer
 from model.errors import ConfigError, DataError
-from model.prepare import TASK_CHARS, load_prepared, plan_split, prepare_data, training_text
-from model.tokenizer import safe_pieces, train_tokenizer
 
 VERSE = ("ROMEO:\nBut, soft! what light through yonder window breaks?\n"
          "It is the east, and Juliet is the sun.\n\n"

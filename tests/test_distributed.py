@@ -25,9 +25,9 @@ from test_training import step_losses, tiny_raw
 from torch.overrides import TorchFunctionMode
 
 from model import runtime
-from model.callbacks import Callback, TrainingState
 from model.config import config_from_dict
 from model.errors import ConfigError
+from model.training.callbacks import Callback, TrainingState
 
 # Functions that create a tensor and take `device=`; without it the tensor lands on the CPU.
 FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty, torch.full,
@@ -117,7 +117,7 @@ def rank_main(rank: int, world_size: int, jobs: list[tuple[int, dict]], report: 
     checked, and writes the collectives it ran to `report`.<rank>. Each run gets its own port:
     a rank that finishes first must not find the previous run's rendezvous still open. A
     process still running after `timeout` seconds prints where it is stuck and exits."""
-    from model.training import train
+    from model.training.loop import train
 
     faulthandler.dump_traceback_later(timeout, exit=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -274,7 +274,7 @@ def test_a_group_the_caller_started_stays_open(tmp_path, monkeypatch):
 ])
 def test_token_files_are_prepared_by_one_process_at_a_time_per_machine(monkeypatch, rank,
                                                                        local_rank, order):
-    from model import run_setup
+    from model.training import setup as run_setup
 
     seen: list[str] = []
     monkeypatch.setattr(run_setup, "prepare_data", lambda *args: seen.append("prepare") or args)

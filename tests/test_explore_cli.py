@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.cli.explore import main
 from model.config import Config, GPTConfig
-from model.explore.__main__ import main
 from model.gpt import GPT
-from model.hf import save_hf_gpt2
+from model.weights.hf import save_hf_gpt2
 
 # -- end to end on a tiny trained checkpoint ---------------------------------------------------
 TEXT = "the cat sat on the mat. the dog sat on the log. the cats and the dogs sat. " * 4
@@ -20,8 +20,8 @@ TEXT = "the cat sat on the mat. the dog sat on the log. the cats and the dogs sa
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from model.checkpoint import save_checkpoint
-    from model.tokenizer import train_tokenizer
+    from model.data.tokenizer import train_tokenizer
+    from model.weights.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     tok = train_tokenizer("char", [TEXT])
@@ -127,8 +127,8 @@ def test_bad_input_is_a_one_line_error(run_dir, capsys, argv, message):
 
 
 def test_hf_gpt2_weights_are_explored_with_the_gpt2_tokenizer(tmp_path, monkeypatch, capsys):
-    from model import hf_tokenizer
-    from model.tokenizer import train_tokenizer
+    from model.data.tokenizer import train_tokenizer
+    from model.weights import hf_tokenizer
 
     char = train_tokenizer("char", [TEXT])
     asked = []
@@ -156,7 +156,7 @@ def test_the_model_loaded_is_named(run_dir, capsys):
 
 
 def test_hf_gpt2_is_an_alias_of_checkpoint(run_dir, capsys):
-    from model.explore.__main__ import build_parser
+    from model.cli.explore import build_parser
 
     args = build_parser().parse_args(["lens", "x", "--hf-gpt2", "some/dir"])
     assert args.checkpoint == "some/dir"

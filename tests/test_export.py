@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from model import GPT, ConfigError, GPTConfig
-from model.checkpoint import save_checkpoint
+from model.cli.export import main
 from model.config import Config, DataConfig, load_config
+from model.data.tokenizer import train_tokenizer
 from model.errors import TokenizerError
-from model.export import export
-from model.export.__main__ import main
-from model.hf import hf_architecture, load_hf, save_hf
-from model.pretrained import load_model
-from model.sampling import generate
-from model.tokenizer import train_tokenizer
+from model.inference.sampling import generate
+from model.weights.checkpoint import save_checkpoint
+from model.weights.export import export
+from model.weights.hf import hf_architecture, load_hf, save_hf
+from model.weights.loading import load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -134,7 +134,7 @@ def test_shipped_shape_exports_to_transformers(tmp_path, config_name):
 def test_tokenizer_edge_cases(tmp_path, name):
     """Unknown characters fail in both; a token sequence ending inside a UTF-8 character
     decodes to the same replacement character in both."""
-    from model.hf_tokenizer import save_hf_tokenizer
+    from model.weights.hf_tokenizer import save_hf_tokenizer
 
     tokenizer = tokenizer_for(name)
     save_hf_tokenizer(tokenizer, tmp_path)
@@ -254,8 +254,8 @@ def test_export_refusal_writes_nothing(tmp_path, capsys):
 def test_bpe_token_reachable_only_whole(tmp_path):
     """tiktoken looks a whole pre-token up before merging: "abcd" is one token although no
     merge of "ab" and the bytes c, d reaches it. The exported tokenizer must do the same."""
-    from model.hf_tokenizer import save_hf_tokenizer
-    from model.tokenizer import BPETokenizer
+    from model.data.tokenizer import BPETokenizer
+    from model.weights.hf_tokenizer import save_hf_tokenizer
 
     tokenizer = BPETokenizer([bytes([b]) for b in range(256)] + [b"ab", b"abcd"])
     save_hf_tokenizer(tokenizer, tmp_path)

@@ -8,7 +8,7 @@ import torch
 
 from model import GPT, ConfigError, GPTConfig
 from model.gpt import PRESETS
-from model.tally import parameter_tally
+from model.inference.tally import parameter_tally
 
 # A tiny shape that still has several heads and layers; fields overridden per test.
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import GPT, CheckpointError, ConfigError, GPTConfig
-from model.hf import load_hf_gpt2, save_hf_gpt2
+from model.weights.hf import load_hf_gpt2, save_hf_gpt2
 
 transformers = pytest.importorskip("transformers")
 
@@ -264,7 +264,7 @@ def test_weights_are_converted_as_they_are_read(tmp_path, weights):
     float32 copy of the whole model is held: bench/load_memory.py --sample measures the peak);
     the result is the float32 model converted, exactly, and its parameters are counted from
     the files' headers alone, before anything is loaded."""
-    from model.pretrained import load_model, parameter_count
+    from model.weights.loading import load_model, parameter_count
 
     theirs = hf_model()
     if weights == "safetensors":
@@ -272,7 +272,7 @@ def test_weights_are_converted_as_they_are_read(tmp_path, weights):
     else:
         theirs.config.save_pretrained(tmp_path)
         torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
-    from model.hf import read_hf_weights
+    from model.weights.hf import read_hf_weights
 
     read = read_hf_weights(tmp_path, dtype=torch.bfloat16)  # each tensor converted on reading
     assert read and {t.dtype for t in read.values() if t.is_floating_point()} == {torch.bfloat16}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.gpt import GPT, GPTConfig
-from model.hf import save_hf_gpt2
+from model.weights.hf import save_hf_gpt2
 
 tl_bridge = pytest.importorskip("transformer_lens.model_bridge")
 transformers = pytest.importorskip("transformers")

@@ -12,15 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import lora
 from model.config import config_from_dict
 from model.errors import CheckpointError, ConfigError
 from model.gpt import GPT, GPTConfig
-from model.pretrained import load_checkpoint, load_model
-from model.training import train
+from model.network import lora
+from model.training.loop import train
+from model.weights.loading import load_checkpoint, load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import sample  # noqa: E402  (sample.py lives at the repository root)
+from model.cli import sample  # noqa: E402
 
 SHAPES = {
     "gpt2": dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32,
@@ -81,7 +81,7 @@ def test_targets_choose_the_slices_of_the_fused_qkv():
 
 
 def test_only_adapters_train_and_the_optimizer_holds_them_alone():
-    from model.optim import build_optimizer
+    from model.training.optim import build_optimizer
 
     model = lora.apply(tiny(), lora.LoRAConfig(rank=4))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -222,7 +222,7 @@ def test_lora_run_saves_adapters_alone_and_loads_merged(base_copy, tmp_path, mon
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from model.sampling import generate
+    from model.inference.sampling import generate
     from model.serve import create_app
 
     with TestClient(create_app(loaded)) as client:  # its lifespan starts the engine
@@ -280,7 +280,7 @@ def test_a_changed_or_missing_base_is_one_line_naming_it(base_copy, tmp_path):
 
 def test_merged_gpt2_lora_run_exports_and_loads_in_transformers(tmp_path, gpt2_vocabulary):
     transformers = pytest.importorskip("transformers")
-    from model.export import export
+    from model.weights.export import export
 
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2,

@@ -6,7 +6,7 @@ import torch
 
 from model.config import TrainConfig
 from model.gpt import GPT, GPTConfig
-from model.optim import CombinedOptimizer, Muon, build_optimizer, orthogonalize
+from model.training.optim import CombinedOptimizer, Muon, build_optimizer, orthogonalize
 
 
 def test_orthogonalize_pushes_singular_values_towards_one_in_float32():

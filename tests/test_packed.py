@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from model.data.tokenizer import train_tokenizer
 from model.gpt import GPT, GPTConfig
-from model.packed import PackedLinear, can_pack, pack_linears
-from model.sampling import generate
-from model.tokenizer import train_tokenizer
+from model.inference.sampling import generate
+from model.network.packed import PackedLinear, can_pack, pack_linears
 
 TEXT = "the cat sat on the mat; the dog sat on the log."
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),

@@ -11,11 +11,11 @@ from test_training import step_losses, tiny_raw
 
 from model import runtime
 from model.config import config_from_dict
+from model.data.tokenizer import train_tokenizer
 from model.errors import ConfigError
-from model.pretrained import load_checkpoint
-from model.sampling import generate
-from model.tokenizer import train_tokenizer
-from model.training import train
+from model.inference.sampling import generate
+from model.training.loop import train
+from model.weights.loading import load_checkpoint
 
 CPU = torch.device("cpu")
 # What torch.cpu.get_capabilities() reports on each kind of CPU (the keys that matter here).
@@ -163,7 +163,7 @@ def test_auto_keeps_a_small_model_in_float32_for_generation(cli, fake_cpu,  # no
 
 
 def test_a_checkpoints_parameters_are_counted_without_loading_it(saved):  # noqa: F811
-    from model.pretrained import parameter_count
+    from model.weights.loading import parameter_count
 
     _, run, model, _ = saved
     assert parameter_count(run) == model.num_params()

@@ -13,24 +13,24 @@ import pytest
 import torch
 
 import model as smallgpt
-from model.batches import BatchSampler
-from model.checkpoint import load_weights, read_checkpoint_config, save_checkpoint
+from model.cli.explore import main as explore_main
 from model.config import Config, config_from_dict, load_config
+from model.data.batches import BatchSampler
+from model.data.prepare import prepare_data
+from model.data.tokenizer import GPT2Tokenizer, train_tokenizer
 from model.errors import CheckpointError, ConfigError
-from model.explore.__main__ import main as explore_main
-from model.finetune import adopt_source
 from model.gpt import GPT, GPTConfig
-from model.prepare import prepare_data
-from model.pretrained import (
+from model.inference.sampling import generate
+from model.training.finetune import adopt_source
+from model.training.loop import train
+from model.weights.checkpoint import load_weights, read_checkpoint_config, save_checkpoint
+from model.weights.loading import (
     Pretrained,
     is_hf_directory,
     load_checkpoint,
     load_model,
     model_from_source,
 )
-from model.sampling import generate
-from model.tokenizer import GPT2Tokenizer, train_tokenizer
-from model.training import train
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,9 +13,9 @@ import torch
 from test_training import tiny_raw  # tests/ is on sys.path under pytest (rootdir conftest)
 
 from model import runtime
-from model.callbacks import Callback, TrainingState
 from model.config import config_from_dict
-from model.training import train
+from model.training.callbacks import Callback, TrainingState
+from model.training.loop import train
 
 
 def test_training_and_generation_threads_leave_busy_cores_alone(monkeypatch):

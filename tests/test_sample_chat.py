@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from model import GPT, Config, GPTConfig
-from model.chat import TURN_STOPS, render_chat
-from model.checkpoint import save_checkpoint
 from model.config import DataConfig
-from model.tokenizer import train_tokenizer
+from model.data.chat import TURN_STOPS, render_chat
+from model.data.tokenizer import train_tokenizer
+from model.weights.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import sample  # noqa: E402
+from model.cli import sample  # noqa: E402
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,:;?!'\n"
 BLOCK = 96

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from model import GPT, Config, GPTConfig
-from model.checkpoint import save_checkpoint
-from model.sampling import generate
-from model.tokenizer import train_tokenizer
+from model.data.tokenizer import train_tokenizer
+from model.inference.sampling import generate
+from model.weights.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import sample  # noqa: E402  (sample.py lives at the repository root)
+from model.cli import sample  # noqa: E402
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET: Ay me.\n\n"
 BLOCK = 16
@@ -241,8 +241,8 @@ def test_device_dtype_and_compile_options(cli, monkeypatch):
 
 
 def test_hugging_face_gpt2_directory_is_a_checkpoint_name(saved, tmp_path, monkeypatch, capsys):
-    from model import hf_tokenizer
-    from model.hf import save_hf_gpt2
+    from model.weights import hf_tokenizer
+    from model.weights.hf import save_hf_gpt2
 
     _, _, _, tokenizer = saved
     # No tokenizer files: GPT-2's vocabulary is meant; stand in for tiktoken's download.

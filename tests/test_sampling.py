@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from model import GPT, ConfigError, GPTConfig, SamplingError, TokenizerError
-from model.sampling import (
+from model.data.tokenizer import train_tokenizer
+from model.inference.sampling import (
     TextStream,
     encode_prompt,
     filter_logits,
@@ -17,7 +18,6 @@ from model.sampling import (
     repetition_penalty,
     sample_next,
 )
-from model.tokenizer import train_tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak.\n"
 BLOCK = 16
@@ -466,8 +466,8 @@ def test_bad_logits_processors_are_named(chars):
 def test_ids_past_the_tokenizer_are_never_drawn_shown_or_scored(chars):
     """A head wider than its tokenizer (gpt2_124m.yaml pads 50257 to 50304) has ids with no
     text: here they get by far the largest logits, and still nothing picks or lists them."""
-    from model.analysis import logit_lens, next_token
-    from model.scoring import score_text
+    from model.inference.analysis import logit_lens, next_token
+    from model.inference.scoring import score_text
     from model.serve.compute import distribution
 
     vocab = chars.vocab_size

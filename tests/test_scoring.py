@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from model import GPT, ConfigError, GPTConfig
-from model.scoring import score_text, score_tokens, windows
-from model.tokenizer import train_tokenizer
+from model.data.tokenizer import train_tokenizer
+from model.inference.scoring import score_text, score_tokens, windows
 
 BLOCK = 8
 

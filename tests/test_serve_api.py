@@ -26,10 +26,10 @@ openai = pytest.importorskip("openai", reason="the API tests use the official op
 
 from serve_server import failing_generate, load, running_server, train_tiny  # noqa: E402
 
-from model.sampling import generate  # noqa: E402
-from model.scoring import score_tokens  # noqa: E402
+from model.cli.serve import bind_warning  # noqa: E402
+from model.inference.sampling import generate  # noqa: E402
+from model.inference.scoring import score_tokens  # noqa: E402
 from model.serve import openai_api, pages  # noqa: E402
-from model.serve.__main__ import bind_warning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "tiny"

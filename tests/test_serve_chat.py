@@ -18,13 +18,13 @@ openai = pytest.importorskip("openai", reason="the API tests use the official op
 from serve_server import load, running_server, train_tiny  # noqa: E402
 
 from model import GPT, Config, GPTConfig  # noqa: E402
-from model.chat import TURN_STOPS, render_chat  # noqa: E402
-from model.checkpoint import save_checkpoint  # noqa: E402
 from model.config import DataConfig  # noqa: E402
-from model.pretrained import Pretrained, load_model  # noqa: E402
-from model.sampling import generate  # noqa: E402
+from model.data.chat import TURN_STOPS, render_chat  # noqa: E402
+from model.data.tokenizer import train_tokenizer  # noqa: E402
+from model.inference.sampling import generate  # noqa: E402
 from model.serve.chat_api import chat_trained  # noqa: E402
-from model.tokenizer import train_tokenizer  # noqa: E402
+from model.weights.checkpoint import save_checkpoint  # noqa: E402
+from model.weights.loading import Pretrained, load_model  # noqa: E402
 
 NAME = "tiny"
 LIMIT = 200

@@ -25,9 +25,9 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 from serve_server import running_server  # noqa: E402
 
+from model.data.tokenizer import CharTokenizer  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
-from model.pretrained import Pretrained  # noqa: E402
-from model.tokenizer import CharTokenizer  # noqa: E402
+from model.weights.loading import Pretrained  # noqa: E402
 
 LIMIT = 4  # the server's max_tokens: the fuzz checks the protocol, not long generations
 CHARS = "\n !',.:?ASUabcdefghijklmnopqrstuvwxyz"  # with the chat template's role headers

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.gpt import GPT, GPTConfig
-from model.tally import parameter_tally
+from model.inference.tally import parameter_tally
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -9,9 +9,8 @@ from collections import Counter
 import pytest
 import regex
 
-from model import tokenizer as tokenizer_module
-from model.errors import TokenizerError
-from model.tokenizer import (
+from model.data import tokenizer as tokenizer_module
+from model.data.tokenizer import (
     GPT2_PATTERN,
     BPETokenizer,
     CharTokenizer,
@@ -21,6 +20,7 @@ from model.tokenizer import (
     tokenizer_from_spec,
     train_tokenizer,
 )
+from model.errors import TokenizerError
 
 TRICKY = [
     "", "Hello world", "  leading and trailing  ", "tabs\tand\nnew\r\nlines\n\n\n",

@@ -16,13 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from model.callbacks import Callback, TrainingState
 from model.config import config_from_dict
 from model.errors import CheckpointError, ConfigError, TrainingError
 from model.gpt import GPT, GPTConfig
-from model.optim import lr_at
-from model.pretrained import load_checkpoint
-from model.training import TrainResult, train
+from model.training.callbacks import Callback, TrainingState
+from model.training.loop import TrainResult, train
+from model.training.optim import lr_at
+from model.weights.loading import load_checkpoint
 from train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,53 +1,6 @@
-"""The command line of `python -m model.data`: tokenize a corpus into the data cache."""
+"""`python -m model.data`: the command line is model/cli/data.py."""
 
-from __future__ import annotations
-
-import argparse
-import sys
-
-from ..cli import run_cli
-from ..config import DataConfig
-from ..prepare import prepare_data
-from ..token_files import SPLITS
-
-
-def main(argv: list[str] | None = None) -> int:
-    defaults = DataConfig()
-    parser = argparse.ArgumentParser(prog="python -m model.data",
-                                     description="Tokenize a corpus into the data cache.")
-    parser.add_argument("source", nargs="?", default=defaults.source,
-                        help="shakespeare, a .txt file, a directory, a glob, or hf:NAME")
-    parser.add_argument("--tokenizer", default=defaults.tokenizer, help="gpt2, char or bpe")
-    parser.add_argument("--bpe-vocab-size", type=int, default=defaults.bpe_vocab_size)
-    parser.add_argument("--bpe-sample-mb", type=float, default=defaults.bpe_sample_mb,
-                        help="MB of training text the bpe merges are learned from")
-    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    parser.add_argument("--cache-dir", default=defaults.cache_dir)
-    parser.add_argument("--num-proc", type=int, default=defaults.num_proc)
-    parser.add_argument("--block-size", type=int, default=256,
-                        help="only checked: each split must hold one window of this + 1 tokens")
-    parser.add_argument("--hf-config", default=None)
-    parser.add_argument("--hf-split", default=defaults.hf_split)
-    parser.add_argument("--text-column", default=defaults.text_column)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-
-    def run() -> int:
-        cfg = DataConfig(source=args.source, hf_config=args.hf_config, hf_split=args.hf_split,
-                         text_column=args.text_column, tokenizer=args.tokenizer,
-                         bpe_vocab_size=args.bpe_vocab_size, bpe_sample_mb=args.bpe_sample_mb,
-                         val_fraction=args.val_fraction, cache_dir=args.cache_dir,
-                         num_proc=args.num_proc)
-        data = prepare_data(cfg, args.block_size, progress=not args.no_progress)
-        print(f"{'reused' if data.reused else 'wrote'} {data.dir} ({data.tokenizer.name}, "
-              f"{data.tokenizer.vocab_size} tokens)")
-        for split in SPLITS:
-            print(f"  {split}: {data.num_tokens(split):,} tokens, "
-                  f"{data.bytes_per_token(split):.3f} bytes/token")
-        return 0
-
-    return run_cli(run)
-
+from model.cli.data import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

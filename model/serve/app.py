@@ -20,9 +20,9 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..pretrained import Pretrained
-from .http_errors import install_handlers
-from .state import DEFAULT_MAX_TOKENS, Served
+from model.serve.http_errors import install_handlers
+from model.serve.state import DEFAULT_MAX_TOKENS, Served
+from model.weights.loading import Pretrained
 
 STATIC = Path(__file__).parent / "static"
 
@@ -36,8 +36,8 @@ def create_app(pretrained: Pretrained, name: str | None = None,
                max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
     """The app serving `pretrained` (from model.pretrained.load_model) under the id `name`."""
     # FastAPI and pydantic load only when a server is made.
-    from . import chat_api, openai_api, pages
-    from .protocol import openapi_for
+    from model.serve import chat_api, openai_api, pages
+    from model.serve.protocol import openapi_for
 
     served = Served(pretrained.model.eval(), pretrained.tokenizer,
                     model_id(pretrained, name), pretrained.description, max_tokens,

@@ -21,14 +21,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..chat import TURN_STOPS, render_chat
-from ..pretrained import Pretrained
-from ..sampling import Step, generate
-from .compute import LOGPROB_FLOOR, finite
-from .http_errors import in_thread, stream_error
-from .openai_api import event_stream
-from .protocol import ERRORS, STREAMED, ChatCompletionRequest, Message, check, sse
-from .state import Served, ServedModel
+from model.data.chat import TURN_STOPS, render_chat
+from model.inference.sampling import Step, generate
+from model.serve.compute import LOGPROB_FLOOR, finite
+from model.serve.http_errors import in_thread, stream_error
+from model.serve.openai_api import event_stream
+from model.serve.protocol import ERRORS, STREAMED, ChatCompletionRequest, Message, check, sse
+from model.serve.state import Served, ServedModel
+from model.weights.loading import Pretrained
 
 router = APIRouter(responses=ERRORS)
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..gpt import GPT
-from ..sampling import filter_logits, without_padding
-from ..scoring import score_tokens
-from ..tokenizer import Tokenizer
+from model.data.tokenizer import Tokenizer
+from model.gpt import GPT
+from model.inference.sampling import filter_logits, without_padding
+from model.inference.scoring import score_tokens
 
 LOGPROB_FLOOR = -1e4  # JSON has no -inf: a probability that underflows reports this instead
 

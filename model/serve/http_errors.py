@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import SmallGPTError
-from .engine import EngineStopped
+from model.errors import SmallGPTError
+from model.serve.engine import EngineStopped
 
 T = TypeVar("T")
 MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused before it is parsed

@@ -20,11 +20,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..sampling import Step, generate
-from ..tokenizer import EOT_TEXT
-from .compute import TokenLogprob, finite, prompt_logprobs
-from .http_errors import in_thread, stream_error
-from .protocol import (
+from model.data.tokenizer import EOT_TEXT
+from model.inference.sampling import Step, generate
+from model.serve.compute import TokenLogprob, finite, prompt_logprobs
+from model.serve.http_errors import in_thread, stream_error
+from model.serve.protocol import (
     ERRORS,
     STREAMED,
     CompletionRequest,
@@ -34,7 +34,7 @@ from .protocol import (
     limit,
     sse,
 )
-from .state import Served, ServedModel
+from model.serve.state import Served, ServedModel
 
 router = APIRouter(responses=ERRORS)
 

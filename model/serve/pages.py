@@ -22,15 +22,17 @@ from typing import Any, TypeVar
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from .. import analysis  # neighbours, analogy, direction, attention: as python -m model.explore
-from ..chat import TURN_STOPS
-from ..errors import SmallGPTError
-from ..sampling import generate
-from .chat_api import chat_prompt
-from .compute import distribution, window_start
-from .http_errors import from_library, stream_error
-from .openai_api import encode, event_stream
-from .protocol import (
+from model.data.chat import TURN_STOPS
+from model.errors import SmallGPTError
+from model.inference import (  # the explorations, as in python -m model.explore
+    analysis,
+)
+from model.inference.sampling import generate
+from model.serve.chat_api import chat_prompt
+from model.serve.compute import distribution, window_start
+from model.serve.http_errors import from_library, stream_error
+from model.serve.openai_api import encode, event_stream
+from model.serve.protocol import (
     ERRORS,
     STREAMED,
     AnalogyRequest,
@@ -42,7 +44,7 @@ from .protocol import (
     check,
     sse,
 )
-from .state import Served, ServedModel
+from model.serve.state import Served, ServedModel
 
 router = APIRouter(prefix="/api", responses=ERRORS)
 T = TypeVar("T")

@@ -22,9 +22,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from ..tokenizer import EOT_TEXT, CharTokenizer
-from .http_errors import APIError
-from .state import Served
+from model.data.tokenizer import EOT_TEXT, CharTokenizer
+from model.serve.http_errors import APIError
+from model.serve.state import Served
 
 MAX_N = 16  # samples per prompt: generated side by side, each with its own KV cache
 MAX_PROMPTS = 64  # prompts in one completion request (generated one after another)

@@ -12,10 +12,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ..gpt import GPT
-from ..tokenizer import Tokenizer
-from .engine import Engine
-from .http_errors import APIError
+from model.data.tokenizer import Tokenizer
+from model.gpt import GPT
+from model.serve.engine import Engine
+from model.serve.http_errors import APIError
 
 DEFAULT_MAX_TOKENS = 1024  # the most new tokens one request may ask for
 

@@ -1,0 +1,251 @@
+"""Look inside a trained GPT: embedding neighbours, analogies and directions, the next-token
+distribution, attention maps, and the logit lens. Works on any model `--checkpoint` names: a
+smallgpt run, gpt2 (and its larger sizes), or a Hugging Face GPT-2 directory.
+
+    python -m model.explore neighbors king --checkpoint out/small
+    python -m model.explore analogy king man woman
+    python -m model.explore direction cats cat --words "dog dogs house houses"
+    python -m model.explore params --preset gpt3
+    python -m model.explore next "The cat sat on the" --temperatures 0.5 1 2
+    python -m model.explore attention "The cat sat on the mat" --layer 0 --head 1
+    python -m model.explore lens "The cat sat on the" --checkpoint gpt2
+
+A word is looked up in its leading-space form (" king") when that is one token, as BPE models
+meet it mid-sentence; the output names the form used, and a word of several tokens is the mean
+of their vectors (see model.analysis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from model.cli.common import load_named_model, run_cli
+from model.inference.analysis import (
+    Analogy,
+    AttentionMap,
+    Direction,
+    Lens,
+    Neighbors,
+    NextToken,
+    Scored,
+    WordVector,
+    analogy,
+    attention,
+    direction,
+    logit_lens,
+    neighbors,
+    next_token,
+    to_jsonable,
+)
+from model.inference.tally import TallyRow, parameter_tally
+
+if TYPE_CHECKING:
+    from model.weights.loading import Pretrained
+
+
+# -- text output ---------------------------------------------------------------------------------
+def describe_word(w: WordVector) -> str:
+    """One line naming the form used and, if the word is several tokens, the pieces."""
+    if w.multi_token:
+        pieces = " + ".join(repr(p) for p in w.pieces)
+        return (f"{w.word!r} as {w.form!r} is {len(w.ids)} tokens, {pieces}: "
+                "using the mean of their vectors")
+    return f"{w.word!r} as {w.form!r} is one token (id {w.ids[0]})"
+
+
+def _table(rows: list[Scored], label: str) -> list[str]:
+    lines = [f"  {'rank':>4}  {'token':<20}{'id':>8}  {label}"]
+    for rank, s in enumerate(rows, 1):
+        lines.append(f"  {rank:>4}  {s.token!r:<20}{s.id:>8}  {s.score:+.4f}")
+    return lines
+
+
+def format_neighbors(r: Neighbors) -> str:
+    return "\n".join([describe_word(r.query), "nearest tokens by cosine similarity of W_E rows:",
+                      *_table(r.neighbors, "cosine")])
+
+
+def format_analogy(r: Analogy) -> str:
+    a, b, c = r.words
+    head = [describe_word(w) for w in r.words if w.multi_token]
+    head.append(f"{a.form!r} - {b.form!r} + {c.form!r} is nearest to (A, B, C left out):")
+    return "\n".join([*head, *_table(r.answers, "cosine")])
+
+
+def format_direction(r: Direction) -> str:
+    lines = [describe_word(w) for w in (r.positive, r.negative) if w.multi_token]
+    lines.append(f"direction {r.positive.form!r} - {r.negative.form!r} (length {r.norm:.4f}); "
+                 "words by dot product with it, most towards the first word at the top:")
+    lines.append(f"  {'word':<20}{'dot':>10}{'cosine':>10}  tokens")
+    for p in r.projections:
+        note = " + ".join(repr(t) for t in p.word.pieces)
+        note += " (mean)" if p.word.multi_token else ""
+        lines.append(f"  {p.word.form!r:<20}{p.dot:>+10.4f}{p.cosine:>+10.4f}  {note}")
+    return "\n".join(lines)
+
+
+def format_next(r: NextToken) -> str:
+    temps = "".join(f"{'p@T=' + format(t, 'g'):>10}" for t in r.temperatures)
+    lines = [f"prompt tokens: {' '.join(repr(t) for t in r.prompt)}",
+             f"  {'rank':>4}  {'token':<20}{'id':>8}{'logit':>10}{temps}"]
+    for i, s in enumerate(r.top):
+        probs = "".join(f"{r.probs[j][i]:>10.4f}" for j in range(len(r.temperatures)))
+        lines.append(f"  {i + 1:>4}  {s.token!r:<20}{s.id:>8}{s.score:>10.3f}{probs}")
+    rest = "".join(f"{o:>10.4f}" for o in r.other)
+    lines.append(f"  {'':>4}  {'(all other tokens)':<28}{'':>10}{rest}")
+    return "\n".join(lines)
+
+
+def format_attention(r: AttentionMap, top: int = 3) -> str:
+    which = f"head {r.head}" if r.head is not None else f"mean of {r.n_heads} heads"
+    lines = [f"layer {r.layer}, {which}; each token and the tokens it attends to most:"]
+    for q, (token, row) in enumerate(zip(r.tokens, r.weights)):
+        best = sorted(range(q + 1), key=lambda j: row[j], reverse=True)[:top]
+        seen = ", ".join(f"{r.tokens[j]!r}@{j} {row[j]:.2f}" for j in best)
+        lines.append(f"  {q:>3} {token!r:<16} -> {seen}")
+    return "\n".join(lines)
+
+
+def format_lens(r: Lens) -> str:
+    lines = ["logit lens: the likeliest next tokens read from each layer (final norm, then W_U)"]
+    for pos, token in enumerate(r.tokens):
+        lines.append(f"after {token!r} (position {pos}):")
+        for name, layer in zip(r.layers, r.top):
+            guesses = ", ".join(f"{s.token!r} {s.score:.2f}" for s in layer[pos])
+            lines.append(f"  {name:<12} {guesses}")
+    return "\n".join(lines)
+
+
+def format_tally(rows: list[TallyRow]) -> str:
+    """A plain-text table with counts, share of the total, and shapes."""
+    total = sum(r.count for r in rows)
+    lines = [f"{'component':<24}{'parameters':>18}{'share':>8}  shapes"]
+    for r in rows:
+        shapes = ", ".join("x".join(str(d) for d in s) for s in r.shapes)
+        share = f"{100 * r.count / total:.1f}%" if total else "-"
+        count = f"{r.count:,}"
+        if r.shared_with:
+            count, share = "0", "tied"
+            shapes += f" (shared with {r.shared_with})"
+        lines.append(f"{r.component:<24}{count:>18}{share:>8}  {shapes}")
+    lines.append(f"{'total':<24}{total:>18,}{'100%':>8}")
+    return "\n".join(lines)
+
+
+# -- command line --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    source = common.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", metavar="NAME",
+                        help="a run or checkpoint dir, gpt2[-medium|-large|-xl], or a Hugging "
+                             "Face GPT-2 dir (default: the newest checkpoint under out/)")
+    source.add_argument("--hf-gpt2", metavar="DIR", dest="checkpoint",
+                        help="GPT-2 weights in the Hugging Face layout (same as --checkpoint)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    plot = argparse.ArgumentParser(add_help=False)
+    plot.add_argument("--out", metavar="FILE.png", help="where to write the plot")
+
+    parser = argparse.ArgumentParser(prog="python -m model.explore", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("neighbors", parents=[common], help="nearest tokens in W_E")
+    p.add_argument("word")
+    p.add_argument("-k", type=int, default=10)
+    p = sub.add_parser("analogy", parents=[common], help="A - B + C, e.g. king man woman")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("c")
+    p.add_argument("-k", type=int, default=5)
+    p = sub.add_parser("direction", parents=[common], help="project words on E(POS) - E(NEG)")
+    p.add_argument("positive")
+    p.add_argument("negative")
+    p.add_argument("--words", required=True, help='words separated by spaces: "dog dogs house"')
+    p = sub.add_parser("params", parents=[common], help="parameter count by component")
+    p.add_argument("--preset", help="a named shape such as gpt2 or gpt3 (no memory allocated)")
+    p = sub.add_parser("next", parents=[common, plot], help="next-token distribution")
+    p.add_argument("prompt")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    p.add_argument("-k", type=int, default=10)
+    p = sub.add_parser("attention", parents=[common, plot], help="attention heatmap")
+    p.add_argument("prompt")
+    p.add_argument("--layer", type=int, help="default: the last layer")
+    p.add_argument("--head", type=int, help="default: the mean over heads")
+    p = sub.add_parser("lens", parents=[common], help="the logit lens")
+    p.add_argument("prompt")
+    p.add_argument("-k", type=int, default=3)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Pretrained:
+    from model.runtime import pick_device
+
+    return load_named_model(args.checkpoint, pick_device(args.device, setting="--device"))
+
+
+def _params(args: argparse.Namespace) -> tuple[Any, str]:
+    from model.gpt import GPTConfig
+
+    if args.preset:
+        target = GPTConfig.from_preset(args.preset)  # tallied on the meta device: no memory
+    else:
+        target = _load(args).model
+    rows = parameter_tally(target)
+    data = {"rows": [asdict(r) for r in rows], "total": sum(r.count for r in rows)}
+    return data, format_tally(rows)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse, compute, print; user errors raise SmallGPTError (see `main`)."""
+    args = build_parser().parse_args(argv)
+    if args.command == "params":
+        data, text = _params(args)
+        print(json.dumps(data, indent=2) if args.json else text)
+        return 0
+    loaded = _load(args)
+    model, tok = loaded.model, loaded.tokenizer
+    # Plots go beside a smallgpt run's checkpoints; GPT-2 weights have no run, so the cwd.
+    run_dir = loaded.path.parent if loaded.kind == "smallgpt" else Path(".")
+    png = None
+    if args.command == "neighbors":
+        result = neighbors(model, tok, args.word, args.k)
+        text = format_neighbors(result)
+    elif args.command == "analogy":
+        result = analogy(model, tok, args.a, args.b, args.c, args.k)
+        text = format_analogy(result)
+    elif args.command == "direction":
+        result = direction(model, tok, args.positive, args.negative, args.words.split())
+        text = format_direction(result)
+    elif args.command == "next":
+        from model.inference.plots import plot_next_token
+
+        result = next_token(model, tok, args.prompt, args.temperatures, args.k)
+        text = format_next(result)
+        png = plot_next_token(result, Path(args.out or run_dir / "next.png"))
+    elif args.command == "attention":
+        from model.inference.plots import plot_attention
+
+        result = attention(model, tok, args.prompt, args.layer, args.head)
+        text = format_attention(result)
+        png = plot_attention(result, Path(args.out or run_dir / "attention.png"))
+    else:
+        result = logit_lens(model, tok, args.prompt, args.k)
+        text = format_lens(result)
+    if args.json:
+        data = to_jsonable(result)
+        if png is not None:
+            data["png"] = str(png)
+        print(json.dumps(data, indent=2))
+    else:
+        print(text)
+        if png is not None:
+            print(f"plot written to {png}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: run(argv))

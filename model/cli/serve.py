@@ -1,0 +1,106 @@
+"""Front: `python -m model.serve [--checkpoint NAME] [--host 127.0.0.1] [--port 8000]`; also what
+`python sample.py --serve` calls. Loads the model once, says what it serves and where, warns when
+the address is reachable from other machines, and serves until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from typing import TextIO
+
+from model.cli.common import load_named_model, run_cli
+from model.errors import ConfigError, SamplingError
+from model.runtime import choose_dtype, configure_threads, generation_threads, pick_device
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+GRACE_S = 2  # at Ctrl-C, open streams get this long to end before the server closes them
+
+
+def bind_warning(host: str) -> str | None:
+    """What to tell the user before binding `host`, if it is not this machine only."""
+    if host in LOCAL_HOSTS:
+        return None
+    return (f"warning: serving on {host}: anyone who can reach this address can use the model "
+            "(there is no authentication); use --host 127.0.0.1 to keep it to this machine")
+
+
+def run(name: str | None, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+        dtype: str = "auto", threads: int | None = None, max_tokens: int | None = None,
+        err: TextIO | None = None, pack: bool = True) -> int:
+    """Load the model `name` and serve the playground and API on host:port until Ctrl-C.
+    `pack`: the linear layers packed for oneDNN where the CPU can (model/packed.py)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise ConfigError("serving needs FastAPI and uvicorn, the optional serve extra: "
+                          "pip install -e '.[serve]'") from exc
+    from model.serve.app import DEFAULT_MAX_TOKENS, create_app
+
+    err = err or sys.stderr
+    if not 0 <= port <= 65535:
+        raise SamplingError(f"--port must be between 0 and 65535, got {port}")
+    if threads is not None and threads < 1:
+        raise SamplingError(f"--threads must be >= 1, got {threads}")
+    if max_tokens is not None and max_tokens < 1:
+        raise SamplingError(f"--max-tokens must be >= 1, got {max_tokens}")
+    configure_threads(threads or generation_threads())
+    dev = pick_device(device, setting="--device")
+    warning = bind_warning(host)
+    if warning:
+        print(warning, file=err)
+    sock = listen(host, port)  # before the (slow) load: a busy port fails at once
+    try:
+        loaded = load_named_model(name, dev, err, choose_dtype(dtype, dev, setting="--dtype"),
+                                  pack=pack)
+        app = create_app(loaded, name, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
+        port = sock.getsockname()[1]  # the one the OS chose, for --port 0
+        shown = f"[{host}]" if ":" in host else host
+        print(f"playground: http://{shown}:{port}/   API: http://{shown}:{port}/v1 "
+              f"(model {app.state.served.model_id!r}); Ctrl-C stops", file=err)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACE_S)
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after shutting down
+        pass
+    finally:
+        sock.close()
+    print("server stopped", file=err)
+    return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, opened here so that a busy port or a bad address is one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}; pick another --port or "
+                          "--host") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Serve a model: the web playground and an "
+                                            "OpenAI-compatible API.")
+    p.add_argument("--checkpoint", metavar="NAME",
+                   help="a run or checkpoint dir, gpt2[-medium|-large|-xl], or a Hugging Face "
+                        "GPT-2 dir (default: the newest checkpoint under out/)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the model")
+    p.add_argument("--max-tokens", type=int, metavar="N",
+                   help="the most new tokens one request may ask for (default 1024)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="keep PyTorch's own CPU matrix kernels instead of packing the linear "
+                        "layers for oneDNN (model/packed.py)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args.checkpoint, args.host, args.port, args.device, args.dtype,
+                               args.threads, args.max_tokens, pack=not args.no_pack))

@@ -1,0 +1,349 @@
+"""Text generation: temperature, top-k and top-p sampling over a KV cache, one token at a time.
+
+    prompt -> tokens -> prefill the cache -> per step: last logits -> logits processors ->
+    temperature -> top-k -> top-p -> softmax -> seeded draw -> Step(token, its probability,
+    the top alternatives, optionally the raw logits)
+
+`generate` yields a `Step` for every new token of every sample, so a caller can stream the text,
+print the distribution behind each choice, or collect the tokens for research. Research code can
+change the logits before the draw with a logits processor, `fn(ids, logits) -> logits`: it sees
+every token so far (the prompt and all generated tokens, also those the context window has moved
+past) and the logits (B, V) of the step; `repetition_penalty` is one.
+
+The context window. The model sees at most `block_size` tokens. Re-running the whole window for
+every new token (a sliding window) would throw the cache away at each step, so once the window is
+full the next token moves it on by `shift` tokens at once: the oldest `shift` are dropped and the
+cache is refilled with the remaining `block_size + 1 - shift` in one forward pass; the following
+tokens again cost one cached position each until the window is full again. The model therefore
+always sees between `block_size + 1 - shift` and `block_size` of the latest tokens. The reference
+path (`use_cache=False`) recomputes exactly the same window from scratch at every step, so both
+give the same greedy tokens. `window_shift=1` is the classic sliding window (a refill per token).
+"""
+
+from __future__ import annotations
+
+import codecs
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from model.data.tokenizer import Tokenizer
+from model.errors import ConfigError, SamplingError
+
+
+@dataclass
+class Step:
+    """One generated token of one sample.
+
+    `prob` and `top` come from the distribution the token was drawn from (after temperature,
+    top-k and top-p); for greedy decoding (temperature 0) from the plain softmax of the logits.
+    `delta` is the text this token adds to the output: it can be empty while the bytes of a
+    UTF-8 character are incomplete or while the text may be the start of a stop string.
+    """
+
+    sample: int  # which of the num_samples sequences
+    index: int  # 0 for the first generated token of that sample
+    token: int
+    text: str  # the token on its own, as tokenizer.token_text shows it
+    prob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token, text, prob)
+    delta: str = ""
+    finished: str | None = None  # None while going on, else "stop", "eot" or "length"
+    # The model's logits (V,) that this token was chosen from, before any logits processor,
+    # temperature or filtering; only with generate(..., with_logits=True), else None.
+    logits: torch.Tensor | None = None
+
+
+# A logits processor: fn(ids (B, t), logits (B, V)) -> logits (B, V). ids holds the prompt and
+# every token generated so far for each sample; the result replaces the logits of the step.
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def repetition_penalty(penalty: float) -> LogitsProcessor:
+    """A logits processor that makes every token already in the sequence (prompt included)
+    less likely: its logit is divided by `penalty` when positive, multiplied when negative,
+    as in CTRL (Keskar et al., 2019, section 4.1). penalty 1 changes nothing."""
+    if not penalty > 0 or penalty == float("inf"):
+        raise SamplingError(f"the repetition penalty must be a number > 0, got {penalty}")
+
+    def apply(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        seen = logits.gather(-1, ids)  # (B, t): a token seen twice is gathered twice, same value
+        seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+        return logits.scatter(-1, ids, seen)
+
+    return apply
+
+
+def check_sampling_args(temperature: float = 1.0, top_k: int | None = None,
+                        top_p: float | None = None, max_new_tokens: int = 0,
+                        num_samples: int = 1, show_top: int = 0,
+                        stop: Sequence[str] = ()) -> None:
+    """Raise SamplingError (one line, naming the argument) for out-of-range values."""
+    if not temperature >= 0 or temperature == float("inf"):  # `not >=` also catches NaN
+        raise SamplingError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise SamplingError(f"top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SamplingError(f"top-p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise SamplingError(f"max-new-tokens must be >= 0, got {max_new_tokens}")
+    if num_samples < 1:
+        raise SamplingError(f"num-samples must be >= 1, got {num_samples}")
+    if show_top < 0:
+        raise SamplingError(f"the number of alternatives to show must be >= 0, got {show_top}")
+    if any(s == "" for s in stop):
+        raise SamplingError("a stop string must not be empty")
+
+
+def without_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`logits` (..., V) with every id from `vocab_size` on at -inf. A head can be wider than
+    its tokenizer (gpt2_124m.yaml pads 50257 to 50304 for faster matmuls): those ids have no
+    text, so they must never be drawn, shown or counted in a distribution."""
+    if logits.size(-1) <= vocab_size:
+        return logits
+    return logits.index_fill(-1, torch.arange(vocab_size, logits.size(-1),
+                                              device=logits.device), float("-inf"))
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Set every logit outside the top-k, then outside the nucleus, to -inf. logits: (B, V).
+
+    The nucleus is the smallest set of most likely tokens whose probabilities add up to at least
+    top_p; it always holds the most likely token.
+    """
+    if top_k is not None and top_k < logits.size(-1):
+        # Scatter the k best back into -inf rather than compare with the k-th value: with ties
+        # a comparison would keep more than k tokens.
+        values, indices = logits.topk(top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop = mass_before >= top_p  # the set was already complete before this token
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the next token of each row of logits (B, V); return tokens (B,) and the
+    probabilities (B, V) they were drawn from. Temperature 0 is greedy: the argmax, reported
+    with the plain softmax (top-k and top-p cannot change the argmax, so they are skipped)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1), logits.softmax(dim=-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+
+
+class TextStream:
+    """Turns one sample's tokens into printable text as they arrive.
+
+    Holds back the bytes of an incomplete UTF-8 character (a byte-level BPE token can end in the
+    middle of one) and any tail that could be the start of a stop string, so no stop string is
+    ever printed. Stop strings are looked for in the generated text only, not in the prompt.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded but not yet handed out
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Text now safe to show, and whether a stop string has appeared (it is not shown)."""
+        self.pending += self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        found = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if found:
+            out, self.pending = self.pending[:min(found)], ""
+            return out, True
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """Everything held back, at the end of the sample."""
+        out = self.pending + self.decoder.decode(b"", final=True)
+        self.pending = ""
+        return out
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size: int,
+                  on_overflow: Literal["crop", "error"] = "crop",
+                  warn: Callable[[str], None] | None = None) -> list[int]:
+    """Prompt tokens; an empty prompt is the end-of-text token, where documents start.
+
+    A prompt longer than the context (block_size tokens) is cropped to its last block_size
+    tokens with a warning (on_overflow="crop": generation only needs the latest context), or
+    refused with a ConfigError (on_overflow="error": analysis reports on every prompt token).
+    """
+    return crop_prompt(prompt_tokens(tokenizer, prompt), block_size, on_overflow, warn)
+
+
+def prompt_tokens(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """The prompt's tokens, all of them; an empty prompt is the end-of-text token."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    return ids or [tokenizer.eot_id]
+
+
+def crop_prompt(ids: list[int], block_size: int, on_overflow: Literal["crop", "error"] = "crop",
+                warn: Callable[[str], None] | None = None) -> list[int]:
+    """ids if they fit the context, else their last block_size (see encode_prompt)."""
+    if len(ids) <= block_size:
+        return ids
+    message = (f"the prompt has {len(ids)} tokens, more than the context size "
+               f"block_size={block_size}; ")
+    if on_overflow == "error":
+        raise ConfigError(message + "shorten it")
+    message += f"using its last {block_size} tokens"
+    if warn is None:
+        warnings.warn(message, stacklevel=3)  # points at the caller of generate
+    else:
+        warn(message)
+    return ids[-block_size:]
+
+
+def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int] = "",
+             max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
+             num_samples: int = 1, show_top: int = 5, use_cache: bool = True,
+             window_shift: int | None = None, ignore_eot: bool = False,
+             warn: Callable[[str], None] | None = None,
+             logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+             with_logits: bool = False) -> Iterator[Step]:
+    """Generate `num_samples` continuations of `prompt` side by side (one batch), yielding a
+    Step per new token per sample, in sample order within each position.
+
+    A sample ends at the end-of-text token (its Step has finished="eot"), when its text contains
+    a stop string ("stop"), or after max_new_tokens ("length"). The same seed gives the same
+    text; seed=None draws a fresh one. `show_top` alternatives (with non-zero probability) are
+    reported per step. `window_shift` (default block_size // 4) is how far the context window
+    moves when it is full; see the module docstring. `ignore_eot` keeps going past end-of-text
+    (for benchmarks). The model is in eval mode until the generator ends.
+
+    `logits_processor` (one, or several applied in order) rewrites each step's logits before the
+    temperature and the draw: it is called as fn(ids, logits) with ids (B, t), the prompt (all of
+    it, even if longer than the context) and every token generated so far, and the float32
+    logits (B, V), its own copy; finished samples ride along in the batch. `prob` and `top` then
+    describe the processed distribution. `with_logits` puts the model's raw logits of each step
+    on its Step (before processors, temperature and filtering; in the model's dtype).
+
+    Arguments are checked here, before the first step, so bad values fail at the call.
+    """
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens, num_samples, show_top, stop)
+    block_size = model.config.block_size
+    shift = window_shift if window_shift is not None else max(1, block_size // 4)
+    if not 1 <= shift <= block_size:
+        raise SamplingError(f"window shift must be in [1, block_size={block_size}], got {shift}")
+    if logits_processor is None:
+        processors: tuple[LogitsProcessor, ...] = ()
+    elif callable(logits_processor):
+        processors = (logits_processor,)
+    else:
+        processors = tuple(logits_processor)
+    for fn in processors:
+        if not callable(fn):
+            raise SamplingError(f"a logits processor must be callable, got {fn!r}")
+    history = prompt_tokens(tokenizer, prompt)
+    ids = crop_prompt(history, block_size, warn=warn)
+    return _generate(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed,
+                     tuple(stop), num_samples, show_top, use_cache, block_size + 1 - shift,
+                     None if ignore_eot else tokenizer.eot_id, processors,
+                     history if processors else [], with_logits)
+
+
+@torch.inference_mode()  # as a decorator it is switched on only while the generator runs
+def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], max_new_tokens: int,
+              temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+              stop: tuple[str, ...], num_samples: int, show_top: int, use_cache: bool,
+              keep: int, eot: int | None, processors: tuple[LogitsProcessor, ...],
+              history_ids: list[int], with_logits: bool) -> Iterator[Step]:
+    if max_new_tokens == 0:
+        return
+    device = next(model.parameters()).device
+    block_size = model.config.block_size
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache(num_samples) if use_cache else None
+    window = torch.tensor([ids] * num_samples, device=device)  # (B, T): what the model sees
+    if processors:
+        # Every token so far, for the processors: unlike the window it never drops any.
+        history = torch.empty(num_samples, len(history_ids) + max_new_tokens, dtype=torch.long,
+                              device=device)
+        history[:, :len(history_ids)] = torch.tensor(history_ids, device=device)
+        seen = len(history_ids)
+    streams = [TextStream(tokenizer, stop) for _ in range(num_samples)]
+    alive = [True] * num_samples
+    try:
+        logits = model(window, cache=cache)[0][:, -1]  # prefill: the whole prompt at once
+        raw_shape = logits.shape
+        for index in range(max_new_tokens):
+            # Its own copy: a view would keep the whole forward pass's (B, T, V) logits alive.
+            raw = logits.clone() if with_logits else None
+            logits = without_padding(logits, tokenizer.vocab_size)
+            if processors:
+                logits = logits.to(torch.float32, copy=True)  # the processors' own copy
+                for fn in processors:
+                    logits = fn(history[:, :seen], logits)
+                    if not isinstance(logits, torch.Tensor) or logits.shape != raw_shape:
+                        raise SamplingError(f"the logits processor {fn!r} must return a tensor "
+                                            f"of shape {tuple(raw_shape)}, got "
+                                            f"{getattr(logits, 'shape', type(logits).__name__)}")
+            tokens, probs = sample_next(logits, temperature, top_k, top_p, generator)
+            chosen = probs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+            if show_top:
+                top_probs, top_ids = probs.topk(min(show_top, probs.size(-1)), dim=-1)
+                top_probs, top_ids = top_probs.tolist(), top_ids.tolist()
+            for b, token in enumerate(tokens.tolist()):
+                if not alive[b]:
+                    continue  # finished samples ride along in the batch; their tokens are unused
+                if token == eot:
+                    delta, finished = streams[b].flush(), "eot"
+                else:
+                    delta, stopped = streams[b].push(token)
+                    finished = "stop" if stopped else None
+                if finished is None and index == max_new_tokens - 1:
+                    delta, finished = delta + streams[b].flush(), "length"
+                alive[b] = finished is None
+                top = ([(t, tokenizer.token_text(t), p) for t, p in zip(top_ids[b], top_probs[b])
+                        if p > 0] if show_top else [])
+                yield Step(b, index, token, tokenizer.token_text(token), chosen[b], top, delta,
+                           finished, raw[b] if raw is not None else None)
+            if not any(alive):
+                return
+            if processors:
+                history[:, seen] = tokens
+                seen += 1
+            window = torch.cat((window, tokens[:, None]), dim=1)
+            if window.size(1) > block_size:
+                # The window is full: move it on by `shift` tokens, refilling the cache in one pass.
+                window = window[:, -keep:]
+                if cache is not None:
+                    cache.reset()
+                    logits = model(window, cache=cache)[0][:, -1]
+                    continue
+            if cache is not None:
+                logits = model(tokens[:, None], cache=cache)[0][:, -1]  # one position's compute
+            else:
+                logits = model(window)[0][:, -1]  # the reference: the whole window from scratch
+    finally:
+        model.train(was_training)

@@ -1,0 +1,146 @@
+"""Scoring: the log-probability the model gives each token of a text, log p(ids[t] | ids[:t]).
+
+This is what evaluation harnesses ask for (the log-likelihood of a continuation, perplexity),
+what the server's `echo` + `logprobs` reports, and what research code compares between models.
+
+    ids -> windows of at most block_size inputs -> forward (no gradients, several windows per
+    pass) -> log_softmax in float32 -> the log-probability of each next token (+ the top-k)
+
+A sequence that fits the context is one forward pass: the logits at position t - 1 score
+token t. A longer one is scored with a sliding window (as Hugging Face's perplexity guide does):
+windows of block_size inputs start every `stride` tokens, the last one ends at the end, and each
+window scores only the tokens the previous one did not reach. Every token after the first
+block_size thus sees at least block_size - stride + 1 earlier tokens; stride 1 gives every token
+a full context (one forward pass per token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.data.tokenizer import Tokenizer
+from model.errors import ConfigError
+from model.inference.sampling import without_padding
+
+
+@dataclass
+class TokenScores:
+    """Log-probabilities (nats) of every token after the first of a sequence, or of each row
+    of a batch: tokens[..., i] is ids[..., i + 1] and logprobs[..., i] its log p given all the
+    tokens before it (within the window, see the module docstring)."""
+
+    tokens: torch.Tensor  # (..., T - 1) long: the scored tokens, ids[..., 1:]
+    logprobs: torch.Tensor  # (..., T - 1) float32
+    top_ids: torch.Tensor | None = None  # (..., T - 1, top): the likeliest tokens, best first
+    top_logprobs: torch.Tensor | None = None  # (..., T - 1, top)
+    texts: list[str] | None = None  # score_text: each scored token as the tokenizer shows it
+
+    def total(self) -> torch.Tensor:
+        """The log-probability of all scored tokens together (per row): their sum."""
+        return self.logprobs.sum(dim=-1)
+
+
+def windows(length: int, block_size: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first) per window for a sequence of `length` ids: the window's inputs are
+    ids[start:start + block_size] and it scores the targets from ids[first + 1] on (positions
+    first - start.. of its logits). One window when length - 1 inputs fit."""
+    inputs = length - 1
+    if inputs <= block_size:
+        return [(0, 0)]
+    out, scored = [], 0  # scored: how many targets the windows so far cover
+    start = 0
+    while scored < inputs:
+        start = min(start, inputs - block_size)
+        out.append((start, scored))
+        scored = start + block_size
+        start += stride
+    return out
+
+
+@torch.no_grad()
+def score_tokens(model: nn.Module, ids: Sequence[int] | torch.Tensor, top: int = 0,
+                 stride: int | None = None, batch_size: int = 4,
+                 vocab_size: int | None = None) -> TokenScores:
+    """log p(ids[t] | ids[:t]) for t >= 1 of ids (T,) or of each row of ids (B, T).
+
+    `top` also returns the likeliest tokens at each position. Sequences longer than the
+    context (model.config.block_size + 1 ids) are scored with a sliding window that starts a
+    new window every `stride` tokens (default block_size // 2; see the module docstring).
+    Up to `batch_size` windows go through the model together. The model runs in eval mode
+    (no dropout) without gradients; its mode is restored afterwards. `vocab_size` (the
+    tokenizer's) leaves a padded head's extra ids out of every distribution.
+    """
+    block_size = model.config.block_size
+    stride = stride if stride is not None else max(1, block_size // 2)
+    if not 1 <= stride <= block_size:
+        raise ConfigError(f"stride must be in [1, block_size={block_size}], got {stride}")
+    if top < 0:
+        raise ConfigError(f"top must be >= 0, got {top}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(ids, dtype=torch.long).to(device)
+    if ids.dim() not in (1, 2):
+        raise ConfigError(f"ids must be (T,) or (B, T), got shape {tuple(ids.shape)}")
+    rows = ids.view(-1, ids.size(-1))  # (B, T)
+    B, T = rows.shape
+    vocab = model.config.vocab_size
+    if rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < vocab:
+        raise ConfigError(f"ids must be token ids in 0..{vocab - 1}")
+    top = min(top, vocab_size or vocab)
+    logprobs = torch.zeros(B, max(T - 1, 0), device=device)
+    top_ids = torch.zeros(B, max(T - 1, 0), top, dtype=torch.long, device=device)
+    top_logprobs = torch.zeros(B, max(T - 1, 0), top, device=device)
+    if T >= 2:
+        # Every (row, window) pair is one forward input of the same length, so any of them
+        # batch together.
+        plan = [(b, start, first) for b in range(B) for start, first in windows(T, block_size,
+                                                                                  stride)]
+        span = min(T - 1, block_size)
+        was_training = model.training
+        model.eval()
+        try:
+            for i in range(0, len(plan), batch_size):
+                chunk = plan[i:i + batch_size]
+                inputs = torch.stack([rows[b, s:s + span] for b, s, _ in chunk])  # (n, span)
+                logits = model(inputs)[0]  # (n, span, V)
+                for j, (b, start, first) in enumerate(chunk):
+                    new = logits[j, first - start:].float()  # unscored positions only
+                    if vocab_size is not None:
+                        new = without_padding(new, vocab_size)
+                    new = new.log_softmax(dim=-1)
+                    targets = rows[b, first + 1:start + span + 1]
+                    logprobs[b, first:first + len(targets)] = (
+                        new.gather(-1, targets[:, None]).squeeze(-1))
+                    if top:
+                        values, indices = new.topk(top, dim=-1)
+                        top_logprobs[b, first:first + len(targets)] = values
+                        top_ids[b, first:first + len(targets)] = indices
+        finally:
+            model.train(was_training)
+    shape = ids.shape[:-1] + (max(T - 1, 0),)
+    return TokenScores(
+        tokens=ids[..., 1:], logprobs=logprobs.view(shape),
+        top_ids=top_ids.view(*shape, top) if top else None,
+        top_logprobs=top_logprobs.view(*shape, top) if top else None)
+
+
+def score_text(model: nn.Module, tokenizer: Tokenizer, text: str, top: int = 0,
+               prepend_eot: bool = True, stride: int | None = None,
+               batch_size: int = 4) -> TokenScores:
+    """The log-probability of each token of `text` (see score_tokens).
+
+    With `prepend_eot` the text is scored as the start of a document, after the end-of-text
+    token GPT-2 was trained to see there, so its first token is scored too; without it the
+    first token is only context. `texts` shows each scored token.
+    """
+    ids = tokenizer.encode(text)
+    if prepend_eot:
+        ids = [tokenizer.eot_id] + ids
+    scores = score_tokens(model, ids, top, stride, batch_size, tokenizer.vocab_size)
+    scores.texts = [tokenizer.token_text(t) for t in scores.tokens.tolist()]
+    return scores
