@@ -2,6 +2,24 @@
 
     from model import GPT, GPTConfig, train, generate, load_model, load_config
 
+Start reading at model/gpt.py (the network), then model/training/loop.py (training) and
+model/inference/sampling.py (generation). The rest lives in wings, one job each:
+
+    base       errors.py, files.py, progress.py, runtime.py: what every wing may use
+    network    gpt.py and network/: the nn.Module, hook points, caches, LoRA, packed layers
+    data       data/: corpora, tokenizers, token caches, batches, the chat template
+    config     config.py: a whole run's settings, validated once
+    weights    weights/: checkpoints, loading by name, Hugging Face files, export
+    training   training/: train() and its parts
+    inference  inference/: generation, scoring, analysis
+    serve      serve/: the playground page and the OpenAI-compatible API
+    cli        cli/ (and the `python -m model.<command>` doors): every argparse and print
+
+A wing imports only wings above it in this list, with two exceptions: the network and data
+import nothing but base (data never imports the network), and training and inference never
+import each other (serve imports inference, not training). tests/test_layout.py checks every
+import, at module level, inside functions and under TYPE_CHECKING alike.
+
 Importing this package does no work: no device set-up, no downloads, no global state, and not
 even torch is imported. Each name below is looked up in its module on first use (PEP 562), so
 `import model` stays instant and a script pays only for what it touches.
@@ -12,15 +30,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Public name -> the module that defines it. Start reading at model/gpt.py.
+# Public name -> the module that defines it.
 _EXPORTS = {
     "GPT": "gpt",
     "GPTConfig": "gpt",
     "KVCache": "network.kv_cache",
     "HookPoint": "network.hooks",
     "ActivationCache": "network.activation_cache",
-    "to_tokens": "network.activation_cache",
-    "to_str_tokens": "network.activation_cache",
+    "to_tokens": "data.tokenizer",
+    "to_str_tokens": "data.tokenizer",
     "Config": "config",
     "DataConfig": "config",
     "TrainConfig": "config",

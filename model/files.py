@@ -6,8 +6,11 @@ guarantees: a write is all-or-nothing, and a directory is proven writable before
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +49,30 @@ def ensure_writable_dir(directory: Path) -> None:
     probe = directory / f".write-test-{os.getpid()}"
     probe.write_bytes(b"")
     probe.unlink()
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """A hidden temporary directory beside `target` to write into; when the block ends without
+    an error, it takes `target`'s place by renames, so that at every instant one complete copy
+    exists (the old `target`, kept as `.NAME.old` while the swap runs, or the new one). An
+    error leaves `target` as it was and removes the temporary directory."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a write that was killed: never used
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for path in tmp.iterdir():
+            if path.is_file():
+                fsync_file(path)
+        fsync_dir(tmp)  # the files' names reach the disk before tmp takes target's place
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        fsync_dir(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

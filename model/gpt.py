@@ -171,13 +171,17 @@ class CausalSelfAttention(nn.Module):
         pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype))
         return F.dropout(pattern, dropout) @ v
 
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """How many of qkv's output rows are queries, keys and values, in that order."""
+        kv = self.n_kv_head * self.head_dim
+        return self.n_head * self.head_dim, kv, kv
+
     def _heads(self, x: torch.Tensor, rope: torch.Tensor | None,
                cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values (B, H, S, D), keys and values including cached positions."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-             self.n_kv_head * self.head_dim], dim=-1)
+        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
         # (B, T, H*D) -> (B, H, T, D): heads become a batch dimension for the attention matmuls
         q = self.hook_q(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)
         k = self.hook_k(k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)

@@ -16,12 +16,15 @@ import base64
 import heapq
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import regex
 
 from model.errors import TokenizerError
+
+if TYPE_CHECKING:
+    import torch
 
 TOKENIZER_NAMES = ("gpt2", "char", "bpe")
 EOT_TEXT = "<|endoftext|>"
@@ -392,3 +395,29 @@ def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
         raise TokenizerError(f"{name} tokenizer spec says {expected} tokens but holds "
                              f"{tokenizer.vocab_size}; the checkpoint or meta.json may be damaged")
     return tokenizer
+
+
+def to_tokens(tokenizer: Tokenizer, text: str | Sequence[str], prepend_bos: bool = False,
+              device: Any = None) -> torch.Tensor:
+    """(B, T) token ids for a text or equally long texts; prepend_bos puts end-of-text first,
+    as TransformerLens does for GPT-2 (our models were trained without it)."""
+    import torch
+
+    texts = [text] if isinstance(text, str) else list(text)
+    ids = [([tokenizer.eot_id] if prepend_bos else []) + tokenizer.encode(t) for t in texts]
+    if len({len(row) for row in ids}) > 1:
+        raise ValueError(f"the texts encode to different lengths {[len(r) for r in ids]}; "
+                         "pass texts of equal token length (or one text)")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def to_str_tokens(tokenizer: Tokenizer, text: str | Sequence[int] | torch.Tensor,
+                  prepend_bos: bool = False) -> list[str]:
+    """Each token of a text (or of ids) as text, in order."""
+    import torch
+
+    if isinstance(text, str):
+        ids = to_tokens(tokenizer, text, prepend_bos)[0].tolist()
+    else:
+        ids = torch.as_tensor(text).flatten().tolist()
+    return [tokenizer.token_text(i) for i in ids]

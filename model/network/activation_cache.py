@@ -19,13 +19,12 @@ the logits minus the final norm's bias term.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
-    from model.data.tokenizer import Tokenizer
     from model.gpt import GPT
 
 # Short names (TransformerLens's utils.get_act_name) -> where they live in a block.
@@ -218,24 +217,3 @@ class ActivationCache:
             directions = directions - self.tokens_to_residual_directions(incorrect_tokens)
         return (residual_stack * directions.to(residual_stack.dtype)).sum(dim=-1)
 
-
-def to_tokens(tokenizer: Tokenizer, text: str | Sequence[str], prepend_bos: bool = False,
-              device: Any = None) -> torch.Tensor:
-    """(B, T) token ids for a text or equally long texts; prepend_bos puts end-of-text first,
-    as TransformerLens does for GPT-2 (our models were trained without it)."""
-    texts = [text] if isinstance(text, str) else list(text)
-    ids = [([tokenizer.eot_id] if prepend_bos else []) + tokenizer.encode(t) for t in texts]
-    if len({len(row) for row in ids}) > 1:
-        raise ValueError(f"the texts encode to different lengths {[len(r) for r in ids]}; "
-                         "pass texts of equal token length (or one text)")
-    return torch.tensor(ids, dtype=torch.long, device=device)
-
-
-def to_str_tokens(tokenizer: Tokenizer, text: str | Sequence[int] | torch.Tensor,
-                  prepend_bos: bool = False) -> list[str]:
-    """Each token of a text (or of ids) as text, in order."""
-    if isinstance(text, str):
-        ids = to_tokens(tokenizer, text, prepend_bos)[0].tolist()
-    else:
-        ids = torch.as_tensor(text).flatten().tolist()
-    return [tokenizer.token_text(i) for i in ids]
