@@ -507,3 +507,14 @@ def test_repetition_penalty_lowers_every_seen_tokens_probability_also_for_negati
     assert out.tolist() == [[1.0, -2.0, 0.5, -3.0]]
     before, after = logits.softmax(-1)[0], out.softmax(-1)[0]
     assert after[0] < before[0] and after[1] < before[1]
+
+
+def test_a_temperature_so_small_that_dividing_overflows_samples_the_argmax():
+    """1e-45 is a float a client may send: logits / T overflows to infinities, whose softmax
+    would be NaN; the draw must still be the most likely token, with probability 1."""
+    logits = torch.tensor([[1.0, 3.0, -2.0, 2.5]])
+    for temperature in (1.401298464324817e-45, 1e-40):
+        tokens, probs = sample_next(logits, temperature, top_p=0.9,
+                                    generator=torch.Generator().manual_seed(0))
+        assert tokens.tolist() == [1]
+        assert probs[0].tolist() == [0.0, 1.0, 0.0, 0.0]

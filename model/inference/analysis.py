@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model.errors import ConfigError, SamplingError, TokenizerError
-from model.inference.sampling import encode_prompt, without_padding
+from model.inference.sampling import encode_prompt, scaled, without_padding
 
 if TYPE_CHECKING:
     from model.data.tokenizer import Tokenizer
@@ -205,7 +205,7 @@ def next_token(model: GPT, tokenizer: Tokenizer, prompt: str,
     ids = top.indices.tolist()
     probs, other = [], []
     for t in temperatures:
-        p = (last / t).softmax(dim=-1)
+        p = scaled(last, t).softmax(dim=-1)
         probs.append(p[ids].tolist())
         other.append(max(0.0, 1.0 - p[ids].sum().item()))
     shown = [Scored(i, tokenizer.token_text(i), v) for i, v in zip(ids, top.values.tolist())]

@@ -131,6 +131,16 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None,
     return logits
 
 
+def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature (> 0). A temperature so small that the division overflows (1e-45
+    is a valid float) is as good as greedy: the logits are then shifted so that the largest is
+    0 first, which gives the same softmax without infinities that would make it NaN."""
+    out = logits / temperature
+    if torch.isfinite(out).all():
+        return out
+    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +150,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1), logits.softmax(dim=-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    probs = filter_logits(scaled(logits, temperature), top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
 
 

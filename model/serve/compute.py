@@ -13,7 +13,7 @@ import torch
 
 from model.data.tokenizer import Tokenizer
 from model.gpt import GPT
-from model.inference.sampling import filter_logits, without_padding
+from model.inference.sampling import filter_logits, scaled, without_padding
 from model.inference.scoring import score_tokens
 
 LOGPROB_FLOOR = -1e4  # JSON has no -inf: a probability that underflows reports this instead
@@ -79,7 +79,7 @@ def distribution(model: GPT, tokenizer: Tokenizer, ids: Sequence[int],
         if t == 0:
             p = logits.softmax(dim=-1)
         else:
-            p = filter_logits((logits / t)[None], top_k, top_p)[0].softmax(dim=-1)
+            p = filter_logits(scaled(logits, t)[None], top_k, top_p)[0].softmax(dim=-1)
         row = p[shown]
         probs.append(row.tolist())
         rest.append(max(0.0, 1.0 - row.sum().item()))
