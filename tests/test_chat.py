@@ -3,6 +3,7 @@ sampler ending an assistant turn by itself."""
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -138,6 +139,38 @@ def test_text_parts_and_developer_role_are_accepted():
                                   {"role": "user", "content": [{"type": "text", "text": "a"},
                                                                {"type": "text", "text": "b"}]}])
     assert messages == [Message("system", "be brief"), Message("user", "ab")]
+
+
+def test_messages_may_be_objects_with_role_and_content():
+    """What a server's request models hold: attributes, not keys; text parts as objects."""
+    part = SimpleNamespace(type="text", text="b")
+    messages = validate_messages([SimpleNamespace(role="developer", content="be brief", name="x"),
+                                  SimpleNamespace(role="user", content=[part, part]),
+                                  Message("assistant", "ok")])
+    assert messages == [Message("system", "be brief"), Message("user", "bb"),
+                        Message("assistant", "ok")]
+    for bad, field in [(SimpleNamespace(role="user"), "messages[0]"),
+                       (SimpleNamespace(role="bot", content="x"), "messages[0].role"),
+                       (SimpleNamespace(role="user", content=[SimpleNamespace(type="image")]),
+                        "messages[0].content[0]")]:
+        with pytest.raises(ChatFormatError) as err:
+            validate_messages([bad])
+        assert err.value.field == field
+
+
+def test_chat_history_drops_the_oldest_exchange_and_keeps_the_system_message():
+    tokenizer = train_tokenizer("char", [CORPUS])
+    history = ChatHistory(tokenizer, 80, 10, system="Be brief.")
+    ids, dropped = history.prompt("Which play is this from?")
+    assert dropped == 0 and ids == render_chat([{"role": "system", "content": "Be brief."},
+                                                {"role": "user",
+                                                 "content": "Which play is this from?"}],
+                                               tokenizer)
+    history.add_reply("Macbeth.")
+    ids, dropped = history.prompt("Who speaks it?")
+    assert dropped == 1 and len(ids) + 10 <= 80
+    assert history.turns == [Message("user", "Who speaks it?")]
+    assert tokenizer.decode(ids).startswith(EOT_TEXT + "System: Be brief.")
 
 
 def test_records_in_both_formats():

@@ -2,6 +2,7 @@
 mask in the batches (a gradient test), clear errors for bad records, the demo set, a tiny
 fine-tune that lowers the held-out reply loss, and resume bit for bit."""
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -76,6 +77,29 @@ def test_jsonl_file_and_directory_prepare_tokens_and_mask(tmp_path, chars):
     assert prepare_chat(data_cfg(tmp_path / "d", tmp_path / "cache"), 64, tokenizer=chars).reused
     single = prepare_chat(data_cfg(file, tmp_path / "cache"), 64, tokenizer=chars)
     assert single.dir != whole.dir
+
+
+@pytest.mark.parametrize("damage", ["short mask", "missing index", "old version"])
+def test_a_damaged_chat_cache_is_rebuilt_never_used(tmp_path, chars, damage):
+    path = write_jsonl(tmp_path / "c.jsonl", conversations(40))
+    good = prepare_chat(data_cfg(path, tmp_path / "cache"), 64, tokenizer=chars)
+    files = {p.name: p.read_bytes() for p in good.dir.iterdir()}
+    if damage == "short mask":
+        good.path("train", "mask").write_bytes(files["train.mask"][:-1])
+    elif damage == "missing index":
+        good.path("val", "index").unlink()
+    else:
+        meta = json.loads(files["meta.json"])
+        (good.dir / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    seen = []
+
+    @contextlib.contextmanager
+    def progress(stage, total=None, unit="B"):
+        yield seen.append
+
+    rebuilt = prepare_chat(data_cfg(path, tmp_path / "cache"), 64, progress, chars)
+    assert not rebuilt.reused and rebuilt.dir == good.dir and len(seen) == 40
+    assert {p.name: p.read_bytes() for p in rebuilt.dir.iterdir()} == files
 
 
 def test_hf_data_files_stream_through_datasets(tmp_path, chars):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -12,13 +13,23 @@ import pytest
 
 from model.cli.data import main
 from model.config import DataConfig
+from model.data import chat_data as chat_data_module
 from model.data import corpus as corpus_module
 from model.data import prepare as prepare_module
 from model.data.batches import BatchSampler
 from model.data.corpus import Document, open_corpus
-from model.data.prepare import TASK_CHARS, load_prepared, plan_split, prepare_data, training_text
+from model.data.prepare import (
+    TASK_CHARS,
+    SplitPlan,
+    fingerprint,
+    load_prepared,
+    plan_split,
+    prepare_data,
+    training_text,
+)
 from model.data.tokenizer import safe_pieces, train_tokenizer
 from model.errors import ConfigError, DataError
+from model.files import staged_files
 
 VERSE = ("ROMEO:\nBut, soft! what light through yonder window breaks?\n"
          "It is the east, and Juliet is the sun.\n\n"
@@ -452,3 +463,84 @@ def test_prepared_split_names_are_checked(corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown split 'test'"):
         data.bytes_per_token("test")
     assert os.path.getsize(data.val_path) == 2 * data.num_tokens("val")
+
+
+# ---- what every token cache shares
+
+
+class Recorder:
+    """A Progress that records each stage's name, total and what it was advanced by."""
+
+    def __init__(self) -> None:
+        self.stages: list[list] = []
+
+    @contextlib.contextmanager
+    def __call__(self, stage, total=None, unit="B"):
+        self.stages.append([stage, total, unit, 0])
+        yield lambda amount: self.stages[-1].__setitem__(3, self.stages[-1][3] + amount)
+
+
+def test_preparation_reports_its_stages_to_the_progress_it_is_given(corpus: Path,
+                                                                    tmp_path: Path) -> None:
+    progress = Recorder()
+    prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=progress)
+    size = corpus.stat().st_size
+    assert progress.stages == [["checking", size, "B", size], ["reading for char", None, "B", size],
+                               ["tokenizing", size, "B", size]]
+    again = Recorder()
+    assert prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=again).reused
+    assert again.stages == []  # a reused cache reads nothing
+
+
+def test_cache_names_and_the_hash_split_are_those_caches_on_disk_have() -> None:
+    """Pinned: values the code before the shared token-cache protocol gave, so the caches it
+    wrote are still found (a new name would rebuild every cache) and splits stay put."""
+
+    class Notes:
+        label, root = "notes", ""
+
+        def state(self):
+            return {"files": [["/data/notes.txt", 1234, 5678]]}
+
+    chars = train_tokenizer("char", ["abc"])
+    assert fingerprint(DataConfig(source="/data/notes.txt", tokenizer="bpe", bpe_vocab_size=300),
+                       Notes()) == "notes-bpe300-eb688e897689095d"
+    assert fingerprint(DataConfig(source="hf:someone/notes", tokenizer="char"),
+                       Notes()) == "notes-char-855ebe5219acd018"
+    assert fingerprint(DataConfig(source="/data/notes.txt"), Notes(),
+                       chars) == "notes-char4-6ee2ad6e4c30ebc8"
+    names = [f"docs/{i}.txt" for i in range(20)]
+    assert [i for i, n in enumerate(names)
+            if SplitPlan(by_hash=0.3).route(i, n) == "val"] == [10, 14, 16, 17, 18]
+    sizes = [(f"/x/{n}", 100 + 13 * i) for i, n in enumerate(names)]
+    assert sorted(plan_split(sizes, 0.3, "/x/").val) == [2, 10, 14, 16, 17]
+    records = [{"messages": [{"role": "user", "content": str(i)}]} for i in range(20)]
+    assert [i for i, r in enumerate(records)
+            if chat_data_module.split_of(r, 0.3) == "val"] == [2, 3, 4, 8, 9, 10, 11, 14, 15]
+
+
+def test_chat_cache_names_are_those_caches_on_disk_have(monkeypatch) -> None:
+    monkeypatch.setattr(chat_data_module, "source_state",
+                        lambda cfg: {"files": [["/data/chat.jsonl", 99, 7]]})
+    chars = train_tokenizer("char", ["abc"])
+    name = chat_data_module.chat_fingerprint
+    assert name(DataConfig(source="/data/chat.jsonl", format="chat"),
+                chars) == "chat-chat-char4-0ae532a3e1c9efc1"
+    assert name(DataConfig(source="hf:someone/chats", format="chat", hf_config="x"),
+                chars) == "chat-chats-char4-3d7ce1c849006d00"
+
+
+def test_staged_files_appear_whole_or_not_at_all(tmp_path: Path) -> None:
+    write(tmp_path / "a.bin", b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with staged_files(tmp_path, ["a.bin", "b.bin"]) as files:
+            files["a.bin"].write(b"new")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]  # no temporary file left
+    assert (tmp_path / "a.bin").read_bytes() == b"old"
+    with staged_files(tmp_path, ["a.bin", "b.bin"]) as files:
+        files["a.bin"].write(b"new")
+        files["b.bin"].write(b"bee")
+        assert not (tmp_path / "b.bin").exists()  # published only when the block ends
+    assert [(tmp_path / n).read_bytes() for n in ("a.bin", "b.bin")] == [b"new", b"bee"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
