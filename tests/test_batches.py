@@ -77,6 +77,9 @@ def test_sampler_rejects_short_data(tmp_path: Path) -> None:
         BatchSampler(np.arange(8), block_size=8, batch_size=1, seed=0)
     with pytest.raises(DataError, match="not found"):
         BatchSampler(tmp_path / "absent.bin", 8, 1, seed=0)
+    (tmp_path / "empty.bin").write_bytes(b"")  # a split with no tokens: mmap refuses it
+    with pytest.raises(DataError, match="holds 0 tokens"):
+        BatchSampler(tmp_path / "empty.bin", 8, 1, seed=0)
 
 
 def test_eval_windows_are_fixed(tokens: np.ndarray) -> None:

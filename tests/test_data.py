@@ -395,6 +395,21 @@ def test_interrupted_tokenising_leaves_no_marker(corpus: Path, tmp_path: Path,
     assert not prepare_data(cfg_for(corpus, tmp_path), block_size=32).reused
 
 
+def test_an_interrupted_rebuild_removes_the_old_marker_first(corpus: Path, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """meta.json goes before any rebuild starts, so it never vouches for other files."""
+    good = prepare_data(cfg_for(corpus, tmp_path), block_size=32)
+    good.train_path.write_bytes(b"")  # damaged: rebuilt at the next run
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "write_tokens", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg_for(corpus, tmp_path), block_size=32)
+    assert not (good.dir / "meta.json").exists() and not list(good.dir.glob("*.tmp-*"))
+
+
 def test_bpe_learns_from_an_even_sample(tmp_path: Path) -> None:
     docs = [write(tmp_path / "docs" / f"{i:02d}.txt", f"doc{i}\n" + VERSE * 30) for i in range(20)]
     cfg = cfg_for(tmp_path / "docs", tmp_path, tokenizer="bpe", bpe_vocab_size=300,
@@ -456,6 +471,9 @@ def test_command_line_exit_codes(corpus: Path, tmp_path: Path, capsys) -> None:
     assert main([str(tmp_path / "nope.txt"), "--cache-dir", cache, "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: corpus") and err.count("\n") == 1
+    assert main([str(corpus), "--tokenizer", "bpe", "--bpe-vocab-size", "300", "--cache-dir",
+                 cache, "--block-size", "16"]) == 0
+    assert "tokenizing" in capsys.readouterr().err  # the command line draws the bars
 
 
 def test_prepared_split_names_are_checked(corpus: Path, tmp_path: Path) -> None:
