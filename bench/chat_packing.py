@@ -123,7 +123,7 @@ def main() -> None:
     tok = train_tokenizer(args.tokenizer, [], None)
     with tempfile.TemporaryDirectory() as cache:
         data = prepare_chat(DataConfig(source="shakespeare-chat", format="chat",
-                                       cache_dir=cache), args.block_size, False, tok)
+                                       cache_dir=cache), args.block_size, tokenizer=tok)
         lengths = data.index("train")[:, 1]
         print(f"{len(lengths)} training conversations, {lengths.mean():.1f} tokens on average "
               f"(median {np.median(lengths):.0f}, max {lengths.max()})")

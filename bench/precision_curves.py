@@ -30,8 +30,8 @@ from model.weights.loading import load_checkpoint
 def run(config: str, overrides: list[str], out: str) -> tuple[list[float], float, float]:
     """(per-step training losses, whole-split bits/byte, seconds) of one run."""
     cfg = load_config(config, [*overrides, f"train.out_dir={out}"])
-    result = train(cfg, progress=False)
-    data = prepare_data(cfg.data, cfg.model.block_size, progress=False)
+    result = train(cfg)
+    data = prepare_data(cfg.data, cfg.model.block_size)
     model = load_checkpoint(result.run_dir).model
     _, bpb, _ = whole_split_bits_per_byte(model, data.val_path, cfg.model.block_size,
                                           data.bytes_per_token("val"))

@@ -55,7 +55,7 @@ def timed(name, fn):
 p.train_tokenizer = timed("tokenizer", p.train_tokenizer)
 p.write_tokens = timed("tokenizing", p.write_tokens)
 start = time.perf_counter()
-data = p.prepare_data(DataConfig(**json.loads(sys.argv[1])), 64, progress=False)
+data = p.prepare_data(DataConfig(**json.loads(sys.argv[1])), 64)
 wall = time.perf_counter() - start
 split_bytes = sum(data.meta["splits"][s]["bytes"] for s in p.SPLITS)
 usage = resource.getrusage(resource.RUSAGE_SELF)  # ru_maxrss: the peak, in KiB on Linux

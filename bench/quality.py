@@ -17,16 +17,37 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 from common import machine_line, require_tiny_shakespeare
 
 from model import runtime
 from model.config import load_config
-from model.data.batches import sequential_windows
+from model.data.batches import Batch, TokenSource, open_tokens, windows
 from model.data.prepare import prepare_data
+from model.errors import DataError
 from model.training.loop import train
 from model.weights.loading import load_checkpoint
+
+
+def sequential_windows(tokens: TokenSource, block_size: int, batch_size: int = 1,
+                       device: str | torch.device = "cpu") -> Iterator[Batch]:
+    """Non-overlapping windows covering the whole split: every token after the first is a
+    target exactly once. Full windows come in batches of `batch_size`; a shorter last window
+    (1, remainder) follows if the split does not divide evenly."""
+    data = open_tokens(tokens)
+    if len(data) < 2:
+        raise DataError(f"the token split holds {len(data)} tokens; it needs at least 2")
+    device = torch.device(device)
+    full = (len(data) - 1) // block_size
+    for first in range(0, full, batch_size):
+        starts = np.arange(first, min(first + batch_size, full)) * block_size
+        yield windows(data, starts, block_size, device)
+    rest = len(data) - 1 - full * block_size
+    if rest > 0:
+        yield windows(data, np.array([full * block_size]), rest, device)
 
 
 @torch.no_grad()
@@ -48,7 +69,7 @@ def whole_split_bits_per_byte(model: torch.nn.Module, tokens_path, block_size: i
 def evaluate_only(path: str) -> None:
     """Whole-validation-split bits per byte of a trained checkpoint, on its own data cache."""
     ckpt = load_checkpoint(path)
-    data = prepare_data(ckpt.config.data, ckpt.config.model.block_size, progress=False)
+    data = prepare_data(ckpt.config.data, ckpt.config.model.block_size)
     nats, bpb, scored = whole_split_bits_per_byte(
         ckpt.model, data.val_path, ckpt.config.model.block_size, data.bytes_per_token("val"))
     print(machine_line())
@@ -79,7 +100,7 @@ def main() -> None:
         base = [f"data.source={corpus}", "data.val_fraction=0.1", *args.overrides]
         cfg = load_config(args.config, base)
         t0 = time.perf_counter()
-        data = prepare_data(cfg.data, cfg.model.block_size, progress=False)
+        data = prepare_data(cfg.data, cfg.model.block_size)
         prep_seconds = time.perf_counter() - t0
 
         if args.steps:
@@ -88,13 +109,13 @@ def main() -> None:
             calib = load_config(args.config, base + [
                 f"train.out_dir={out}/calib", f"train.max_steps={args.calibration_steps}",
                 f"train.eval_interval={args.calibration_steps}", "train.eval_steps=1"])
-            step_seconds = statistics.median(train(calib, progress=False).step_seconds[5:])
+            step_seconds = statistics.median(train(calib).step_seconds[5:])
             steps = max(10, int(args.budget_seconds / step_seconds * 0.97))
             budget = [f"train.time_budget_s={args.budget_seconds}"]
 
         run = load_config(args.config, base + [
             f"train.out_dir={out}/run", f"train.max_steps={steps}", *budget])
-        result = train(run, progress=False)
+        result = train(run)
         model = load_checkpoint(result.run_dir).model
         nats, bpb, scored = whole_split_bits_per_byte(
             model, data.val_path, run.model.block_size, data.bytes_per_token("val"))

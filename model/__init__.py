@@ -40,7 +40,7 @@ _EXPORTS = {
     "to_tokens": "data.tokenizer",
     "to_str_tokens": "data.tokenizer",
     "Config": "config",
-    "DataConfig": "config",
+    "DataConfig": "data.config",
     "TrainConfig": "config",
     "load_config": "config",
     "Tokenizer": "data.tokenizer",

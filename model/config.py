@@ -1,7 +1,8 @@
 """Configuration as validated data.
 
 Three dataclasses hold every setting: GPTConfig (the network's shape, defined beside the model
-in model/gpt.py), DataConfig (corpus and tokenizer) and TrainConfig (the optimisation loop).
+in model/gpt.py), DataConfig (corpus and tokenizer, beside the data in model/data/config.py) and
+TrainConfig (the optimisation loop).
 Each checks its values once, when it is constructed, so a Config that exists is valid.
 `load_config` reads a YAML file with the sections `model`, `data` and `train` and applies
 `section.key=value` overrides before building them. Every error names the offending key and,
@@ -21,8 +22,9 @@ from typing import Any
 
 import yaml
 
-from model.data.tokenizer import MIN_BPE_VOCAB, TOKENIZER_NAMES
-from model.errors import ConfigError, check_choice, check_positive
+from model import runtime
+from model.data.config import DataConfig
+from model.errors import ConfigError, check_choice, check_positive, first_line
 from model.gpt import GPTConfig
 from model.network.lora import LoRAConfig
 
@@ -34,50 +36,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DATA_FORMATS = ("text", "chat")
-
-
-@dataclass
-class DataConfig:
-    """Where the text comes from and how it becomes tokens."""
-
-    # "shakespeare" (the embedded corpus), a .txt file, a directory, a glob, or "hf:NAME";
-    # with format "chat": JSON-lines records, a directory of them, "hf:NAME", or
-    # "shakespeare-chat" (the offline demo set, model/chat_demo.py)
-    source: str = "shakespeare"
-    # "text": documents, loss on every token; "chat": conversations ({"messages": [...]} or
-    # Alpaca records), loss on the assistant's replies only (model/chat_data.py)
-    format: str = "text"
-    hf_config: str | None = None  # hub datasets only: the dataset's config name
-    hf_split: str = "train"
-    text_column: str = "text"
-    tokenizer: str = "gpt2"  # "gpt2", "char" or "bpe"
-    bpe_vocab_size: int = 4096  # only for tokenizer "bpe": 256 bytes + merges + end-of-text
-    # bpe only: merges are learned from this many MB (millions of characters) of training text,
-    # spread evenly over it (a hub stream: its first part). Counting memory grows with this,
-    # not with the corpus; 32 takes tiny-shakespeare and the embedded corpus whole.
-    bpe_sample_mb: float = 32.0
-    val_fraction: float = 0.1
-    cache_dir: str = "out/data"  # token bins and meta.json live here, keyed by a fingerprint
-    num_proc: int = 2  # tokenizer threads (tiktoken releases the GIL: one per core)
-
-    def __post_init__(self) -> None:
-        prefix = "data"
-        check_choice(f"{prefix}.tokenizer", self.tokenizer, TOKENIZER_NAMES)
-        check_choice(f"{prefix}.format", self.format, DATA_FORMATS)
-        if self.tokenizer == "bpe" and self.bpe_vocab_size < MIN_BPE_VOCAB:
-            raise ConfigError(
-                f"{prefix}.bpe_vocab_size: {self.bpe_vocab_size} is too small; it needs at least "
-                f"{MIN_BPE_VOCAB} (256 bytes plus end-of-text)"
-            )
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"{prefix}.val_fraction: must be in (0, 1), got {self.val_fraction}")
-        check_positive(f"{prefix}.bpe_sample_mb", self.bpe_sample_mb)
-        if self.num_proc < 1:
-            raise ConfigError(f"{prefix}.num_proc: must be >= 1, got {self.num_proc}")
-        if not self.source:
-            raise ConfigError(f"{prefix}.source: must name a corpus")
+DTYPES = ("auto", *runtime.DTYPES)
 
 
 @dataclass
@@ -321,9 +280,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         raw = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        first_line = str(exc).splitlines()[0]
         raise ConfigError(
-            f"config file {str(resolved)!r} is not valid YAML: {first_line}") from exc
+            f"config file {str(resolved)!r} is not valid YAML: {first_line(exc)}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(resolved)!r} must hold sections model, data, train")
     for text in overrides:

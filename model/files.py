@@ -10,9 +10,9 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -76,3 +76,26 @@ def staged_directory(target: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_files(directory: Path, names: Iterable[str]) -> Iterator[dict[str, BinaryIO]]:
+    """Files to write in `directory`, open in binary mode under temporary names (NAME.tmp-PID).
+    When the block ends without an error each is flushed to disk and renamed to NAME, and the
+    directory synced: a reader finds whole files or old ones, never half of one. An error
+    removes them."""
+    tmp = {name: directory / f"{name}.tmp-{os.getpid()}" for name in names}
+    try:
+        with contextlib.ExitStack() as stack:
+            files = {name: stack.enter_context(open(path, "wb")) for name, path in tmp.items()}
+            yield files
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
+    for name, path in tmp.items():
+        os.replace(path, directory / name)
+    fsync_dir(directory)

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.data.batches import BatchSampler, eval_windows, sequential_windows
+from model.data.batches import BatchSampler, eval_windows
 from model.errors import DataError
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture
@@ -75,6 +77,9 @@ def test_sampler_rejects_short_data(tmp_path: Path) -> None:
         BatchSampler(np.arange(8), block_size=8, batch_size=1, seed=0)
     with pytest.raises(DataError, match="not found"):
         BatchSampler(tmp_path / "absent.bin", 8, 1, seed=0)
+    (tmp_path / "empty.bin").write_bytes(b"")  # a split with no tokens: mmap refuses it
+    with pytest.raises(DataError, match="holds 0 tokens"):
+        BatchSampler(tmp_path / "empty.bin", 8, 1, seed=0)
 
 
 def test_eval_windows_are_fixed(tokens: np.ndarray) -> None:
@@ -85,7 +90,11 @@ def test_eval_windows_are_fixed(tokens: np.ndarray) -> None:
     assert first[-1][1][-1, -1].item() == int(tokens[-1])  # reaches the end of the split
 
 
-def test_sequential_windows_cover_every_target_once(tokens: np.ndarray) -> None:
+def test_sequential_windows_cover_every_target_once(tokens: np.ndarray, monkeypatch) -> None:
+    """bench/quality.py's whole-split windows (its bits per byte count every target once)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from quality import sequential_windows
+
     batches = list(sequential_windows(tokens[:1000], block_size=64, batch_size=5))
     xs = torch.cat([x.flatten() for x, _ in batches])
     ys = torch.cat([y.flatten() for _, y in batches])

@@ -3,6 +3,7 @@ sampler ending an assistant turn by itself."""
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,13 +11,13 @@ from torch import nn
 
 from model import GPTConfig
 from model.data.chat import (
+    HEADERS,
+    TURN_END,
+    ChatHistory,
     Message,
     conversation_from_record,
-    end_of_turn_id,
-    parse_text,
     render_chat,
     render_conversation,
-    render_text,
     validate_messages,
 )
 from model.data.tokenizer import EOT_TEXT, train_tokenizer
@@ -36,6 +37,36 @@ CONVERSATION = [
 ]
 
 
+def render_text(messages) -> str:
+    """The conversation as text, end-of-text written as EOT_TEXT (what the ids decode to)."""
+    parts = [EOT_TEXT]
+    for m in validate_messages(messages):
+        if m.role == "assistant":
+            parts += [HEADERS["assistant"], " " + m.content, EOT_TEXT]
+        else:
+            parts.append(f"{HEADERS[m.role]} {m.content}{TURN_END}")
+    return "".join(parts)
+
+
+def parse_text(text: str) -> list[Message]:
+    """The messages back from render_text's output: its inverse."""
+    assert text.startswith(EOT_TEXT)
+    rest, messages = text[len(EOT_TEXT):], []
+    while rest:
+        role = next(r for r, h in HEADERS.items() if rest.startswith(h))
+        rest = rest[len(HEADERS[role]):]
+        assert rest.startswith(" ")
+        end = EOT_TEXT if role == "assistant" else TURN_END
+        # A turn ends at the first end marker followed by a header (or the end of the text).
+        cut = rest.find(end, 1)
+        while rest[cut + len(end):] and not any(rest[cut + len(end):].startswith(h)
+                                                 for h in HEADERS.values()):
+            cut = rest.find(end, cut + 1)
+        messages.append(Message(role, rest[1:cut]))
+        rest = rest[cut + len(end):]
+    return messages
+
+
 @pytest.fixture(params=["char", "bpe", "gpt2"])
 def tokenizer(request, monkeypatch):
     if request.param == "gpt2":
@@ -53,13 +84,13 @@ def test_template_round_trips_through_text_and_tokens(tokenizer):
     # End-of-text is a token, never the plain characters; decoding shows it as EOT_TEXT.
     assert tokenizer.decode(ids).replace(tokenizer.decode([tokenizer.eot_id]), EOT_TEXT) == text
     assert [m.to_dict() for m in parse_text(text)] == CONVERSATION
-    assert ids.count(end_of_turn_id(tokenizer)) == 3  # the start and two replies' ends
+    assert ids.count(tokenizer.eot_id) == 3  # the start and two replies' ends
 
 
 def test_loss_mask_covers_exactly_the_replies_and_their_end_of_turn(tokenizer):
     ids, mask = render_conversation(CONVERSATION, tokenizer)
     trained = [i for i, m in zip(ids, mask) if m]
-    eot = end_of_turn_id(tokenizer)
+    eot = tokenizer.eot_id
     expected = (tokenizer.encode(" HAMLET") + [eot]
                 + tokenizer.encode(" Hamlet, the question.") + [eot])
     assert trained == expected
@@ -110,6 +141,38 @@ def test_text_parts_and_developer_role_are_accepted():
     assert messages == [Message("system", "be brief"), Message("user", "ab")]
 
 
+def test_messages_may_be_objects_with_role_and_content():
+    """What a server's request models hold: attributes, not keys; text parts as objects."""
+    part = SimpleNamespace(type="text", text="b")
+    messages = validate_messages([SimpleNamespace(role="developer", content="be brief", name="x"),
+                                  SimpleNamespace(role="user", content=[part, part]),
+                                  Message("assistant", "ok")])
+    assert messages == [Message("system", "be brief"), Message("user", "bb"),
+                        Message("assistant", "ok")]
+    for bad, field in [(SimpleNamespace(role="user"), "messages[0]"),
+                       (SimpleNamespace(role="bot", content="x"), "messages[0].role"),
+                       (SimpleNamespace(role="user", content=[SimpleNamespace(type="image")]),
+                        "messages[0].content[0]")]:
+        with pytest.raises(ChatFormatError) as err:
+            validate_messages([bad])
+        assert err.value.field == field
+
+
+def test_chat_history_drops_the_oldest_exchange_and_keeps_the_system_message():
+    tokenizer = train_tokenizer("char", [CORPUS])
+    history = ChatHistory(tokenizer, 80, 10, system="Be brief.")
+    ids, dropped = history.prompt("Which play is this from?")
+    assert dropped == 0 and ids == render_chat([{"role": "system", "content": "Be brief."},
+                                                {"role": "user",
+                                                 "content": "Which play is this from?"}],
+                                               tokenizer)
+    history.add_reply("Macbeth.")
+    ids, dropped = history.prompt("Who speaks it?")
+    assert dropped == 1 and len(ids) + 10 <= 80
+    assert history.turns == [Message("user", "Who speaks it?")]
+    assert tokenizer.decode(ids).startswith(EOT_TEXT + "System: Be brief.")
+
+
 def test_records_in_both_formats():
     alpaca = conversation_from_record({"instruction": "Name a play.", "input": "tragedy",
                                        "output": "Macbeth"})
@@ -151,7 +214,7 @@ class Replier(nn.Module):
 
 
 def test_sampler_stops_at_the_end_of_the_assistant_turn(tokenizer):
-    eot = end_of_turn_id(tokenizer)
+    eot = tokenizer.eot_id
     reply = tokenizer.encode(" HAMLET")
     model = Replier(reply + [eot] + tokenizer.encode("User: more"), tokenizer.vocab_size)
     steps = list(generate(model, tokenizer, render_chat(CONVERSATION[:2], tokenizer),

@@ -2,6 +2,7 @@
 mask in the batches (a gradient test), clear errors for bad records, the demo set, a tiny
 fine-tune that lowers the held-out reply loss, and resume bit for bit."""
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -62,7 +63,7 @@ def test_jsonl_file_and_directory_prepare_tokens_and_mask(tmp_path, chars):
     records = conversations(60)
     file = write_jsonl(tmp_path / "d" / "a.jsonl", records[:30])
     write_jsonl(tmp_path / "d" / "sub" / "b.jsonl", records[30:])
-    whole = prepare_chat(data_cfg(tmp_path / "d", tmp_path / "cache"), 64, False, chars)
+    whole = prepare_chat(data_cfg(tmp_path / "d", tmp_path / "cache"), 64, tokenizer=chars)
     stats = whole.meta["splits"]
     assert stats["train"]["conversations"] + stats["val"]["conversations"] == 60
     assert 0 < stats["val"]["conversations"] < 30
@@ -73,17 +74,40 @@ def test_jsonl_file_and_directory_prepare_tokens_and_mask(tmp_path, chars):
         assert chars.decode(ids[m == 1]).endswith("!<|endoftext|>")
         assert first_end == np.flatnonzero((m == 1) & (ids == chars.eot_id))[0]
         assert "Shout" in chars.decode(ids[m == 0])
-    assert prepare_chat(data_cfg(tmp_path / "d", tmp_path / "cache"), 64, False, chars).reused
-    single = prepare_chat(data_cfg(file, tmp_path / "cache"), 64, False, chars)
+    assert prepare_chat(data_cfg(tmp_path / "d", tmp_path / "cache"), 64, tokenizer=chars).reused
+    single = prepare_chat(data_cfg(file, tmp_path / "cache"), 64, tokenizer=chars)
     assert single.dir != whole.dir
+
+
+@pytest.mark.parametrize("damage", ["short mask", "missing index", "old version"])
+def test_a_damaged_chat_cache_is_rebuilt_never_used(tmp_path, chars, damage):
+    path = write_jsonl(tmp_path / "c.jsonl", conversations(40))
+    good = prepare_chat(data_cfg(path, tmp_path / "cache"), 64, tokenizer=chars)
+    files = {p.name: p.read_bytes() for p in good.dir.iterdir()}
+    if damage == "short mask":
+        good.path("train", "mask").write_bytes(files["train.mask"][:-1])
+    elif damage == "missing index":
+        good.path("val", "index").unlink()
+    else:
+        meta = json.loads(files["meta.json"])
+        (good.dir / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    seen = []
+
+    @contextlib.contextmanager
+    def progress(stage, total=None, unit="B"):
+        yield seen.append
+
+    rebuilt = prepare_chat(data_cfg(path, tmp_path / "cache"), 64, progress, chars)
+    assert not rebuilt.reused and rebuilt.dir == good.dir and len(seen) == 40
+    assert {p.name: p.read_bytes() for p in rebuilt.dir.iterdir()} == files
 
 
 def test_hf_data_files_stream_through_datasets(tmp_path, chars):
     file = write_jsonl(tmp_path / "hub.jsonl", [{"messages": r["messages"]}
                                                 for r in conversations(40) if "messages" in r])
-    data = prepare_chat(data_cfg(f"hf:{file}", tmp_path / "cache"), 64, False, chars)
+    data = prepare_chat(data_cfg(f"hf:{file}", tmp_path / "cache"), 64, tokenizer=chars)
     counts = data.meta["splits"]
-    local = prepare_chat(data_cfg(file, tmp_path / "cache2"), 64, False, chars)
+    local = prepare_chat(data_cfg(file, tmp_path / "cache2"), 64, tokenizer=chars)
     assert counts == local.meta["splits"]  # same records, same content-hash split
 
 
@@ -101,7 +125,7 @@ def test_bad_records_name_file_line_and_field(tmp_path, chars, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(f"{good}\n{good}\n{line}\n{good}\n", encoding="utf-8")
     with pytest.raises(DataError, match=message) as err:
-        prepare_chat(data_cfg(path, tmp_path / "cache"), 64, False, chars)
+        prepare_chat(data_cfg(path, tmp_path / "cache"), 64, tokenizer=chars)
     assert "\n" not in str(err.value)
     assert not list((tmp_path / "cache").rglob("meta.json"))  # nothing half-written is kept
     if "role" in message:
@@ -111,21 +135,21 @@ def test_bad_records_name_file_line_and_field(tmp_path, chars, line, message):
 def test_text_outside_a_char_vocabulary_names_the_record(tmp_path, chars):
     path = write_jsonl(tmp_path / "x.jsonl", [{"instruction": "Shout 7.", "output": "7!"}])
     with pytest.raises(TokenizerError, match=r"x\.jsonl:1: text has 1 characters outside"):
-        prepare_chat(data_cfg(path, tmp_path / "cache"), 64, False, chars)
+        prepare_chat(data_cfg(path, tmp_path / "cache"), 64, tokenizer=chars)
 
 
 def test_missing_source_and_untrained_tokenizer_are_clear(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        prepare_chat(data_cfg(tmp_path / "nope.jsonl", tmp_path), 64, False,
-                     train_tokenizer("char", ["ab"]))
+        prepare_chat(data_cfg(tmp_path / "nope.jsonl", tmp_path), 64,
+                     tokenizer=train_tokenizer("char", ["ab"]))
     with pytest.raises(DataError, match="needs the tokenizer of the model it fine-tunes"):
-        prepare_chat(data_cfg(tmp_path, tmp_path, tokenizer="char"), 64, False)
+        prepare_chat(data_cfg(tmp_path, tmp_path, tokenizer="char"), 64)
 
 
 @pytest.fixture
 def chat_data(tmp_path, chars):
     path = write_jsonl(tmp_path / "c.jsonl", conversations(80))
-    return prepare_chat(data_cfg(path, tmp_path / "cache"), 48, False, chars)
+    return prepare_chat(data_cfg(path, tmp_path / "cache"), 48, tokenizer=chars)
 
 
 def test_batches_hold_whole_conversations_with_replies_as_the_only_targets(chat_data):
@@ -153,7 +177,7 @@ def test_a_long_conversation_is_cut_after_its_last_whole_reply(tmp_path, chars):
     too_long = {"messages": [{"role": "user", "content": "Shout stone, " * 8},
                              {"role": "assistant", "content": "STONE!"}]}
     path = write_jsonl(tmp_path / "long.jsonl", [long, too_long, *conversations(20)])
-    data = prepare_chat(data_cfg(path, tmp_path / "cache"), 64, False, chars)
+    data = prepare_chat(data_cfg(path, tmp_path / "cache"), 64, tokenizer=chars)
     found = []
     for split in ("train", "val"):
         index = data.index(split)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -12,13 +13,23 @@ import pytest
 
 from model.cli.data import main
 from model.config import DataConfig
+from model.data import chat_data as chat_data_module
 from model.data import corpus as corpus_module
 from model.data import prepare as prepare_module
 from model.data.batches import BatchSampler
 from model.data.corpus import Document, open_corpus
-from model.data.prepare import TASK_CHARS, load_prepared, plan_split, prepare_data, training_text
+from model.data.prepare import (
+    TASK_CHARS,
+    SplitPlan,
+    fingerprint,
+    load_prepared,
+    plan_split,
+    prepare_data,
+    training_text,
+)
 from model.data.tokenizer import safe_pieces, train_tokenizer
 from model.errors import ConfigError, DataError
+from model.files import staged_files
 
 VERSE = ("ROMEO:\nBut, soft! what light through yonder window breaks?\n"
          "It is the east, and Juliet is the sun.\n\n"
@@ -167,7 +178,7 @@ def test_shakespeare_holds_out_whole_plays(plays: list[Document]) -> None:
 
 
 def test_shakespeare_prepares_end_to_end(tmp_path: Path, plays: list[Document]) -> None:
-    data = prepare_data(cfg_for("shakespeare", tmp_path), block_size=256, progress=False)
+    data = prepare_data(cfg_for("shakespeare", tmp_path), block_size=256)
     train, val = split_documents(plays, 0.1)
     assert data.meta["val_documents"] == [d.name for d in val]
     assert data.num_tokens("val") == sum(len(d.text()) + 1 for d in val)  # chars + end-of-text
@@ -212,7 +223,7 @@ def test_hub_parquet_streams_and_holds_out_whole_rows(tmp_path: Path,
     rows = [f"row {i}: " + "word " * (i % 5) for i in range(60)] + [""]
     write_parquet(tmp_path / "pq" / "train-0.parquet", rows)
     cfg = cfg_for(f"hf:{tmp_path / 'pq'}", tmp_path, val_fraction=0.2)
-    data = prepare_data(cfg, block_size=8, progress=False)
+    data = prepare_data(cfg, block_size=8)
     eot = data.tokenizer.eot_id
     splits = {s: data.tokenizer.decode(np.fromfile(getattr(data, f"{s}_path"), dtype=np.uint16)
                                        .tolist()).split("<|endoftext|>")[:-1]
@@ -223,10 +234,10 @@ def test_hub_parquet_streams_and_holds_out_whole_rows(tmp_path: Path,
         splits["val"]) and eot == data.tokenizer.vocab_size - 1
     # A complete cache is reused from the dataset's revision alone: no row is read again.
     monkeypatch.setattr(corpus_module.HubDataset, "documents", lambda self: 1 / 0)
-    assert prepare_data(cfg, block_size=8, progress=False).reused
+    assert prepare_data(cfg, block_size=8).reused
     write_parquet(tmp_path / "pq" / "train-0.parquet", rows[:-2])
     with pytest.raises(ZeroDivisionError):  # new contents: a new revision, read again
-        prepare_data(cfg, block_size=8, progress=False)
+        prepare_data(cfg, block_size=8)
 
 
 @pytest.mark.parametrize("layout", ["directory", "glob", "hub parquet"])
@@ -241,8 +252,7 @@ def test_a_moved_corpus_keeps_its_validation_set(tmp_path: Path, layout: str) ->
 
     held_out = []
     for where in (tmp_path / "here" / "corpus", tmp_path / "moved" / "elsewhere" / "corpus"):
-        data = prepare_data(cfg_for(place(where), where.parent, val_fraction=0.3), block_size=8,
-                            progress=False)
+        data = prepare_data(cfg_for(place(where), where.parent, val_fraction=0.3), block_size=8)
         held_out.append(data.val_path.read_bytes())
         assert 0 < data.meta["splits"]["val"]["documents"] < data.meta["splits"]["train"][
             "documents"]
@@ -252,7 +262,7 @@ def test_a_moved_corpus_keeps_its_validation_set(tmp_path: Path, layout: str) ->
 def test_lone_hub_row_is_split_like_a_single_file(tmp_path: Path) -> None:
     text = VERSE * 20
     source = write_parquet(tmp_path / "one.parquet", [text])
-    data = prepare_data(cfg_for(f"hf:{source}", tmp_path), block_size=8, progress=False)
+    data = prepare_data(cfg_for(f"hf:{source}", tmp_path), block_size=8)
     val = np.fromfile(data.val_path, dtype=np.uint16).tolist()
     assert data.tokenizer.decode(val[:-1]) == text[int(len(text) * 0.9):]
     with pytest.raises(DataError, match="does not hold text; set data.text_column"):
@@ -293,7 +303,7 @@ def test_cuts_encode_exactly_as_the_whole() -> None:
 
 
 def test_prepare_writes_bins_and_meta(corpus: Path, tmp_path: Path) -> None:
-    data = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    data = prepare_data(cfg_for(corpus, tmp_path), block_size=32)
     assert data.dir.parent == tmp_path / "cache" and data.dir.name.startswith("verse-char-")
     assert not data.reused and data.meta["dtype"] == "uint16"
     text = (VERSE * 40)
@@ -312,7 +322,7 @@ def test_bpe_prepare_round_trips(tmp_path: Path) -> None:
     text = VERSE * 30 + "多语言文本 🎉\n" * 20
     source = write(tmp_path / "mixed.txt", text)
     data = prepare_data(cfg_for(source, tmp_path, tokenizer="bpe", bpe_vocab_size=300),
-                        block_size=16, progress=False)
+                        block_size=16)
     ids = np.fromfile(data.train_path, dtype=np.uint16).tolist()
     assert ids[-1] == data.tokenizer.eot_id == 299
     assert data.tokenizer.decode(ids[:-1]) == text[:int(len(text) * 0.9)]
@@ -323,7 +333,7 @@ def test_gpt2_prepare_uses_known_ids(tmp_path: Path, gpt2_vocabulary) -> None:
     write(tmp_path / "docs" / "a.txt", "Hello world")
     write(tmp_path / "docs" / "b.txt", "Hello world, again and again and again." * 30)
     data = prepare_data(cfg_for(tmp_path / "docs", tmp_path, tokenizer="gpt2", val_fraction=0.3),
-                        block_size=2, progress=False)
+                        block_size=2)
     assert np.fromfile(data.val_path, dtype=np.uint16).tolist() == [15496, 995, 50256]
 
 
@@ -331,7 +341,7 @@ def test_wide_vocabularies_use_uint32(tmp_path: Path) -> None:
     text = "".join(chr(cp) for cp in range(0x4E00, 0x4E00 + 20000))
     text += "".join(chr(cp) for cp in range(0x20000, 0x20000 + 50000))
     source = write(tmp_path / "wide.txt", text)
-    data = prepare_data(cfg_for(source, tmp_path), block_size=8, progress=False)
+    data = prepare_data(cfg_for(source, tmp_path), block_size=8)
     assert data.meta["dtype"] == "uint32" and data.tokenizer.vocab_size == 70001
     val = np.fromfile(data.val_path, dtype=np.uint32)
     assert data.tokenizer.decode(val[:-1].tolist()) == text[int(len(text) * 0.9):]
@@ -339,22 +349,21 @@ def test_wide_vocabularies_use_uint32(tmp_path: Path) -> None:
 
 
 def test_cache_is_reused_and_invalidated(corpus: Path, tmp_path: Path) -> None:
-    first = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    first = prepare_data(cfg_for(corpus, tmp_path), block_size=32)
     stamp = first.train_path.stat().st_mtime_ns
-    again = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    again = prepare_data(cfg_for(corpus, tmp_path), block_size=32)
     assert again.reused and again.dir == first.dir and again.train_path.stat().st_mtime_ns == stamp
-    other = prepare_data(cfg_for(corpus, tmp_path, val_fraction=0.2), block_size=32,
-                         progress=False)
+    other = prepare_data(cfg_for(corpus, tmp_path, val_fraction=0.2), block_size=32)
     assert not other.reused and other.dir != first.dir
     write(corpus, VERSE * 41)  # new contents: a new fingerprint
-    changed = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    changed = prepare_data(cfg_for(corpus, tmp_path), block_size=32)
     assert not changed.reused and changed.dir not in (first.dir, other.dir)
 
 
 @pytest.mark.parametrize("damage", ["no meta", "short bin", "bad json", "missing bin"])
 def test_half_written_cache_is_rebuilt_never_used(corpus: Path, tmp_path: Path,
                                                    damage: str) -> None:
-    good = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    good = prepare_data(cfg_for(corpus, tmp_path), block_size=32)
     expected = good.train_path.read_bytes()
     if damage == "no meta":
         (good.dir / "meta.json").unlink()
@@ -367,7 +376,7 @@ def test_half_written_cache_is_rebuilt_never_used(corpus: Path, tmp_path: Path,
     with pytest.raises(DataError, match="prepare the data again") as err:
         load_prepared(good.dir)
     one_line_error(err)
-    rebuilt = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    rebuilt = prepare_data(cfg_for(corpus, tmp_path), block_size=32)
     assert not rebuilt.reused and rebuilt.train_path.read_bytes() == expected
     assert not list(rebuilt.dir.glob("*.tmp-*"))
 
@@ -379,11 +388,26 @@ def test_interrupted_tokenising_leaves_no_marker(corpus: Path, tmp_path: Path,
 
     monkeypatch.setattr(prepare_module, "write_tokens", crash)
     with pytest.raises(KeyboardInterrupt):
-        prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+        prepare_data(cfg_for(corpus, tmp_path), block_size=32)
     monkeypatch.undo()
     (directory,) = (tmp_path / "cache").iterdir()
     assert not (directory / "meta.json").exists()
-    assert not prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False).reused
+    assert not prepare_data(cfg_for(corpus, tmp_path), block_size=32).reused
+
+
+def test_an_interrupted_rebuild_removes_the_old_marker_first(corpus: Path, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """meta.json goes before any rebuild starts, so it never vouches for other files."""
+    good = prepare_data(cfg_for(corpus, tmp_path), block_size=32)
+    good.train_path.write_bytes(b"")  # damaged: rebuilt at the next run
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "write_tokens", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg_for(corpus, tmp_path), block_size=32)
+    assert not (good.dir / "meta.json").exists() and not list(good.dir.glob("*.tmp-*"))
 
 
 def test_bpe_learns_from_an_even_sample(tmp_path: Path) -> None:
@@ -403,7 +427,7 @@ def test_bpe_learns_from_an_even_sample(tmp_path: Path) -> None:
                                sizes, plan))
     train_docs = [d for i, d in enumerate(docs) if i not in plan.val]
     assert "".join(whole) == "".join(d.read_text() for d in train_docs)
-    data = prepare_data(cfg, block_size=16, progress=False)
+    data = prepare_data(cfg, block_size=16)
     assert data.meta["settings"]["bpe_sample_mb"] == 0.02 and data.tokenizer.vocab_size == 300
 
 
@@ -423,7 +447,7 @@ def test_bad_inputs_give_one_line_errors(corpus: Path, tmp_path: Path) -> None:
     ]
     for cfg, kind, message in cases:
         with pytest.raises(kind, match=message) as err:
-            prepare_data(cfg, block_size=16, progress=False)
+            prepare_data(cfg, block_size=16)
         one_line_error(err)
     # A config is checked once, when it is built: bad values never reach prepare_data.
     for overrides, message in (({"tokenizer": "wordpiece"}, "data.tokenizer: 'wordpiece' is not"),
@@ -434,9 +458,9 @@ def test_bad_inputs_give_one_line_errors(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_window_check_uses_the_block_size(corpus: Path, tmp_path: Path) -> None:
-    prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    prepare_data(cfg_for(corpus, tmp_path), block_size=32)
     with pytest.raises(DataError, match="the training split has only 5401 tokens.* block_size"):
-        prepare_data(cfg_for(corpus, tmp_path), block_size=100_000, progress=False)
+        prepare_data(cfg_for(corpus, tmp_path), block_size=100_000)
 
 
 def test_command_line_exit_codes(corpus: Path, tmp_path: Path, capsys) -> None:
@@ -447,10 +471,94 @@ def test_command_line_exit_codes(corpus: Path, tmp_path: Path, capsys) -> None:
     assert main([str(tmp_path / "nope.txt"), "--cache-dir", cache, "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: corpus") and err.count("\n") == 1
+    assert main([str(corpus), "--tokenizer", "bpe", "--bpe-vocab-size", "300", "--cache-dir",
+                 cache, "--block-size", "16"]) == 0
+    assert "tokenizing" in capsys.readouterr().err  # the command line draws the bars
 
 
 def test_prepared_split_names_are_checked(corpus: Path, tmp_path: Path) -> None:
-    data = prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=False)
+    data = prepare_data(cfg_for(corpus, tmp_path), block_size=32)
     with pytest.raises(DataError, match="unknown split 'test'"):
         data.bytes_per_token("test")
     assert os.path.getsize(data.val_path) == 2 * data.num_tokens("val")
+
+
+# ---- what every token cache shares
+
+
+class Recorder:
+    """A Progress that records each stage's name, total and what it was advanced by."""
+
+    def __init__(self) -> None:
+        self.stages: list[list] = []
+
+    @contextlib.contextmanager
+    def __call__(self, stage, total=None, unit="B"):
+        self.stages.append([stage, total, unit, 0])
+        yield lambda amount: self.stages[-1].__setitem__(3, self.stages[-1][3] + amount)
+
+
+def test_preparation_reports_its_stages_to_the_progress_it_is_given(corpus: Path,
+                                                                    tmp_path: Path) -> None:
+    progress = Recorder()
+    prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=progress)
+    size = corpus.stat().st_size
+    assert progress.stages == [["checking", size, "B", size], ["reading for char", None, "B", size],
+                               ["tokenizing", size, "B", size]]
+    again = Recorder()
+    assert prepare_data(cfg_for(corpus, tmp_path), block_size=32, progress=again).reused
+    assert again.stages == []  # a reused cache reads nothing
+
+
+def test_cache_names_and_the_hash_split_are_those_caches_on_disk_have() -> None:
+    """Pinned: values the code before the shared token-cache protocol gave, so the caches it
+    wrote are still found (a new name would rebuild every cache) and splits stay put."""
+
+    class Notes:
+        label, root = "notes", ""
+
+        def state(self):
+            return {"files": [["/data/notes.txt", 1234, 5678]]}
+
+    chars = train_tokenizer("char", ["abc"])
+    assert fingerprint(DataConfig(source="/data/notes.txt", tokenizer="bpe", bpe_vocab_size=300),
+                       Notes()) == "notes-bpe300-eb688e897689095d"
+    assert fingerprint(DataConfig(source="hf:someone/notes", tokenizer="char"),
+                       Notes()) == "notes-char-855ebe5219acd018"
+    assert fingerprint(DataConfig(source="/data/notes.txt"), Notes(),
+                       chars) == "notes-char4-6ee2ad6e4c30ebc8"
+    names = [f"docs/{i}.txt" for i in range(20)]
+    assert [i for i, n in enumerate(names)
+            if SplitPlan(by_hash=0.3).route(i, n) == "val"] == [10, 14, 16, 17, 18]
+    sizes = [(f"/x/{n}", 100 + 13 * i) for i, n in enumerate(names)]
+    assert sorted(plan_split(sizes, 0.3, "/x/").val) == [2, 10, 14, 16, 17]
+    records = [{"messages": [{"role": "user", "content": str(i)}]} for i in range(20)]
+    assert [i for i, r in enumerate(records)
+            if chat_data_module.split_of(r, 0.3) == "val"] == [2, 3, 4, 8, 9, 10, 11, 14, 15]
+
+
+def test_chat_cache_names_are_those_caches_on_disk_have(monkeypatch) -> None:
+    monkeypatch.setattr(chat_data_module, "source_state",
+                        lambda cfg: {"files": [["/data/chat.jsonl", 99, 7]]})
+    chars = train_tokenizer("char", ["abc"])
+    name = chat_data_module.chat_fingerprint
+    assert name(DataConfig(source="/data/chat.jsonl", format="chat"),
+                chars) == "chat-chat-char4-0ae532a3e1c9efc1"
+    assert name(DataConfig(source="hf:someone/chats", format="chat", hf_config="x"),
+                chars) == "chat-chats-char4-3d7ce1c849006d00"
+
+
+def test_staged_files_appear_whole_or_not_at_all(tmp_path: Path) -> None:
+    write(tmp_path / "a.bin", b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with staged_files(tmp_path, ["a.bin", "b.bin"]) as files:
+            files["a.bin"].write(b"new")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]  # no temporary file left
+    assert (tmp_path / "a.bin").read_bytes() == b"old"
+    with staged_files(tmp_path, ["a.bin", "b.bin"]) as files:
+        files["a.bin"].write(b"new")
+        files["b.bin"].write(b"bee")
+        assert not (tmp_path / "b.bin").exists()  # published only when the block ends
+    assert [(tmp_path / n).read_bytes() for n in ("a.bin", "b.bin")] == [b"new", b"bee"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]

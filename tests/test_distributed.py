@@ -280,5 +280,5 @@ def test_token_files_are_prepared_by_one_process_at_a_time_per_machine(monkeypat
     monkeypatch.setattr(run_setup, "prepare_data", lambda *args: seen.append("prepare") or args)
     monkeypatch.setattr(runtime, "barrier", lambda ctx: seen.append("barrier"))
     ctx = runtime.Distributed(rank=rank, local_rank=local_rank, world_size=16)
-    run_setup.prepare_data_once(config_from_dict({}), ctx, progress=False)
+    run_setup.prepare_data_once(config_from_dict({}), ctx)
     assert seen == order

@@ -171,7 +171,7 @@ def test_finetuning_gpt2_starts_from_its_weights(gpt2_dir, tmp_path):
     assert saved.config.model.block_size == 32  # cropped from 64
     assert saved.config.train.init_from == str(gpt2_dir)
     # The first step's loss is the pretrained model's loss on that batch, as transformers has it.
-    data = prepare_data(saved.config.data, 32, progress=False)
+    data = prepare_data(saved.config.data, 32)
     x, y = BatchSampler(data.train_path, 32, 2, seed=3).next_batch()
     with torch.no_grad():
         logits = hf_model(gpt2_dir)(x).logits

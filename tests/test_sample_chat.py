@@ -10,7 +10,7 @@ import torch
 
 from model import GPT, Config, GPTConfig
 from model.config import DataConfig
-from model.data.chat import TURN_STOPS, render_chat
+from model.data.chat import TURN_STOPS, ChatHistory, render_chat
 from model.data.tokenizer import train_tokenizer
 from model.weights.checkpoint import save_checkpoint
 
@@ -121,6 +121,6 @@ def test_bad_combinations_are_one_line_errors(chat, args, words):
 
 def test_chat_history_keeps_the_newest_message_even_alone():
     tokenizer = train_tokenizer("char", [CHARS])
-    history = sample.ChatHistory(tokenizer, 40, 10)
+    history = ChatHistory(tokenizer, 40, 10)
     ids, dropped = history.prompt("a long message that does not fit in forty tokens at all")
     assert dropped == 0 and len(ids) > 40  # generation then keeps its end, with a warning

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 from model.cli.common import run_cli
-from model.config import DataConfig
+from model.cli.progress import bars
+from model.data.config import DataConfig
 from model.data.prepare import prepare_data
 from model.data.token_cache import SPLITS
+from model.progress import silent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                          bpe_vocab_size=args.bpe_vocab_size, bpe_sample_mb=args.bpe_sample_mb,
                          val_fraction=args.val_fraction, cache_dir=args.cache_dir,
                          num_proc=args.num_proc)
-        data = prepare_data(cfg, args.block_size, progress=not args.no_progress)
+        data = prepare_data(cfg, args.block_size, progress=silent if args.no_progress else bars)
         print(f"{'reused' if data.reused else 'wrote'} {data.dir} ({data.tokenizer.name}, "
               f"{data.tokenizer.vocab_size} tokens)")
         for split in SPLITS:

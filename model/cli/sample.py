@@ -21,8 +21,7 @@ from typing import TextIO
 import torch
 
 from model.cli.common import load_named_model, run_cli
-from model.data.chat import TURN_STOPS, render_chat
-from model.data.tokenizer import Tokenizer
+from model.data.chat import TURN_STOPS, ChatHistory
 from model.errors import SamplingError
 from model.inference.sampling import Step, check_sampling_args, generate
 from model.runtime import choose_dtype, configure_threads, generation_threads, pick_device
@@ -210,34 +209,6 @@ def reply_steps(steps: Iterable[Step]) -> Iterator[Step]:
             step = dataclasses.replace(step, delta=step.delta.lstrip(" "))
             first = False
         yield step
-
-
-class ChatHistory:
-    """The messages of a --chat session, kept within the model's context.
-
-    Before each reply the oldest exchanges (a user message and its reply) are dropped until
-    the prompt leaves `reserve` tokens for the reply; the system message always stays.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, block_size: int, reserve: int,
-                 system: str | None = None) -> None:
-        self.tokenizer, self.block_size, self.reserve = tokenizer, block_size, reserve
-        self.system = [{"role": "system", "content": system}] if system else []
-        self.turns: list[dict[str, str]] = []
-
-    def prompt(self, user: str) -> tuple[list[int], int]:
-        """Prompt ids for a reply to `user`, and how many earlier exchanges were dropped."""
-        self.turns.append({"role": "user", "content": user})
-        dropped = 0
-        while True:
-            ids = render_chat(self.system + self.turns, self.tokenizer)
-            if len(ids) + self.reserve <= self.block_size or len(self.turns) == 1:
-                return ids, dropped
-            del self.turns[:2]
-            dropped += 1
-
-    def add_reply(self, reply: str) -> None:
-        self.turns.append({"role": "assistant", "content": reply})
 
 
 def chat(loaded: Pretrained, args: argparse.Namespace, run: Callable[..., str],

@@ -1,19 +1,20 @@
 """Batches: (x, y) windows over memory-mapped token files, y = x shifted by one token.
 
 The seeded, resumable BatchSampler draws training windows at random; eval_windows gives a fixed
-set for validation; sequential_windows covers a split once, for whole-split bits per byte.
+set for validation.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from model.data.token_cache import memmap_tokens
 from model.errors import DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -30,15 +31,14 @@ def open_tokens(tokens: TokenSource | Sequence[int], dtype: Any = None) -> np.nd
         if dtype is None:
             meta = path.with_name("meta.json")
             dtype = json.loads(meta.read_text())["dtype"] if meta.is_file() else np.uint16
-        if path.stat().st_size == 0:
-            return np.empty(0, dtype=dtype)
-        return np.memmap(path, dtype=dtype, mode="r")
+        return memmap_tokens(path, dtype)
     if isinstance(tokens, torch.Tensor):
         return tokens.detach().cpu().numpy()
     return np.asarray(tokens)
 
 
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A batch's host array as a tensor on `device`."""
     tensor = torch.from_numpy(array)
     if device.type == "cuda":
         # Pinned host memory lets the copy run asynchronously while the GPU works.
@@ -50,8 +50,8 @@ def windows(data: np.ndarray, starts: np.ndarray, length: int, device: torch.dev
     """The windows data[s : s + length + 1] for each start s, as x = all but the last token and
     y = all but the first: int64 tensors of shape (len(starts), length) on `device`."""
     rows = data[starts[:, None] + np.arange(length + 1)]  # (B, T + 1)
-    return (_to_device(rows[:, :-1].astype(np.int64), device),
-            _to_device(rows[:, 1:].astype(np.int64), device))
+    return (to_device(rows[:, :-1].astype(np.int64), device),
+            to_device(rows[:, 1:].astype(np.int64), device))
 
 
 def _check_length(data: np.ndarray, block_size: int) -> None:
@@ -72,7 +72,7 @@ class BatchSampler:
     the saved one stopped.
     """
 
-    def __init__(self, tokens: TokenSource, block_size: int, batch_size: int, seed: int,
+    def __init__(self, tokens: TokenSource, block_size: int, batch_size: int, seed: int, *,
                  rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu") -> None:
         if batch_size < 1:
@@ -120,20 +120,3 @@ def eval_windows(tokens: TokenSource, block_size: int, batch_size: int, num_batc
     return [windows(data, starts[b * batch_size:(b + 1) * batch_size], block_size,
                     torch.device(device)) for b in range(num_batches)]
 
-
-def sequential_windows(tokens: TokenSource, block_size: int, batch_size: int = 1,
-                       device: str | torch.device = "cpu") -> Iterator[Batch]:
-    """Non-overlapping windows covering the whole split: every token after the first is a
-    target exactly once. Full windows come in batches of `batch_size`; a shorter last window
-    (1, remainder) follows if the split does not divide evenly. For whole-split bits per byte."""
-    data = open_tokens(tokens)
-    if len(data) < 2:
-        raise DataError(f"the token split holds {len(data)} tokens; it needs at least 2")
-    device = torch.device(device)
-    full = (len(data) - 1) // block_size
-    for first in range(0, full, batch_size):
-        starts = np.arange(first, min(first + batch_size, full)) * block_size
-        yield windows(data, starts, block_size, device)
-    rest = len(data) - 1 - full * block_size
-    if rest > 0:
-        yield windows(data, np.array([full * block_size]), rest, device)

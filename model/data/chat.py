@@ -23,12 +23,16 @@ generation ends the turn by itself; and the headers are ordinary text that a bas
 as a dialogue, so the template also works (less well) before any chat training, where the
 stop string "\\n\\nUser:" ends a reply that runs into the next turn (`TURN_STOPS`).
 
-A literal "<|endoftext|>" typed in a message is encoded as plain characters (model/tokenizer.py),
-so a user cannot end the assistant's turn, or fake one, from inside their text.
+A literal "<|endoftext|>" typed in a message is encoded as plain characters
+(model/data/tokenizer.py), so a user cannot end the assistant's turn, or fake one, from inside
+their text.
 
 Training trains the assistant's reply tokens and its closing end-of-text: `render_conversation`
 returns a loss mask alongside the ids, 1 where the token is a target to learn. Everything else
 (headers, system and user text) is context only.
+
+`Message` and `validate_messages` are the one message type and the one validation: chat data,
+sample.py's --chat (`ChatHistory`) and the server's request models all go through them.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from model.data.tokenizer import EOT_TEXT, Tokenizer
+from model.data.tokenizer import Tokenizer
 from model.errors import ChatFormatError
 
 ROLES = ("system", "user", "assistant")
@@ -51,6 +55,8 @@ TURN_STOPS = ("\n\nUser:",)
 
 @dataclass(frozen=True)
 class Message:
+    """One checked message: role is one of ROLES, content plain text."""
+
     role: str
     content: str
 
@@ -58,24 +64,25 @@ class Message:
         return {"role": self.role, "content": self.content}
 
 
-def end_of_turn_id(tokenizer: Tokenizer) -> int:
-    """The token that ends an assistant turn: the tokenizer's end-of-text."""
-    return tokenizer.eot_id
+def _get(item: Any, key: str) -> Any:
+    """A key of a mapping, or an attribute of an object (a pydantic model, a Message)."""
+    return item.get(key) if isinstance(item, Mapping) else getattr(item, key, None)
 
 
 def _content(value: Any, where: str) -> str:
-    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts
+    (mappings or objects with those fields)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
         texts = []
         for i, part in enumerate(value):
-            if not (isinstance(part, Mapping) and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)):
+            text = _get(part, "text")
+            if not (_get(part, "type") == "text" and isinstance(text, str)):
                 raise ChatFormatError(f"{where}.content[{i}]: only text parts "
                                       '({"type": "text", "text": ...}) are supported',
                                       f"{where}.content[{i}]")
-            texts.append(part["text"])
+            texts.append(text)
         return "".join(texts)
     got = "missing" if value is None else f"a {type(value).__name__}"
     raise ChatFormatError(f"{where}.content: must be a string, got {got}", f"{where}.content")
@@ -84,7 +91,12 @@ def _content(value: Any, where: str) -> str:
 def validate_messages(messages: Any, field: str = "messages",
                       need_assistant: bool = False) -> list[Message]:
     """Messages checked and normalised; a ChatFormatError names the first bad field, e.g.
-    "messages[1].role: 'bot' is not one of system, user, assistant"."""
+    "messages[1].role: 'bot' is not one of system, user, assistant", in its text and `field`.
+
+    Each message is a mapping or an object with `role` and `content` (a Message, a request
+    model); ROLE_ALIASES are accepted ("developer" becomes "system"), and content may be a
+    list of text parts, which are joined.
+    """
     if not isinstance(messages, (list, tuple)):
         raise ChatFormatError(f"{field}: must be a list of messages, got "
                               f"{type(messages).__name__}", field)
@@ -93,12 +105,11 @@ def validate_messages(messages: Any, field: str = "messages",
     checked = []
     for i, message in enumerate(messages):
         where = f"{field}[{i}]"
-        if isinstance(message, Message):
-            message = message.to_dict()
-        if not isinstance(message, Mapping):
+        if not (isinstance(message, Mapping)
+                or hasattr(message, "role") and hasattr(message, "content")):
             raise ChatFormatError(f"{where}: must be an object with role and content, got "
                                   f"{type(message).__name__}", where)
-        role = message.get("role")
+        role = _get(message, "role")
         if role is None:
             raise ChatFormatError(f"{where}.role: missing; use one of {', '.join(ROLES)}",
                                   f"{where}.role")
@@ -106,7 +117,7 @@ def validate_messages(messages: Any, field: str = "messages",
         if role not in ROLES:
             raise ChatFormatError(f"{where}.role: {role!r} is not one of {', '.join(ROLES)}",
                                   f"{where}.role")
-        checked.append(Message(role, _content(message.get("content"), where)))
+        checked.append(Message(role, _content(_get(message, "content"), where)))
     if need_assistant and not any(m.role == "assistant" for m in checked):
         raise ChatFormatError(f"{field}: has no assistant message, so there is nothing to "
                               "train on", field)
@@ -117,21 +128,6 @@ def validate_messages(messages: Any, field: str = "messages",
 # The template
 
 
-def render_text(messages: Sequence[Message | Mapping[str, Any]],
-                add_generation_prompt: bool = False) -> str:
-    """The conversation as text, end-of-text written as "<|endoftext|>": for display and
-    tests. Encoding this string is NOT the same as rendering: there it is plain text."""
-    parts = [EOT_TEXT]
-    for m in validate_messages(messages):
-        if m.role == "assistant":
-            parts += [HEADERS["assistant"], " " + m.content, EOT_TEXT]
-        else:
-            parts.append(f"{HEADERS[m.role]} {m.content}{TURN_END}")
-    if add_generation_prompt:
-        parts.append(HEADERS["assistant"])
-    return "".join(parts)
-
-
 def render_conversation(messages: Sequence[Message | Mapping[str, Any]], tokenizer: Tokenizer,
                         add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """Token ids of the conversation and a loss mask of the same length: 1 for each assistant
@@ -140,7 +136,7 @@ def render_conversation(messages: Sequence[Message | Mapping[str, Any]], tokeniz
     Each piece (a header, a reply) is encoded on its own, so a reply's tokens are the same
     whether it is a training target or generated after the prompt `render_chat` gives.
     """
-    eot = end_of_turn_id(tokenizer)
+    eot = tokenizer.eot_id  # the token that ends an assistant turn
     ids, mask = [eot], [0]
     for m in validate_messages(messages):
         if m.role == "assistant":
@@ -163,35 +159,6 @@ def render_chat(messages: Sequence[Message | Mapping[str, Any]], tokenizer: Toke
                 add_generation_prompt: bool = True) -> list[int]:
     """Prompt ids for generating the assistant's next reply (ending with "Assistant:")."""
     return render_conversation(messages, tokenizer, add_generation_prompt)[0]
-
-
-def parse_text(text: str) -> list[Message]:
-    """The messages back from `render_text`'s output (without a trailing generation prompt):
-    the inverse of render_text, for round-trip tests and for reading rendered transcripts."""
-    if not text.startswith(EOT_TEXT):
-        raise ChatFormatError(f"a rendered conversation starts with {EOT_TEXT}", "text")
-    rest, messages = text[len(EOT_TEXT):], []
-    while rest:
-        role = next((r for r, h in HEADERS.items() if rest.startswith(h)), None)
-        if role is None:
-            raise ChatFormatError(f"expected a role header at {rest[:30]!r}", "text")
-        rest = rest[len(HEADERS[role]):]
-        if not rest.startswith(" "):
-            raise ChatFormatError(f"expected a space after {HEADERS[role]}", "text")
-        end = EOT_TEXT if role == "assistant" else TURN_END
-        # A turn ends at the first end marker followed by a header (or the end of the text).
-        start = 1
-        while True:
-            cut = rest.find(end, start)
-            if cut < 0:
-                raise ChatFormatError(f"the {role} turn is not closed by {end!r}", "text")
-            after = rest[cut + len(end):]
-            if not after or any(after.startswith(h) for h in HEADERS.values()):
-                break
-            start = cut + 1
-        messages.append(Message(role, rest[1:cut]))
-        rest = after
-    return messages
 
 
 def conversation_from_alpaca(record: Mapping[str, Any], field: str = "") -> list[Message]:
@@ -231,3 +198,35 @@ def conversation_from_record(record: Any) -> list[Message]:
     keys = ", ".join(map(str, list(record)[:8])) or "none"
     raise ChatFormatError(f"record has neither 'messages' nor Alpaca's 'instruction'/'output' "
                           f"(its keys: {keys})", "messages")
+
+
+# ---------------------------------------------------------------------------------------------
+# A chat session
+
+
+class ChatHistory:
+    """The messages of a chat session (sample.py --chat), kept within the model's context.
+
+    Before each reply the oldest exchanges (a user message and its reply) are dropped until
+    the prompt leaves `reserve` tokens for the reply; the system message always stays.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, block_size: int, reserve: int,
+                 system: str | None = None) -> None:
+        self.tokenizer, self.block_size, self.reserve = tokenizer, block_size, reserve
+        self.system = [Message("system", system)] if system else []
+        self.turns: list[Message] = []
+
+    def prompt(self, user: str) -> tuple[list[int], int]:
+        """Prompt ids for a reply to `user`, and how many earlier exchanges were dropped."""
+        self.turns.append(Message("user", user))
+        dropped = 0
+        while True:
+            ids = render_chat(self.system + self.turns, self.tokenizer)
+            if len(ids) + self.reserve <= self.block_size or len(self.turns) == 1:
+                return ids, dropped
+            del self.turns[:2]
+            dropped += 1
+
+    def add_reply(self, reply: str) -> None:
+        self.turns.append(Message("assistant", reply))

@@ -7,12 +7,10 @@ attention can cross from one conversation into another and the model's fused cau
 looks back from. Targets are -1 wherever the loss mask is 0 (system and user text, headers) and
 on padding; GPT.forward ignores -1, so the loss is the mean over reply tokens.
 
-Padding instead of packing several conversations into a window: bench/chat_packing.py found
-packing 25% faster per reply token on a 2-core CPU at the same rows per step, mostly from its
-4x larger steps; it would need a block-diagonal mask and per-conversation positions in the
-model and lose the fused kernel on CUDA, so padding stays (README, Chat). To keep padding small,
-each group of GROUP batches is drawn together and sorted by length, so a batch holds
-conversations of similar length; the batch order within the group is shuffled.
+Padding, not packing several conversations into a window: packing needs a block-diagonal mask
+and per-conversation positions in the model, and loses the fused kernel on CUDA. To keep
+padding small, each group of GROUP batches is drawn together and sorted by length, so a batch
+holds conversations of similar length; the batch order within the group is shuffled.
 
 The sampler is a pure function of (seed, batches drawn) like BatchSampler, so resuming is exact.
 """
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.data.batches import Batch, _to_device
+from model.data.batches import Batch, to_device
 from model.data.chat_data import ChatData
 from model.errors import DataError
 
@@ -67,7 +65,7 @@ def conversation_rows(data: ChatData, split: str, chosen: np.ndarray, block_size
         ids[row, :n] = tokens[start:start + n]
         trained = mask[start:start + n].astype(bool)
         targets[row, :n] = np.where(trained, ids[row, :n], -1)
-    return _to_device(ids[:, :-1], device), _to_device(targets[:, 1:], device)
+    return to_device(ids[:, :-1], device), to_device(targets[:, 1:], device)
 
 
 class ChatBatchSampler:
@@ -79,7 +77,7 @@ class ChatBatchSampler:
     batch would see.
     """
 
-    def __init__(self, data: ChatData, block_size: int, batch_size: int, seed: int,
+    def __init__(self, data: ChatData, block_size: int, batch_size: int, seed: int, *,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
                  split: str = "train") -> None:
         if batch_size < 1:

@@ -8,35 +8,45 @@
 Per split: `.bin` the token ids (conversations one after another), `.mask` one byte per token
 (1: a target training learns, an assistant reply token or the end-of-text closing it), `.index`
 int64 rows (start, length, end of the first reply: the position of its end-of-text) per
-conversation. Records stream through
-one at a time and the files are written as they come, so memory does not grow with the data.
-Train and validation: the demo set brings its own split; other records go to validation when a
-hash of their content falls below data.val_fraction (so a duplicate never straddles the split).
+conversation. Records stream through one at a time and the files are written as they come, so
+memory does not grow with the data. Train and validation: the demo set brings its own split;
+other records go to validation when a hash of their content falls below data.val_fraction (so
+a duplicate never straddles the split). The cache's protocol is model/data/token_cache.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from model.config import DataConfig
 from model.data.chat import conversation_from_record, render_conversation
 from model.data.chat_demo import DEMO_SOURCE, DEMO_VERSION, demo_records
-from model.data.corpus import HF_PREFIX, Shakespeare, _label
-from model.data.token_cache import SPLITS, token_dtype
+from model.data.config import DataConfig
+from model.data.corpus import HF_PREFIX, HubDataset, Shakespeare, source_label
+from model.data.token_cache import (
+    SPLITS,
+    TokenCache,
+    digest,
+    find_cache,
+    finish_cache,
+    hashed_split,
+    memmap_tokens,
+    read_meta,
+    start_cache,
+    token_dtype,
+    tokenizer_meta,
+)
 from model.data.tokenizer import GPT2Tokenizer, Tokenizer
 from model.errors import ChatFormatError, DataError, TokenizerError
-from model.files import ensure_writable_dir, fsync_dir, write_json_atomic
+from model.files import staged_files
+from model.progress import Progress, silent
 
 CHAT_FORMAT_VERSION = 2
+KINDS = ("bin", "mask", "index")  # the files of a split: tokens, loss mask, conversation rows
 RECORD_SUFFIXES = (".jsonl", ".json")
 Record = tuple[str, Any, str | None]  # (where: "file:line" or "hf:name row N", record, split)
 
@@ -80,23 +90,14 @@ def _file_records(path: Path) -> Iterator[Record]:
                         "convert it to UTF-8") from exc
 
 
+def _hub(cfg: DataConfig) -> HubDataset:
+    return HubDataset(cfg.source[len(HF_PREFIX):], cfg.hf_config, cfg.hf_split, "messages")
+
+
 def _hub_records(cfg: DataConfig) -> Iterator[Record]:
     """Rows of a Hugging Face dataset, streamed: memory holds one batch of rows."""
-    import datasets
-
-    from model.data.corpus import HubDataset
-
-    hub = HubDataset(cfg.source[len(HF_PREFIX):], cfg.hf_config, cfg.hf_split, "messages")
-    stream = hub._call(datasets.load_dataset, split=hub.split, streaming=True)
-    try:
-        for row, record in enumerate(stream):
-            yield f"{cfg.source} row {row}", record, None
-    except DataError:
-        raise
-    except Exception as exc:  # a bad file or a dropped connection, in the middle
-        raise DataError(f"reading Hugging Face dataset {hub.name!r} failed: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                        ) from exc
+    for row, record in enumerate(_hub(cfg).rows()):
+        yield f"{cfg.source} row {row}", record, None
 
 
 def read_records(cfg: DataConfig) -> Iterator[Record]:
@@ -116,10 +117,7 @@ def source_state(cfg: DataConfig) -> Any:
     if cfg.source == DEMO_SOURCE:
         return {"demo": DEMO_VERSION, "plays": Shakespeare().state()}
     if cfg.source.startswith(HF_PREFIX):
-        from model.data.corpus import HubDataset
-
-        hub = HubDataset(cfg.source[len(HF_PREFIX):], cfg.hf_config, cfg.hf_split, "messages")
-        return hub.state()
+        return _hub(cfg).state()
     return {"files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
                       for p in chat_files(cfg.source)]}
 
@@ -127,58 +125,34 @@ def source_state(cfg: DataConfig) -> Any:
 def split_of(record: Any, val_fraction: float) -> str:
     """"val" for about val_fraction of records, decided by their content."""
     blob = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode()
-    digest = hashlib.sha256(blob).digest()
-    return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
+    return hashed_split(blob, val_fraction)
 
 
 # ---------------------------------------------------------------------------------------------
 # Preparing
 
 
-@dataclass
-class ChatData:
+class ChatData(TokenCache):
     """A complete chat cache: per split the tokens, loss mask and conversation index."""
-
-    dir: Path
-    meta: dict[str, Any]
-    tokenizer: Tokenizer
-    reused: bool = False
 
     def path(self, split: str, kind: str) -> Path:
         return self.dir / f"{split}.{kind}"
 
-    @property
-    def train_path(self) -> Path:
-        return self.path("train", "bin")
-
-    @property
-    def val_path(self) -> Path:
-        return self.path("val", "bin")
-
     def tokens(self, split: str) -> np.ndarray:
-        return _memmap(self.path(split, "bin"), self.meta["dtype"])
+        return memmap_tokens(self.path(split, "bin"), self.meta["dtype"])
 
     def mask(self, split: str) -> np.ndarray:
-        return _memmap(self.path(split, "mask"), np.uint8)
+        return memmap_tokens(self.path(split, "mask"), np.uint8)
 
     def index(self, split: str) -> np.ndarray:
         """(conversations, 3) int64: start, length, and the position (from the start) of the
         end-of-text that closes the first reply."""
-        return _memmap(self.path(split, "index"), np.int64).reshape(-1, 3)
+        return memmap_tokens(self.path(split, "index"), np.int64).reshape(-1, 3)
 
     def bytes_per_token(self, split: str) -> float:
         """UTF-8 bytes of reply text per trained token: bits per byte are over replies too."""
-        stats = self.meta["splits"][split]
+        stats = self.split_stats(split)
         return max(1, stats["reply_bytes"]) / max(1, stats["trained_tokens"])
-
-    def num_tokens(self, split: str) -> int:
-        return self.meta["splits"][split]["tokens"]
-
-
-def _memmap(path: Path, dtype: Any) -> np.ndarray:
-    if path.stat().st_size == 0:
-        return np.empty(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def chat_tokenizer(cfg: DataConfig, tokenizer: Tokenizer | None) -> Tokenizer:
@@ -193,27 +167,24 @@ def chat_tokenizer(cfg: DataConfig, tokenizer: Tokenizer | None) -> Tokenizer:
 
 
 def chat_fingerprint(cfg: DataConfig, tokenizer: Tokenizer) -> str:
-    spec = hashlib.sha256(json.dumps(tokenizer.spec(), sort_keys=True).encode()).hexdigest()
-    settings = {"format": CHAT_FORMAT_VERSION, "source": cfg.source, "tokenizer": spec,
-                "val_fraction": cfg.val_fraction, "state": source_state(cfg)}
+    """A readable, unique cache name, e.g. chat-shakespeare-chat-gpt250257-0b61f93df80d4a97."""
+    settings = {"format": CHAT_FORMAT_VERSION, "source": cfg.source,
+                "tokenizer": digest(tokenizer.spec()), "val_fraction": cfg.val_fraction,
+                "state": source_state(cfg)}
     if cfg.source.startswith(HF_PREFIX):
         settings.update(hf_config=cfg.hf_config, hf_split=cfg.hf_split)
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    label = DEMO_SOURCE if cfg.source == DEMO_SOURCE else _label(cfg.source.removeprefix(
+    label = DEMO_SOURCE if cfg.source == DEMO_SOURCE else source_label(cfg.source.removeprefix(
         HF_PREFIX))
-    return f"chat-{label}-{tokenizer.name}{tokenizer.vocab_size}-{digest}"
+    return f"chat-{label}-{tokenizer.name}{tokenizer.vocab_size}-{digest(settings)[:16]}"
 
 
-def prepare_chat(cfg: DataConfig, block_size: int, progress: bool = True,
+def prepare_chat(cfg: DataConfig, block_size: int, progress: Progress = silent,
                  tokenizer: Tokenizer | None = None) -> ChatData:
-    """Encode cfg.source's conversations into <cache_dir>/<fingerprint>/, or reuse them."""
+    """Encode cfg.source's conversations into <cache_dir>/<fingerprint>/, or reuse them;
+    `progress` hears of each conversation written."""
     tokenizer = chat_tokenizer(cfg, tokenizer)
     directory = Path(cfg.cache_dir).expanduser() / chat_fingerprint(cfg, tokenizer)
-    data = None
-    if (directory / "meta.json").exists():
-        with contextlib.suppress(DataError):
-            data = load_chat(directory, tokenizer)
-            data.reused = True
+    data = find_cache(directory, lambda found: load_chat(found, tokenizer))
     if data is None:
         data = _build(cfg, directory, tokenizer, progress)
     for split in SPLITS:
@@ -224,84 +195,53 @@ def prepare_chat(cfg: DataConfig, block_size: int, progress: bool = True,
     return data
 
 
-def _build(cfg: DataConfig, directory: Path, tokenizer: Tokenizer, progress: bool) -> ChatData:
-    from tqdm import tqdm
-
-    try:
-        ensure_writable_dir(directory)
-    except OSError as exc:
-        raise DataError(f"the data cache directory {cfg.cache_dir!r} is not writable "
-                        f"({exc.strerror or exc}); set data.cache_dir to a writable folder"
-                        ) from exc
-    (directory / "meta.json").unlink(missing_ok=True)
+def _build(cfg: DataConfig, directory: Path, tokenizer: Tokenizer, progress: Progress,
+           ) -> ChatData:
+    start_cache(directory, cfg.cache_dir)
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp = {(s, k): directory / f"{s}.{k}.tmp-{os.getpid()}" for s in SPLITS
-           for k in ("bin", "mask", "index")}
     stats = {s: dict.fromkeys(("conversations", "tokens", "trained_tokens", "reply_bytes"), 0)
              for s in SPLITS}
-    try:
-        with contextlib.ExitStack() as stack:
-            files = {key: stack.enter_context(open(path, "wb")) for key, path in tmp.items()}
-            bar = stack.enter_context(tqdm(desc="conversations", unit="", disable=not progress,
-                                           dynamic_ncols=True))
-            for where, record, split in read_records(cfg):
-                try:
-                    messages = conversation_from_record(record)
-                    ids, mask = render_conversation(messages, tokenizer)
-                except ChatFormatError as exc:
-                    raise ChatFormatError(f"{where}: {exc}", exc.field) from None
-                except TokenizerError as exc:
-                    raise TokenizerError(f"{where}: {exc}") from None
-                split = split or split_of(record, cfg.val_fraction)
-                s = stats[split]
-                eot = tokenizer.eot_id
-                first_end = next(i for i, (t, m) in enumerate(zip(ids, mask)) if m and t == eot)
-                files[split, "bin"].write(np.asarray(ids, dtype=dtype).tobytes())
-                files[split, "mask"].write(bytes(mask))
-                files[split, "index"].write(np.array([s["tokens"], len(ids), first_end],
-                                                     dtype=np.int64).tobytes())
-                s["conversations"] += 1
-                s["tokens"] += len(ids)
-                s["trained_tokens"] += sum(mask)
-                s["reply_bytes"] += sum(len(m.content.encode()) for m in messages
-                                        if m.role == "assistant")
-                bar.update(1)
-            for f in files.values():
-                f.flush()
-                os.fsync(f.fileno())
-    except BaseException:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-        raise
-    for (split, kind), path in tmp.items():
-        os.replace(path, directory / f"{split}.{kind}")
-    fsync_dir(directory)
+    names = [f"{split}.{kind}" for split in SPLITS for kind in KINDS]
+    with staged_files(directory, names) as files, progress("conversations", unit="") as advance:
+        for where, record, split in read_records(cfg):
+            try:
+                messages = conversation_from_record(record)
+                ids, mask = render_conversation(messages, tokenizer)
+            except ChatFormatError as exc:
+                raise ChatFormatError(f"{where}: {exc}", exc.field) from None
+            except TokenizerError as exc:
+                raise TokenizerError(f"{where}: {exc}") from None
+            split = split or split_of(record, cfg.val_fraction)
+            s = stats[split]
+            eot = tokenizer.eot_id
+            first_end = next(i for i, (t, m) in enumerate(zip(ids, mask)) if m and t == eot)
+            files[f"{split}.bin"].write(np.asarray(ids, dtype=dtype).tobytes())
+            files[f"{split}.mask"].write(bytes(mask))
+            files[f"{split}.index"].write(np.array([s["tokens"], len(ids), first_end],
+                                                   dtype=np.int64).tobytes())
+            s["conversations"] += 1
+            s["tokens"] += len(ids)
+            s["trained_tokens"] += sum(mask)
+            s["reply_bytes"] += sum(len(m.content.encode()) for m in messages
+                                    if m.role == "assistant")
+            advance(1)
     meta = {"format_version": CHAT_FORMAT_VERSION, "format": "chat",
-            "fingerprint": directory.name, "source": cfg.source, "tokenizer": tokenizer.spec(),
-            "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
-            "dtype": dtype.name, "splits": stats}
-    write_json_atomic(directory / "meta.json", meta)
-    fsync_dir(directory)
+            "fingerprint": directory.name, "source": cfg.source, **tokenizer_meta(tokenizer),
+            "splits": stats}
+    finish_cache(directory, meta)
     return ChatData(directory, meta, tokenizer)
 
 
 def load_chat(directory: Path, tokenizer: Tokenizer) -> ChatData:
     """Reopen a chat cache; anything missing or short is a DataError (the caller rebuilds)."""
-    try:
-        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+
+    def file_sizes(meta: dict[str, Any]) -> dict[str, int]:
         itemsize = np.dtype(meta["dtype"]).itemsize
         sizes = {}
         for split in SPLITS:
             s = meta["splits"][split]
-            sizes[split] = {"bin": s["tokens"] * itemsize, "mask": s["tokens"],
-                            "index": s["conversations"] * 24}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{str(directory)!r} is damaged; prepare the data again") from exc
-    if meta.get("format_version") != CHAT_FORMAT_VERSION:
-        raise DataError(f"{str(directory)!r} was prepared by another version")
-    for split, kinds in sizes.items():
-        for kind, size in kinds.items():
-            path = directory / f"{split}.{kind}"
-            if not path.is_file() or path.stat().st_size != size:
-                raise DataError(f"{str(path)!r} is incomplete; prepare the data again")
-    return ChatData(directory, meta, tokenizer)
+            sizes.update({f"{split}.bin": s["tokens"] * itemsize, f"{split}.mask": s["tokens"],
+                          f"{split}.index": s["conversations"] * 24})  # 3 int64 per row
+        return sizes
+
+    return ChatData(directory, read_meta(directory, CHAT_FORMAT_VERSION, file_sizes), tokenizer)

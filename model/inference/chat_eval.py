@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from model.data.chat import end_of_turn_id, render_chat
+from model.data.chat import render_chat
 from model.data.chat_demo import demo_records
 from model.data.tokenizer import Tokenizer
 
@@ -88,7 +88,7 @@ def option_logprobs(model: nn.Module, tokenizer: Tokenizer, prompt: list[int],
     longer ones are scored one by one, since padding would move their sliding windows."""
     from model.inference.scoring import score_tokens
 
-    end = end_of_turn_id(tokenizer)
+    end = tokenizer.eot_id
     replies = [tokenizer.encode(" " + option) + [end] for option in options]
     width = max(map(len, replies))
     start = len(prompt) - 1  # logprobs[:, t - 1] is log p(ids[t])

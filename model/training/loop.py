@@ -46,6 +46,7 @@ from model.data.prepare import PreparedData
 from model.errors import TrainingError
 from model.gpt import GPT
 from model.network import lora
+from model.progress import silent
 from model.training.callbacks import Callback, TrainingState
 from model.training.finetune import adopt_source, load_source
 from model.training.monitor import RunLog, gpu_peak_flops
@@ -312,7 +313,7 @@ def start_run(cfg: Config, ctx: runtime.Distributed, model: nn.Module | None, pr
     lora_base = lora_base_record(t.init_from, source) if t.lora is not None else None
 
     # Data: token files (prepared once), the training batches and the validation windows.
-    data = prepare_data_once(cfg, ctx, progress, source.tokenizer if source else None)
+    data = prepare_data_once(cfg, ctx, silent, source.tokenizer if source else None)
     cfg = resolve_vocab(cfg, data.tokenizer.vocab_size)
     if cfg.data.format == "chat":  # whole conversations per row, loss on replies only
         sampler, val_windows = chat_batches(data, cfg, ctx, device)

@@ -26,6 +26,7 @@ from model.errors import CheckpointError, ConfigError, TrainingError
 from model.files import ensure_writable_dir
 from model.gpt import GPTConfig
 from model.network import lora
+from model.progress import Progress, silent
 from model.training.optim import Optimizer
 from model.weights.checkpoint import (
     load_optimizer_state,
@@ -37,20 +38,20 @@ from model.weights.checkpoint import (
 )
 
 
-def prepare_data_once(cfg: Config, ctx: runtime.Distributed, progress: bool,
+def prepare_data_once(cfg: Config, ctx: runtime.Distributed, progress: Progress = silent,
                       tokenizer: Tokenizer | None = None) -> PreparedData:
     """Rank 0 prepares the token files while the others wait. Then the first process of each
     other machine finds them on shared storage, or prepares its own copy; then the rest read.
-    So no two processes ever write the same cache."""
+    So no two processes ever write the same cache. Only rank 0 reports to `progress`."""
     data = None
     if ctx.is_main:
         data = prepare_data(cfg.data, cfg.model.block_size, progress, tokenizer)
     runtime.barrier(ctx)
     if ctx.local_rank == 0 and not ctx.is_main:
-        data = prepare_data(cfg.data, cfg.model.block_size, False, tokenizer)
+        data = prepare_data(cfg.data, cfg.model.block_size, silent, tokenizer)
     runtime.barrier(ctx)
     if data is None:
-        data = prepare_data(cfg.data, cfg.model.block_size, False, tokenizer)
+        data = prepare_data(cfg.data, cfg.model.block_size, silent, tokenizer)
     return data
 
 
