@@ -37,6 +37,7 @@ import torch
 directory, mode, dtype_name = sys.argv[2:5]
 steps, batch, block, rank = map(int, sys.argv[5:9])
 from model.network import lora
+from model.gpt import count_parameters
 from model import runtime
 from model.config import config_from_dict
 from model.training.finetune import adopt_source, load_source
@@ -94,7 +95,7 @@ for step in range(steps):
     loss.item()
     seconds.append(time.perf_counter() - t0)
 sampling[0] = False
-trained, total = lora.count_parameters(model)
+trained, total = count_parameters(model, trainable_only=True), count_parameters(model)
 timed = seconds[1:] or seconds
 print(json.dumps({
     "params": total, "trained": trained, "dtype": str(dtype).removeprefix("torch."),

@@ -9,7 +9,11 @@
 Training scores the logits at every position against the next token (cross-entropy).
 GPTConfig, the network's shape, is defined first; small helpers (norms, rotary positions) follow
 the GPT at the end of the file. Attention goes through `scaled_dot_product_attention`, which
-picks a flash kernel on CUDA; generation passes a KVCache (model/kv_cache.py).
+picks a flash kernel on CUDA; generation passes a KVCache (model/network/kv_cache.py).
+
+GPT also describes itself, so that no other module needs its attribute names: weight views by
+TransformerLens's names (W_E, W_Q, ..., W_U) and the parts each parameter belongs to
+(model/network/views.py), and the final norm with W_U as one step (`unembed`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.errors import ConfigError, check_choice, check_positive
-from model.network.hooks import HookedModel, HookPoint, name_hook_points
+from model.network.activation_cache import ActivationCache
+from model.network.hooks import HookedModel, HookPoint, NameFilter, name_hook_points
 from model.network.kv_cache import KVCache
+from model.network.views import WeightViews
 
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -132,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
         self.dropout = config.dropout
-        # Hook points (model/hooks.py), TransformerLens's names; heads as (B, T, H, D).
+        # Hook points (model/network/hooks.py), TransformerLens's names; heads as (B, T, H, D).
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         if config.pos_emb == "rope":
             self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
@@ -156,10 +162,15 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = self.hook_z(y.transpose(1, 2))  # (B, H, T, D) -> (B, T, H, D)
         if self.hook_result.active:  # each head's share of the output, summed by proj
-            w = self.proj.weight.to(y.dtype).view(C, self.n_head, self.head_dim)  # (C, H, D)
-            result = self.hook_result(torch.einsum("bthd,chd->bthc", y, w))
+            result = self.hook_result(self.head_results(y))
             return result.sum(dim=2) + (self.proj.bias if self.proj.bias is not None else 0)
         return self.proj(y.reshape(B, T, C))  # (B, T, H, D) -> (B, T, H*D)
+
+    def head_results(self, z: torch.Tensor) -> torch.Tensor:
+        """Each head's output in the residual stream, bias left out: z (B, T, H, D) times that
+        head's columns of proj, (B, T, H, C). proj's output is their sum plus its bias."""
+        w = self.proj.weight.to(z.dtype).view(-1, self.n_head, self.head_dim)  # (C, H, D)
+        return torch.einsum("bthd,chd->bthc", z, w)
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
                   dropout: float) -> torch.Tensor:
@@ -177,11 +188,15 @@ class CausalSelfAttention(nn.Module):
         kv = self.n_kv_head * self.head_dim
         return self.n_head * self.head_dim, kv, kv
 
+    def split_qkv(self, t: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values of qkv's output (dim -1) or of its weight or bias (dim 0)."""
+        return t.split(self.qkv_sizes, dim=dim)
+
     def _heads(self, x: torch.Tensor, rope: torch.Tensor | None,
                cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values (B, H, S, D), keys and values including cached positions."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
+        q, k, v = self.split_qkv(self.qkv(x))
         # (B, T, H*D) -> (B, H, T, D): heads become a batch dimension for the attention matmuls
         q = self.hook_q(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)
         k = self.hook_k(k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)
@@ -207,7 +222,8 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.mlp_hidden
         # SwiGLU computes a gate and a value from the input: one matrix of twice the width.
-        fc_out = 2 * hidden if config.activation == "swiglu" else hidden
+        self.gated = config.activation == "swiglu"
+        fc_out = 2 * hidden if self.gated else hidden
         self.fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
         self.act: Callable[[torch.Tensor], torch.Tensor] = ACTIVATION_FNS[config.activation]
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -245,33 +261,37 @@ class Block(nn.Module):
 TL_NAMES = {"norm1": "ln1", "norm2": "ln2", "norm_f": "ln_final"}
 
 
-class GPT(HookedModel, nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+class GPT(HookedModel, WeightViews, nn.Module):
+    def __init__(self, config: GPTConfig, device: torch.device | str | None = None) -> None:
+        """A randomly initialised GPT with its parameters on `device` (None: torch's default,
+        the CPU unless inside `with torch.device(...)`). On "meta" the parameters are shapes
+        only and nothing is drawn: a model whose weights are about to be loaded."""
         super().__init__()
         if config.vocab_size is None:
             raise ConfigError("model.vocab_size: not set; set it, or let training take it from "
                               "the tokenizer")
         self.config = config
-        # On the meta device (shapes only, for weights about to be loaded) nothing is drawn:
-        # nn.Embedding's own normal_ there makes torch import its compiler, over a second.
-        meta = torch.get_default_device().type == "meta"
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        meta = device.type == "meta"
 
         def table(rows: int) -> nn.Embedding:
+            # On meta, nn.Embedding's own normal_ would make torch import its compiler (>1 s).
             return nn.Embedding(rows, config.n_embd,
                                 _weight=torch.empty(rows, config.n_embd) if meta else None)
 
-        self.tok_emb = table(config.vocab_size)  # W_E
-        self.pos_emb = table(config.block_size) if config.pos_emb == "learned" else None
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # W_U
+        with device:  # every parameter is created there
+            self.tok_emb = table(config.vocab_size)  # W_E
+            self.pos_emb = table(config.block_size) if config.pos_emb == "learned" else None
+            self.drop = nn.Dropout(config.dropout)
+            self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+            self.norm_f = make_norm(config)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # W_U
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one tensor: W_U = W_E^T
         if config.pos_emb == "rope":
-            # Not in the state dict, so loading cannot fill it: on meta it is made on the CPU.
+            # Not in the state dict, so loading cannot fill it: real even on meta (on the CPU).
             rope = rope_tables(config.head_dim, config.block_size, config.rope_base,
-                               "cpu" if meta else None)
+                               "cpu" if meta else device)
             self.register_buffer("rope", rope, persistent=False)
         else:
             self.rope = None
@@ -331,16 +351,26 @@ class GPT(HookedModel, nn.Module):
             x = block(x, rope, cache)
         if cache is not None:
             cache.length += idx.size(1)
-        logits = self.lm_head(self.norm_f(x))  # W_U: (B, T, C) -> (B, T, V)
+        logits = self.unembed(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
         return logits, loss
 
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of a residual stream (..., C): the final norm, then W_U."""
+        return self.lm_head(self.norm_f(resid))
+
+    def run_with_cache(self, idx: torch.Tensor, names_filter: NameFilter = None,
+                       detach: bool = True) -> tuple[torch.Tensor, ActivationCache]:
+        """HookedModel.run_with_cache, its activations wrapped in an ActivationCache."""
+        logits, store = super().run_with_cache(idx, names_filter, detach)
+        return logits, ActivationCache(store, self)
+
     def num_params(self) -> int:
-        """Trainable parameters, a tied W_E/W_U counted once."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameters, a tied W_E/W_U counted once."""
+        return count_parameters(self)
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention's
@@ -354,13 +384,18 @@ class GPT(HookedModel, nn.Module):
                   dtype: torch.dtype | None = None) -> KVCache:
         c, ref = self.config, self.tok_emb.weight
         return KVCache(c.n_layer, batch_size, c.kv_heads, c.block_size, c.head_dim,
-                       device or ref.device, dtype or ref.dtype)
+                       device=device or ref.device, dtype=dtype or ref.dtype)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPT:
         """Randomly initialised weights in a named shape (gpt2, ..., gpt3)."""
         return cls(GPTConfig.from_preset(name, **overrides))
 
+
+def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
+    """The parameters of `module` (only those that require gradients, with trainable_only),
+    a tensor held under two names (a tied W_E/W_U) counted once."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 # -- building blocks used above ------------------------------------------------------------------
@@ -372,13 +407,17 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-
         self.hook_scale, self.hook_normalized = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hook_scale.active or self.hook_normalized.active:
             return hooked_norm(self, x, center=False)
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        if x.dtype == self.weight.dtype:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # Mixed dtypes (autocast's bfloat16 queries and keys, a float32 weight): the fused kernel
+        # takes one dtype, so compute in the wider of the two and return the input's.
+        wide = torch.promote_types(x.dtype, self.weight.dtype)
+        return F.rms_norm(x.to(wide), (x.size(-1),), self.weight.to(wide), self.eps).to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):

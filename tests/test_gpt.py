@@ -1,10 +1,13 @@
 """The model's behaviour on tiny, seeded networks: causality, loss at init, learning, weight tying,
-parameter counts, shape errors and the KV cache (hook points: tests/test_hooks.py)."""
+parameter counts, shape errors, the KV cache, the device a model is built on and mixed precision
+(hook points: tests/test_hooks.py; weight views: tests/test_views.py)."""
 
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import GPT, ConfigError, GPTConfig
 from model.gpt import PRESETS
@@ -209,3 +212,73 @@ def test_init_scales_residual_projections_by_depth():
         for other in (block.attn.qkv, block.mlp.fc):
             assert other.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+# -- the device a model is built on ----------------------------------------------------------------
+
+def test_a_cpu_model_draws_what_it_always_drew():
+    """GPT(config) and GPT(config, device="cpu") take the same random numbers, and as many."""
+    torch.manual_seed(0)
+    default = GPT(GPTConfig(**TINY)).state_dict()
+    after_default = torch.rand(4)
+    torch.manual_seed(0)
+    cpu = GPT(GPTConfig(**TINY), device="cpu").state_dict()
+    assert torch.equal(torch.rand(4), after_default)
+    assert default.keys() == cpu.keys()
+    assert all(torch.equal(default[name], cpu[name]) for name in default)
+
+
+@pytest.mark.parametrize("overrides", [{}, ROPE_GQA], ids=["learned", "rope-gqa"])
+def test_a_meta_model_has_shapes_only_and_draws_nothing(overrides):
+    config = GPTConfig(**TINY, **overrides)
+    torch.manual_seed(0)
+    model = GPT(config, device="meta")
+    next_draws = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(next_draws, torch.rand(4))  # building drew nothing
+    assert all(p.is_meta for p in model.parameters())
+    assert torch.get_default_device().type == "cpu"  # the global default is left alone
+    if config.pos_emb == "rope":  # not in the state dict, so loading cannot fill it: real
+        assert model.rope.device.type == "cpu"
+        assert torch.equal(model.rope, GPT(config).rope)
+    reference = GPT(config)
+    assert {n: p.shape for n, p in model.named_parameters()} == {
+        n: p.shape for n, p in reference.named_parameters()}
+    with torch.device("meta"):  # the way loaders asked for it before device= existed
+        old_style = GPT(config)
+    assert all(p.is_meta for p in old_style.parameters())
+    if config.pos_emb == "rope":
+        assert old_style.rope.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_model_is_built_on_the_gpu_it_is_asked_for():
+    model = GPT(GPTConfig(**TINY, **ROPE_GQA), device="cuda")
+    assert all(p.is_cuda for p in model.parameters()) and model.rope.is_cuda
+    logits, _ = model(random_tokens((1, 8), 64).cuda())
+    assert logits.is_cuda
+
+
+# -- precision -------------------------------------------------------------------------------------
+
+def test_norms_under_bfloat16_autocast_take_the_fused_path_without_a_warning():
+    """Under autocast, queries and keys reach qk_norm's RMSNorm in bfloat16 while its weight
+    stays float32: torch warns "Mismatch dtype between input and weight" and falls back to a
+    slow path unless the norm computes in one dtype."""
+    model = tiny_model(norm="rmsnorm", qk_norm=True, bias=False, **ROPE_GQA).train()
+    idx, targets = random_tokens((2, 16), 64), random_tokens((2, 16), 64, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+    norm = model.blocks[0].attn.q_norm
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(8) * 0.1)
+        # float32: torch's kernel as it is; bfloat16 input: computed in float32, rounded once
+        assert torch.equal(norm(x), F.rms_norm(x, (8,), norm.weight, norm.eps))
+        half = norm(x.bfloat16())
+        assert half.dtype == torch.bfloat16
+        assert torch.equal(half, F.rms_norm(x.bfloat16().float(), (8,), norm.weight,
+                                            norm.eps).bfloat16())

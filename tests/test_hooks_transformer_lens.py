@@ -73,3 +73,39 @@ def test_cached_activations_equal_transformer_lens(both):
             ours_t, theirs_t = ours_t[..., visible], theirs_t[..., visible]
         assert ours_t.shape == theirs_t.shape, name
         torch.testing.assert_close(ours_t, theirs_t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+VIEWS = ("W_E", "W_pos", "W_U", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_out",
+         "b_Q", "b_K", "b_V", "b_O", "b_in", "b_out")
+
+
+def test_weight_views_equal_transformer_lens(both):
+    ours, theirs, _ = both
+    for name in VIEWS:
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=0, atol=0,
+                                   msg=name)
+    assert ours.W_gate is None and theirs.W_gate is None
+
+
+def test_grouped_query_swiglu_views_equal_transformer_lens(tmp_path):
+    """A Llama-shaped model (rotary, RMSNorm, SwiGLU, 2 key/value heads for 4 query heads, no
+    biases), written as a transformers directory: TransformerLens stacks its key/value heads
+    unexpanded and repeats them for circuits; ours are repeated already, as HookedTransformer's."""
+    from model.weights.hf import save_hf
+
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(vocab_size=50257, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                         block_size=64, pos_emb="rope", norm="rmsnorm", activation="swiglu",
+                         mlp_ratio=3.0, bias=False, tie_embeddings=False)).eval()
+    assert save_hf(ours, tmp_path) == "llama"
+    theirs = tl_bridge.TransformerBridge.boot_transformers(
+        str(tmp_path), tokenizer=gpt2_tokenizer(tmp_path), device="cpu")
+    theirs.enable_compatibility_mode(no_processing=True)
+    for name in ("W_E", "W_U", "W_Q", "W_O", "W_in", "W_gate", "W_out"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=0, atol=0,
+                                   msg=name)
+    for name in ("W_K", "W_V"):
+        torch.testing.assert_close(getattr(ours, name),
+                                   theirs._expand_kv_heads(getattr(theirs, name)), rtol=0,
+                                   atol=0, msg=name)
+    assert all(getattr(ours, name) is None for name in VIEWS if name.startswith("b_"))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import config_from_dict
 from model.errors import CheckpointError, ConfigError
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPT, GPTConfig, count_parameters
 from model.network import lora
 from model.training.loop import train
 from model.weights.loading import load_checkpoint, load_model
@@ -80,6 +80,19 @@ def test_targets_choose_the_slices_of_the_fused_qkv():
     assert delta[:64].max() == 0 and delta[64:].min() > 0
 
 
+def test_qkv_slices_follow_the_attention_split_with_grouped_query_heads():
+    """4 query heads and 2 key/value heads of 8: 32 query rows, then 16 key and 16 value rows."""
+    model = lora.apply(tiny("gqa_swiglu_rope"), lora.LoRAConfig(rank=2, targets="k"))
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.slices == {"k": (32, 48)}
+    x = torch.randn(1, 3, 32)
+    before = qkv(x)
+    with torch.no_grad():
+        qkv.lora_B["k"].fill_(0.1)
+    delta = (qkv(x) - before).abs().amax(dim=(0, 1))
+    assert delta[:32].max() == 0 and delta[32:48].min() > 0 and delta[48:].max() == 0
+
+
 def test_only_adapters_train_and_the_optimizer_holds_them_alone():
     from model.training.optim import build_optimizer
 
@@ -90,7 +103,7 @@ def test_only_adapters_train_and_the_optimizer_holds_them_alone():
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert held == {id(p) for p in model.parameters() if p.requires_grad}
-    trained, total = lora.count_parameters(model)
+    trained, total = count_parameters(model, trainable_only=True), count_parameters(model)
     # rank 4 on q,k,v,attn_out (32 in, 32 out), mlp_in (32 -> 128) and mlp_out (128 -> 32)
     assert trained == 2 * 4 * (4 * (32 + 32) + 2 * (32 + 128)) and total > trained
 

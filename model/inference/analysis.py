@@ -47,7 +47,7 @@ class WordVector:
 
 def embedding_matrix(model: GPT) -> torch.Tensor:
     """W_E as float32 (V, n_embd): row i is token i's vector."""
-    return model.tok_emb.weight.detach().float()
+    return model.W_E.detach().float()
 
 
 def _encode(tokenizer: Tokenizer, text: str) -> list[int] | None:
@@ -171,7 +171,7 @@ def _prompt_ids(model: GPT, tokenizer: Tokenizer, prompt: str) -> torch.Tensor:
     """(1, T) token ids. Unlike generation, analysis never crops: the result is about every
     token of the prompt, so a prompt longer than the context is an error."""
     ids = encode_prompt(tokenizer, prompt, model.config.block_size, on_overflow="error")
-    return torch.tensor([ids], dtype=torch.long, device=model.tok_emb.weight.device)
+    return torch.tensor([ids], dtype=torch.long, device=model.W_E.device)
 
 
 def _pieces(tokenizer: Tokenizer, idx: torch.Tensor) -> list[str]:
@@ -266,13 +266,13 @@ def logit_lens(model: GPT, tokenizer: Tokenizer, prompt: str, k: int = 3) -> Len
     _, cache = model.run_with_cache(idx, names_filter=lambda name: "hook_resid_p" in name)
     stream = cache.accumulated_resid()  # (L+1, 1, T, C): before each block, then the last
     # One row at a time, as the forward pass computes it: the last row is bit-exact.
-    logits = torch.stack([model.lm_head(model.norm_f(x))[0] for x in stream])  # (L+1, T, V)
+    logits = torch.stack([model.unembed(x)[0] for x in stream])  # (L+1, T, V)
     probs = without_padding(logits.float(), tokenizer.vocab_size).softmax(dim=-1)
     values, indices = probs.topk(min(k, tokenizer.vocab_size), dim=-1)  # (L+1, T, k)
     top = [[[Scored(i, tokenizer.token_text(i), v) for i, v in zip(ids, vals)]
             for ids, vals in zip(layer_ids, layer_vals)]
            for layer_ids, layer_vals in zip(indices.tolist(), values.tolist())]
-    names = ["embeddings"] + [f"block {i}" for i in range(len(model.blocks))]
+    names = ["embeddings"] + [f"block {i}" for i in range(model.config.n_layer)]
     return Lens(_pieces(tokenizer, idx), names, top, logits)
 
 

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 from model.gpt import GPT, GPTConfig
 
-COMPONENTS = ("token embedding (W_E)", "positions", "attention", "MLP", "norms",
-              "unembedding (W_U)")
+# GPT.components()'s parts, as the tally names them, in this order.
+COMPONENTS = {"embed": "token embedding (W_E)", "pos_embed": "positions", "attn": "attention",
+              "mlp": "MLP", "norm": "norms", "unembed": "unembedding (W_U)"}
 
 
 @dataclass
@@ -25,42 +23,23 @@ class TallyRow:
     shared_with: str | None = None  # set when the tensors are another component's
 
 
-def _component(name: str) -> str:
-    if name.startswith("tok_emb"):
-        return COMPONENTS[0]
-    if name.startswith("pos_emb"):
-        return COMPONENTS[1]
-    if ".attn." in name and "_norm" not in name:
-        return COMPONENTS[2]
-    if ".mlp." in name:
-        return COMPONENTS[3]
-    if "norm" in name:
-        return COMPONENTS[4]
-    if name.startswith("lm_head"):
-        return COMPONENTS[5]
-    raise ValueError(f"parameter {name!r} belongs to no known component")
-
-
-def parameter_tally(model: nn.Module | GPTConfig) -> list[TallyRow]:
+def parameter_tally(model: GPT | GPTConfig) -> list[TallyRow]:
     """Rows per component; a GPTConfig is built on the meta device (no memory)."""
     if isinstance(model, GPTConfig):
-        with torch.device("meta"):
-            model = GPT(model)
-    rows = {c: TallyRow(c, [], 0) for c in COMPONENTS}
-    owner: dict[int, str] = {}
-    # remove_duplicate=False lists a tied tensor under both names, so the head is still seen.
-    for name, param in model.named_parameters(remove_duplicate=False):
-        component = _component(name)
-        row = rows[component]
-        shape = tuple(param.shape)
-        if id(param) in owner:  # a tied tensor: counted where it was first seen
-            row.shared_with = owner[id(param)]
-            if shape not in row.shapes:
-                row.shapes.append(shape)
-            continue
-        owner[id(param)] = component
-        if shape not in row.shapes:
-            row.shapes.append(shape)
-        row.count += param.numel()
-    return [r for r in rows.values() if r.count or r.shared_with]
-
+        model = GPT(model, device="meta")
+    rows, owner = [], {}
+    for part, modules in model.components().items():
+        row = TallyRow(COMPONENTS[part], [], 0)
+        for param in (p for m in modules for p in m.parameters()):
+            if tuple(param.shape) not in row.shapes:
+                row.shapes.append(tuple(param.shape))
+            if id(param) in owner:  # a tied tensor: counted where it was first seen
+                row.shared_with = owner[id(param)]
+            else:
+                owner[id(param)] = row.component
+                row.count += param.numel()
+        rows.append(row)
+    unplaced = [name for name, p in model.named_parameters() if id(p) not in owner]
+    if unplaced:
+        raise ValueError(f"parameter {unplaced[0]!r} belongs to no component")
+    return [r for r in rows if r.count or r.shared_with]

@@ -1,6 +1,7 @@
 """The network wing: what a GPT is made of besides model/gpt.py.
 
 hooks.py (hook points by TransformerLens's names), activation_cache.py (what run_with_cache
-returns), kv_cache.py (keys and values for generation), lora.py (low-rank adapters) and
-packed.py (linear layers repacked for fast CPU decoding). It imports no other wing.
+returns), views.py (GPT's weights by TransformerLens's names, its parts), kv_cache.py (keys and
+values for generation), lora.py (low-rank adapters) and packed.py (linear layers repacked for
+fast CPU decoding). It imports no other wing.
 """

@@ -20,12 +20,20 @@ the logits minus the final norm's bias term.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from model.gpt import GPT
+
+class CachedModel(Protocol):
+    """What the cache asks of the model that filled it (model.gpt.GPT is one)."""
+
+    config: Any  # n_layer, and norm ("layernorm" centres, "rmsnorm" does not)
+
+    def head_results(self, layer: int, z: torch.Tensor) -> torch.Tensor: ...
+
+    def tokens_to_residual_directions(self, tokens: int | torch.Tensor) -> torch.Tensor: ...
+
 
 # Short names (TransformerLens's utils.get_act_name) -> where they live in a block.
 _IN_ATTN = {"q", "k", "v", "z", "rot_q", "rot_k", "attn_scores", "pattern", "result"}
@@ -58,7 +66,7 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
 class ActivationCache:
     """Activations by hook name. cache["blocks.0.hook_resid_post"] or cache["resid_post", 0]."""
 
-    def __init__(self, cache_dict: dict[str, torch.Tensor], model: GPT) -> None:
+    def __init__(self, cache_dict: dict[str, torch.Tensor], model: CachedModel) -> None:
         self.cache_dict = cache_dict
         self.model = model
         self.n_layer = model.config.n_layer
@@ -124,7 +132,7 @@ class ActivationCache:
         stack = self.apply_ln_to_stack(out[0], layer) if apply_ln else out[0]
         return (stack, labels) if return_labels else stack
 
-    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False,
+    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, *,
                         apply_ln: bool = False, pos_slice: Any = None,
                         incl_embeds: bool = True, return_labels: bool = False) -> Any:
         """The residual stream before `layer` (None: the final one) as its summands: the
@@ -156,9 +164,7 @@ class ActivationCache:
         name = f"blocks.{layer}.attn.hook_result"
         if name in self.cache_dict:
             return self.cache_dict[name]
-        attn = self.model.blocks[layer].attn
-        w = attn.proj.weight.view(-1, attn.n_head, attn.head_dim)  # (C, H, D)
-        return torch.einsum("bthd,chd->bthc", self["z", layer], w.to(self["z", layer].dtype))
+        return self.model.head_results(layer, self["z", layer])
 
     def stack_head_results(self, layer: int | None = None, return_labels: bool = False,
                            incl_remainder: bool = False, pos_slice: Any = None,
@@ -201,8 +207,7 @@ class ActivationCache:
     def tokens_to_residual_directions(self, tokens: int | torch.Tensor) -> torch.Tensor:
         """For each token the direction whose dot product with the normalized final stream is
         that token's logit (less the norm's bias term): W_U[token] * ln_final.weight."""
-        tokens = torch.as_tensor(tokens, device=self.model.lm_head.weight.device)
-        return self.model.lm_head.weight[tokens] * self.model.norm_f.weight
+        return self.model.tokens_to_residual_directions(tokens)
 
     def logit_attrs(self, residual_stack: torch.Tensor, tokens: int | torch.Tensor,
                     incorrect_tokens: int | torch.Tensor | None = None,

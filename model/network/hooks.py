@@ -24,12 +24,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from model.network.activation_cache import ActivationCache
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -43,7 +40,6 @@ class HookPoint:
         self.fwd: list[HookFn] = []
         self.bwd: list[HookFn] = []
         self.active = False  # fwd or bwd: the one flag the forward pass checks
-        self.ctx: dict[str, Any] = {}  # scratch space a hook may use (as TransformerLens's)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -74,7 +70,6 @@ class HookPoint:
 
     def remove_hooks(self) -> None:
         self.fwd, self.bwd, self.active = [], [], False
-        self.ctx.clear()
 
     def layer(self) -> int:
         """The block this point belongs to (TransformerLens's `hook.layer()`)."""
@@ -113,7 +108,8 @@ def _matcher(names: NameFilter) -> Callable[[str], bool]:
 
 
 class HookedModel:
-    """run_with_cache, run_with_hooks, hooks(): mixed into GPT. The model sets `hook_dict`."""
+    """run_with_cache, run_with_hooks, hooks(): mixed into a model that sets `hook_dict` and
+    whose forward returns (logits, ...)."""
 
     hook_dict: dict[str, HookPoint]
 
@@ -167,13 +163,12 @@ class HookedModel:
             return self(idx)[0]
 
     def run_with_cache(self, idx: torch.Tensor, names_filter: NameFilter = None,
-                       detach: bool = True) -> tuple[torch.Tensor, ActivationCache]:
-        """The logits and every activation `names_filter` selects, by name. The default takes
-        all but the per-head results (`attn.hook_result`, n_head times the residual's size; the
-        cache computes them from `hook_z` when asked). detach=False keeps the activations in
-        the autograd graph, for gradients with respect to them."""
-        from model.network.activation_cache import ActivationCache
-
+                       detach: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The logits and every activation `names_filter` selects, in a dict by name (GPT wraps
+        it in an ActivationCache). The default takes all but the per-head results
+        (`attn.hook_result`, n_head times the residual's size; the cache computes them from
+        `hook_z` when asked). detach=False keeps the activations in the autograd graph, for
+        gradients with respect to them."""
         if names_filter is None:
             names_filter = lambda name: not name.endswith("attn.hook_result")  # noqa: E731
 
@@ -186,4 +181,4 @@ class HookedModel:
         with self.hooks([(lambda name, wanted={hp.name for hp in points}: name in wanted,
                           save)]):
             logits = self(idx)[0]
-        return logits, ActivationCache(store, self)
+        return logits, store

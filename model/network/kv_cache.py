@@ -19,7 +19,7 @@ class KVCache:
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, capacity: int,
-                 head_dim: int, device: Any = None, dtype: torch.dtype = torch.float32) -> None:
+                 head_dim: int, *, device: Any = None, dtype: torch.dtype = torch.float32) -> None:
         shape = (batch_size, n_kv_head, capacity, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]

@@ -17,8 +17,9 @@ Targets, as train.lora_targets names them (comma-separated, or "all", the defaul
 "all" follows QLoRA (Dettmers et al., 2023), which needed adapters on every linear layer of the
 blocks to match full fine-tuning.
 
+    from model import load_model
     from model.network import lora
-    model = GPT.from_pretrained("gpt2")
+    model = load_model("gpt2").model
     lora.apply(model, lora.LoRAConfig(rank=8))   # in place: adapters added, the rest frozen
     ...                                          # train (only the adapters have gradients)
     lora.adapter_state_dict(model)               # the trained tensors, to save
@@ -30,13 +31,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.errors import CheckpointError, ConfigError
-from model.gpt import GPT
+from model.gpt import GPT, count_parameters
 
 QKV_TARGETS = ("q", "k", "v")
 TARGETS = (*QKV_TARGETS, "attn_out", "mlp_in", "mlp_out")
@@ -137,9 +139,9 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A plain float32 nn.Linear computing W + scale * B @ A: the same function."""
-        with torch.device("meta"):  # no random init for weights about to be replaced
-            linear = nn.Linear(self.base.in_features, self.base.out_features,
-                               bias=self.bias is not None)
+        # On meta: no random init for weights about to be replaced.
+        linear = nn.Linear(self.base.in_features, self.base.out_features,
+                           bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(self.weight)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().float().clone())
@@ -171,9 +173,8 @@ def apply(model: GPT, config: LoRAConfig | None = None,
     chosen = config.chosen
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
-        q_size, kv_size = attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim
-        qkv = {"q": (0, q_size), "k": (q_size, q_size + kv_size),
-               "v": (q_size + kv_size, q_size + 2 * kv_size)}
+        bounds = list(accumulate(attn.qkv_sizes, initial=0))  # q, k, v rows follow each other
+        qkv = {name: (bounds[i], bounds[i + 1]) for i, name in enumerate(QKV_TARGETS)}
         attn.qkv = adapt(attn.qkv, {n: r for n, r in qkv.items() if n in chosen})
         for target, parent, name in (("attn_out", attn, "proj"), ("mlp_in", mlp, "fc"),
                                      ("mlp_out", mlp, "proj")):
@@ -223,12 +224,6 @@ def merge(model: GPT) -> GPT:
     return model
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameters, a tied W_E/W_U counted once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def weights_digest(model: nn.Module) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes: the identity of a base model,
     whatever file format it came from. A tied W_E/W_U is hashed once."""
@@ -267,7 +262,7 @@ def check_base(record: dict[str, str], digest: str, where: str, checkpoint: str)
 
 def describe(model: nn.Module, config: LoRAConfig) -> str:
     """One line for the user: what trains and what is frozen."""
-    trained, total = count_parameters(model)
+    trained, total = count_parameters(model, trainable_only=True), count_parameters(model)
     dtypes = {m.base.weight.dtype for m in model.modules() if isinstance(m, LoRALinear)}
     frozen = ", ".join(str(d).removeprefix("torch.") for d in sorted(dtypes, key=str))
     return (f"LoRA: {trained:,} adapter parameters train (rank {config.rank}, alpha "

@@ -1,16 +1,7 @@
-"""Faster generation on the CPU: every nn.Linear's weight repacked once, for oneDNN.
+"""Faster generation on the CPU: every nn.Linear's weight repacked once into oneDNN's layout.
 
-Each decoding step multiplies one vector per sequence by every weight matrix, so its speed is
-the speed of streaming the weights from memory. PyTorch's default CPU kernel for that reads a
-row-major weight at about 12 GB/s here (AMD EPYC Zen 4, 2 threads), where oneDNN, given the
-weight in its own blocked layout (the one torch.compile's CPU freezing prepares), reads 20: a
-GPT-2-124M-shaped model decodes about 1.6x faster, in float32 and bfloat16 alike
-(bench/sample_speed.py, --no-pack for the plain kernel).
-
-The packed weight replaces the dense one, so memory does not grow, except that a tied W_U
-keeps W_E for the embedding lookups and so costs one more copy of the table. It is for
-inference only: a packed layer's weight has no gradient and is missing from the state dict.
-sample.py and the server pack the model they serve; training and the analysis tools never do.
+For inference only: a packed weight replaces the dense one (a tied W_U keeps W_E for the
+embedding lookups), has no gradient and is missing from the state dict.
 """
 
 from __future__ import annotations

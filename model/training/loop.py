@@ -44,7 +44,7 @@ from model.data.batches import BatchSampler, eval_windows
 from model.data.chat_batches import ChatBatchSampler
 from model.data.prepare import PreparedData
 from model.errors import TrainingError
-from model.gpt import GPT
+from model.gpt import GPT, count_parameters
 from model.network import lora
 from model.progress import silent
 from model.training.callbacks import Callback, TrainingState
@@ -55,7 +55,6 @@ from model.training.setup import (
     adopt_model,
     chat_batches,
     check_writable,
-    count_params,
     flops_per_token,
     prepare_data_once,
     resolve_vocab,
@@ -338,8 +337,7 @@ def start_run(cfg: Config, ctx: runtime.Distributed, model: nn.Module | None, pr
     model.to(device)
     run_dir = cfg.out_dir
     if ctx.is_main:  # a LoRA checkpoint holds the adapters alone
-        check_writable(run_dir, 4 * (lora.count_parameters(model)[0] if t.lora else
-                                     count_params(model)))
+        check_writable(run_dir, 4 * count_parameters(model, trainable_only=True))
     optimizer = build_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_step, best_val_loss = 0, math.inf
