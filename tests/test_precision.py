@@ -169,3 +169,21 @@ def test_a_checkpoints_parameters_are_counted_without_loading_it(saved):  # noqa
 
     _, run, model, _ = saved
     assert parameter_count(run) == model.num_params()
+
+
+def test_the_precision_records_fields_decide_and_its_words_only_explain(fake_cpu):
+    import dataclasses
+
+    fake_cpu(NATIVE)
+    auto = runtime.choose_dtype("auto", CPU)
+    assert (auto.dtype, auto.automatic, auto.native, auto.device_type) == (
+        torch.bfloat16, True, True, "cpu")
+    fake_cpu(EMULATING)
+    named = runtime.choose_dtype("bfloat16", CPU, setting="--dtype")
+    assert (named.dtype, named.automatic, named.native) == (torch.bfloat16, False, False)
+    assert runtime.choose_dtype("float32", CPU).native
+    assert runtime.generation_precision(named, 1000) is named  # the user's choice stands
+    small = runtime.generation_precision(dataclasses.replace(auto, reason="chosen"), 1000)
+    assert (small.dtype, small.automatic) == (torch.float32, True)
+    on_gpu = dataclasses.replace(auto, device_type="cuda")  # its words still say CPU
+    assert runtime.generation_precision(on_gpu, 1000) is on_gpu
