@@ -448,3 +448,24 @@ def test_ctrl_c_saves_says_where_and_exits_130(tmp_path, monkeypatch, capsys):
             "with train.resume=true") in out
     assert "done: 3 steps" in out
     assert load_checkpoint(tmp_path / "run").state["step"] == 3
+
+
+def test_metrics_lines_hold_every_logged_steps_loss_speed_and_mfu(tmp_path):
+    raw = tiny_raw(tmp_path, max_steps=6, eval_interval=3, log_interval=2, peak_flops=1e12)
+    result = train(config_from_dict(raw))
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text()
+               .splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    tokens_per_step = 4 * 16  # batch_size x block_size, one process, no accumulation
+    flops_per_token = result.model.flops_per_token()
+    for r in logged:
+        assert set(r) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "mfu"}
+        assert r["loss"] == result.losses[r["step"] - 1] and r["grad_norm"] > 0
+        window = result.step_seconds[r["step"] - 2:r["step"]]  # the last log_interval steps
+        assert r["tokens_per_s"] == pytest.approx(tokens_per_step * 2 / sum(window))
+        assert r["mfu"] == pytest.approx(flops_per_token * r["tokens_per_s"] / 1e12)
+    assert result.train_seconds == pytest.approx(sum(result.step_seconds))
+    assert result.tokens_per_second == pytest.approx(
+        tokens_per_step * 6 / sum(result.step_seconds))
