@@ -131,7 +131,7 @@ def main() -> None:
                    help="torch threads for every run (default: the cores idle at start)")
     p.add_argument("--tmp", help="folder for the random checkpoints (default: the system's)")
     args = p.parse_args()
-    threads = args.threads or runtime.generation_threads()
+    threads = args.threads or runtime.default_threads()
     auto = runtime.choose_dtype("auto", torch.device("cpu"))
     print(machine_line().rsplit(";", 1)[0] + f"; threads {threads}")
     print(f"auto here: {auto.describe()}", flush=True)

@@ -43,6 +43,7 @@ from model.config import config_from_dict
 from model.training.finetune import adopt_source, load_source
 from model.training.optim import build_optimizer
 from model.weights.loading import lora_base_record, model_from_source
+from model.training.distributed import seed_everything
 from model.training.loop import train_step
 
 peak_during_steps, sampling = [0], [False]
@@ -62,8 +63,8 @@ if mode == "lora":
     train["lora_rank"] = rank
 cfg = config_from_dict({"model": {"block_size": block}, "train": train})
 t, device = cfg.train, torch.device("cpu")
-dtype = runtime.pick_dtype(t.dtype, device)
-runtime.seed_everything(0)
+dtype = runtime.choose_dtype(t.dtype, device).dtype
+seed_everything(0)
 started = time.perf_counter()
 source = load_source(cfg)
 cfg = adopt_source(cfg, source)
@@ -91,7 +92,7 @@ sampler, seconds = RandomTokens(), []
 sampling[0] = True
 for step in range(steps):
     t0 = time.perf_counter()
-    loss, _ = train_step(model, model, optimizer, scaler, sampler, t, step, dtype, ddp=False)
+    loss, _ = train_step(model, optimizer, sampler, step, t, dtype=dtype, scaler=scaler)
     loss.item()
     seconds.append(time.perf_counter() - t0)
 sampling[0] = False

@@ -66,7 +66,7 @@ def test_mixed_precision_training_lowers_the_loss(tmp_path, dtype):
 
 def test_auto_dtype_is_bfloat16_where_the_gpu_has_it():
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    assert runtime.pick_dtype("auto", CUDA) == expected
+    assert runtime.choose_dtype("auto", CUDA).dtype == expected
 
 
 def test_adamw_is_fused_on_cuda_and_steps_like_the_unfused_one(exact_matmuls):

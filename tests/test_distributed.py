@@ -24,9 +24,9 @@ import torch.multiprocessing as mp
 from test_training import step_losses, tiny_raw
 from torch.overrides import TorchFunctionMode
 
-from model import runtime
 from model.config import config_from_dict
 from model.errors import ConfigError
+from model.training import distributed
 from model.training.callbacks import Callback, TrainingState
 
 # Functions that create a tensor and take `device=`; without it the tensor lands on the CPU.
@@ -197,12 +197,12 @@ def test_helpers_put_their_tensors_on_the_job_device(monkeypatch, name):
                         lambda t, op=None: seen.append(("all_reduce", t.device)))
     monkeypatch.setattr(dist, "barrier",
                         lambda device_ids=None: seen.append(("barrier", device_ids)))
-    ctx = runtime.Distributed(rank=0, local_rank=1, world_size=2, device=device)
+    job = distributed.Distributed(rank=0, local_rank=1, world_size=2, device=device)
     if device.type == "meta":
-        runtime.mean_over_ranks(ctx, torch.zeros(3))
+        distributed.mean_over_ranks(job, torch.zeros(3))
         assert seen == [("all_reduce", device)]
     else:
-        runtime.barrier(ctx)
+        distributed.barrier(job)
         assert seen == [("barrier", [1])]
     # all_agree reads its result on the host, which a meta tensor has not got: check the device.
     made: list[torch.device] = []
@@ -210,7 +210,7 @@ def test_helpers_put_their_tensors_on_the_job_device(monkeypatch, name):
     monkeypatch.setattr(torch, "tensor", lambda data, device=None: (
         made.append(torch.device(device) if device is not None else None)
         or real_tensor(data)))
-    assert runtime.all_agree(ctx, False, True) == (False, True)
+    assert distributed.all_agree(job, False, True) == (False, True)
     assert made == [device]
 
 
@@ -228,31 +228,31 @@ def _fake_torchrun(monkeypatch, rank: int, world_size: int, gpus: int) -> list[d
 
 def test_cuda_jobs_start_nccl_for_gpu_tensors_and_gloo_for_cpu_ones(monkeypatch):
     started = _fake_torchrun(monkeypatch, rank=1, world_size=2, gpus=2)
-    ctx = runtime.setup_distributed(torch.device("cuda"))
-    assert ctx.device == torch.device("cuda", 1) and ctx.rank == 1 and ctx.enabled
+    job = distributed.setup_distributed(torch.device("cuda"))
+    assert job.device == torch.device("cuda", 1) and job.rank == 1 and job.enabled
     # The timeout outlasts a long data preparation that the other ranks wait for.
     assert started == [{"backend": "cuda:nccl,cpu:gloo", "device_id": torch.device("cuda", 1),
-                        "timeout": runtime.COLLECTIVE_TIMEOUT}]
-    assert runtime.COLLECTIVE_TIMEOUT.total_seconds() >= 3600
+                        "timeout": distributed.COLLECTIVE_TIMEOUT}]
+    assert distributed.COLLECTIVE_TIMEOUT.total_seconds() >= 3600
 
     started.clear()
-    ctx = runtime.setup_distributed(torch.device("cpu"))
-    assert ctx.device == torch.device("cpu")
-    assert started == [{"backend": "gloo", "timeout": runtime.COLLECTIVE_TIMEOUT}]
+    job = distributed.setup_distributed(torch.device("cpu"))
+    assert job.device == torch.device("cpu")
+    assert started == [{"backend": "gloo", "timeout": distributed.COLLECTIVE_TIMEOUT}]
 
 
 def test_more_processes_than_gpus_is_a_config_error(monkeypatch):
     started = _fake_torchrun(monkeypatch, rank=1, world_size=2, gpus=1)
     with pytest.raises(ConfigError, match="at most one process per GPU"):
-        runtime.setup_distributed(torch.device("cuda"))
+        distributed.setup_distributed(torch.device("cuda"))
     assert started == []
 
 
 def test_a_single_process_joins_no_group(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: pytest.fail("no group"))
-    ctx = runtime.setup_distributed(torch.device("cpu"))
-    assert not ctx.enabled and ctx.is_main and ctx.device == torch.device("cpu")
+    job = distributed.setup_distributed(torch.device("cpu"))
+    assert not job.enabled and job.is_main and job.device == torch.device("cpu")
 
 
 def test_a_group_the_caller_started_stays_open(tmp_path, monkeypatch):
@@ -260,7 +260,7 @@ def test_a_group_the_caller_started_stays_open(tmp_path, monkeypatch):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
     try:
-        with runtime.distributed_job(torch.device("cpu")):
+        with distributed.distributed_job(torch.device("cpu")):
             pass
         assert dist.is_initialized()
     finally:
@@ -278,7 +278,7 @@ def test_token_files_are_prepared_by_one_process_at_a_time_per_machine(monkeypat
 
     seen: list[str] = []
     monkeypatch.setattr(run_setup, "prepare_data", lambda *args: seen.append("prepare") or args)
-    monkeypatch.setattr(runtime, "barrier", lambda ctx: seen.append("barrier"))
-    ctx = runtime.Distributed(rank=rank, local_rank=local_rank, world_size=16)
-    run_setup.prepare_data_once(config_from_dict({}), ctx)
+    monkeypatch.setattr(distributed, "barrier", lambda job: seen.append("barrier"))
+    job = distributed.Distributed(rank=rank, local_rank=local_rank, world_size=16)
+    run_setup.prepare_data_once(config_from_dict({}), job)
     assert seen == order

@@ -91,3 +91,24 @@ def test_frozen_parameters_stay_out_of_the_optimizer():
     in_optimizer = {id(p) for group in opt.param_groups for p in group["params"]}
     assert id(model.tok_emb.weight) not in in_optimizer
     assert len(in_optimizer) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_muon_takes_the_matrices_of_the_blocks_modules_in_the_models_order():
+    """Chosen from the module structure (what `model.blocks` holds), not from names; the same
+    parameters, in the same order, as the 2-D weights registered under blocks.*."""
+    model = GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=2, n_embd=16, block_size=8,
+                          bias=True, qk_norm=True))
+    opt = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    muon = [id(p) for p in opt.optimizers[0].param_groups[0]["params"]]
+    by_name = [id(p) for n, p in model.named_parameters()
+               if n.startswith("blocks.") and p.ndim == 2]
+    assert muon == by_name and len(muon) == 2 * 4  # attention qkv and proj, MLP fc and proj
+    adamw = {id(p) for group in opt.optimizers[1].param_groups for p in group["params"]}
+    assert not adamw & set(muon) and len(adamw) + len(muon) == len(list(model.parameters()))
+
+
+def test_a_model_without_blocks_keeps_adamw_for_everything():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))
+    opt = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert opt.optimizers[0].param_groups[0]["params"] == []
+    assert sum(len(g["params"]) for g in opt.optimizers[1].param_groups) == 3

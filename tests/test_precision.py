@@ -10,6 +10,7 @@ from test_sampling import BLOCK, sharp_model, tokens_of  # tests/ is on sys.path
 from test_training import step_losses, tiny_raw
 
 from model import runtime
+from model.cli.train import TerminalReport
 from model.config import config_from_dict
 from model.data.tokenizer import train_tokenizer
 from model.errors import ConfigError
@@ -41,7 +42,7 @@ def test_auto_picks_bfloat16_only_where_the_cpu_computes_it(fake_cpu):
                                             ({}, torch.float32, None)):
         fake_cpu(capabilities)
         assert runtime.native_bf16_feature() == feature
-        assert runtime.pick_dtype("auto", CPU) == expected, capabilities
+        assert runtime.choose_dtype("auto", CPU).dtype == expected, capabilities
         choice = runtime.choose_dtype("auto", CPU)
         assert choice.dtype == expected
         # The run says what it chose and why.
@@ -66,17 +67,17 @@ def test_a_torch_that_cannot_report_capabilities_gets_float32(monkeypatch):
     def missing():
         raise AttributeError("get_capabilities")
     monkeypatch.setattr(torch.cpu, "get_capabilities", missing)
-    assert runtime.pick_dtype("auto", CPU) == torch.float32
+    assert runtime.choose_dtype("auto", CPU).dtype == torch.float32
 
 
 def test_an_explicit_dtype_is_taken_as_given_on_any_cpu(fake_cpu):
     for capabilities in (NATIVE, EMULATING):
         fake_cpu(capabilities)
-        assert runtime.pick_dtype("float32", CPU) == torch.float32
-        assert runtime.pick_dtype("bfloat16", CPU) == torch.bfloat16
+        assert runtime.choose_dtype("float32", CPU).dtype == torch.float32
+        assert runtime.choose_dtype("bfloat16", CPU).dtype == torch.bfloat16
         assert "train.dtype=float32" in runtime.choose_dtype("float32", CPU).reason
     with pytest.raises(ConfigError, match="--dtype: float16 needs a GPU"):
-        runtime.pick_dtype("float16", CPU, setting="--dtype")
+        runtime.choose_dtype("float16", CPU, setting="--dtype")
 
 
 def test_auto_trains_under_bfloat16_autocast_with_float32_weights_and_moments(tmp_path,
@@ -105,7 +106,8 @@ def test_auto_trains_under_bfloat16_autocast_with_float32_weights_and_moments(tm
 
 def test_training_prints_the_dtype_it_chose(tmp_path, fake_cpu, capsys):
     fake_cpu(NATIVE)
-    train(config_from_dict(tiny_raw(tmp_path, max_steps=1, eval_interval=1)), progress=True)
+    train(config_from_dict(tiny_raw(tmp_path, max_steps=1, eval_interval=1)),
+          callbacks=[TerminalReport()])
     shown = capsys.readouterr().out
     assert "training in dtype bfloat16 (auto: this CPU computes bfloat16 natively" in shown
     assert "weights and optimizer state stay float32" in shown
@@ -158,7 +160,7 @@ def test_auto_keeps_a_small_model_in_float32_for_generation(cli, fake_cpu,  # no
                        keep_loading_line=True)
     assert code == 0 and "in dtype bfloat16 (--dtype=bfloat16)" in err
     choice = runtime.choose_dtype("auto", CPU)
-    big = runtime.generation_precision(choice, runtime.MIN_BF16_GENERATION_PARAMS, auto=True)
+    big = runtime.generation_precision(choice, runtime.MIN_BF16_GENERATION_PARAMS)
     assert big.dtype == torch.bfloat16
 
 
@@ -167,3 +169,21 @@ def test_a_checkpoints_parameters_are_counted_without_loading_it(saved):  # noqa
 
     _, run, model, _ = saved
     assert parameter_count(run) == model.num_params()
+
+
+def test_the_precision_records_fields_decide_and_its_words_only_explain(fake_cpu):
+    import dataclasses
+
+    fake_cpu(NATIVE)
+    auto = runtime.choose_dtype("auto", CPU)
+    assert (auto.dtype, auto.automatic, auto.native, auto.device_type) == (
+        torch.bfloat16, True, True, "cpu")
+    fake_cpu(EMULATING)
+    named = runtime.choose_dtype("bfloat16", CPU, setting="--dtype")
+    assert (named.dtype, named.automatic, named.native) == (torch.bfloat16, False, False)
+    assert runtime.choose_dtype("float32", CPU).native
+    assert runtime.generation_precision(named, 1000) is named  # the user's choice stands
+    small = runtime.generation_precision(dataclasses.replace(auto, reason="chosen"), 1000)
+    assert (small.dtype, small.automatic) == (torch.float32, True)
+    on_gpu = dataclasses.replace(auto, device_type="cuda")  # its words still say CPU
+    assert runtime.generation_precision(on_gpu, 1000) is on_gpu

@@ -198,7 +198,7 @@ def test_threads_sets_torch_cpu_threads(cli, monkeypatch):
     monkeypatch.setattr(sample, "configure_threads", seen.append)
     assert cli("--prompt", "B", "--max-new-tokens", "1", "--threads", "3")[0] == 0
     assert cli("--prompt", "B", "--max-new-tokens", "1")[0] == 0
-    assert seen == [3, sample.generation_threads()]
+    assert seen == [3, sample.default_threads()]
 
 
 def test_interactive_appends_each_exchange(cli, monkeypatch):

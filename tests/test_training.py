@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -368,3 +369,103 @@ def test_a_stop_asked_at_a_checkpoint_ends_the_run_after_the_next_step(tmp_path)
                    progress=False, callbacks=[StopAtCheckpoint()])
     assert result.steps == 4  # saved at 3, where it asked; the next step ends (and saves) it
     assert load_checkpoint(tmp_path / "run").state["step"] == 4
+
+
+# -- what a run says, and to whom ---------------------------------------------------------------
+
+
+class Lifecycle(Callback):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def at_start(self, state: TrainingState, notes) -> None:
+        self.events.append(("start", state.step, list(notes)))
+
+    def after_step(self, state: TrainingState) -> None:
+        self.events.append(("step", state.step))
+
+    def at_end(self, state: TrainingState) -> None:
+        self.events.append(("end", state.step, state.stop_reason))
+
+
+def test_callbacks_hear_the_run_start_with_its_notes_and_end_however_it_ends(tmp_path):
+    life = Lifecycle()
+    train(config_from_dict(tiny_raw(tmp_path / "ok", max_steps=3, dtype="float32")),
+          callbacks=[life])
+    start, *steps, end = life.events
+    assert start[:2] == ("start", 0) and start[2][0].startswith("training in dtype float32")
+    assert steps == [("step", 1), ("step", 2), ("step", 3)]
+    assert end == ("end", 3, "max_steps")
+    life = Lifecycle()  # a run that fails ends too, with no reason to stop
+    boom = tiny_raw(tmp_path / "boom", lr=1e30, warmup_steps=0, grad_clip=0.0)
+    with pytest.raises(TrainingError, match="loss became"):
+        train(config_from_dict(boom), callbacks=[life])
+    assert life.events[0][0] == "start" and life.events[-1][0::2] == ("end", None)
+
+
+def test_a_library_run_prints_nothing(tmp_path, capfd):
+    train(config_from_dict(tiny_raw(tmp_path, max_steps=4, eval_interval=2)))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_the_command_line_shows_the_run_as_it_goes(tmp_path, capsys):
+    import yaml
+
+    train(config_from_dict(tiny_raw(tmp_path / "base", max_steps=2)))
+    raw = tiny_raw(tmp_path, max_steps=4, eval_interval=2, dtype="float32",
+                   init_from=str(tmp_path / "base" / "run"))
+    config_path = tmp_path / "cfg.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    assert train_main(["--config", str(config_path), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("training in dtype float32 (train.dtype=float32)")
+    assert lines[1].startswith("init_from smallgpt checkpoint")
+    assert re.fullmatch(r"step 0: val loss \d+\.\d{4} nats/token, \d+\.\d{4} bits/byte", lines[2])
+    assert [line.split(":")[0] for line in lines[3:]] == ["step 2", "step 4", "done"]
+    assert lines[-1].startswith("done: 4 steps, val loss ")
+
+
+def test_ctrl_c_saves_says_where_and_exits_130(tmp_path, monkeypatch, capsys):
+    """The in-process twin of the subprocess test above, where the output can be read."""
+    import yaml
+
+    from model.cli.train import TerminalReport
+
+    config_path = tmp_path / "cfg.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_raw(tmp_path, max_steps=8, eval_interval=4)))
+    shown = TerminalReport.after_step
+
+    def interrupt_at_step_3(self, state: TrainingState) -> None:
+        shown(self, state)
+        if state.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TerminalReport, "after_step", interrupt_at_step_3)
+    assert train_main(["--config", str(config_path), "--no-progress"]) == 130
+    out = capsys.readouterr().out
+    assert (f"interrupted: checkpoint saved at step 3 in {tmp_path / 'run' / 'latest'}; resume "
+            "with train.resume=true") in out
+    assert "done: 3 steps" in out
+    assert load_checkpoint(tmp_path / "run").state["step"] == 3
+
+
+def test_metrics_lines_hold_every_logged_steps_loss_speed_and_mfu(tmp_path):
+    raw = tiny_raw(tmp_path, max_steps=6, eval_interval=3, log_interval=2, peak_flops=1e12)
+    result = train(config_from_dict(raw))
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text()
+               .splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    tokens_per_step = 4 * 16  # batch_size x block_size, one process, no accumulation
+    flops_per_token = result.model.flops_per_token()
+    for r in logged:
+        assert set(r) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "mfu"}
+        assert r["loss"] == result.losses[r["step"] - 1] and r["grad_norm"] > 0
+        window = result.step_seconds[r["step"] - 2:r["step"]]  # the last log_interval steps
+        assert r["tokens_per_s"] == pytest.approx(tokens_per_step * 2 / sum(window))
+        assert r["mfu"] == pytest.approx(flops_per_token * r["tokens_per_s"] / 1e12)
+    assert result.train_seconds == pytest.approx(sum(result.step_seconds))
+    assert result.tokens_per_second == pytest.approx(
+        tokens_per_step * 6 / sum(result.step_seconds))

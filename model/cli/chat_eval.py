@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 from model.cli.common import load_named_model, run_cli
 from model.inference.chat_eval import held_out, report, score_chat
-from model.runtime import configure_threads, generation_threads, pick_device
+from model.runtime import configure_threads, default_threads, pick_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def _run(argv: list[str] | None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.add_argument("--examples", type=int, default=0, help="print the first N replies")
     args = p.parse_args(argv)
-    configure_threads(generation_threads())
+    configure_threads(default_threads())
     device = pick_device(args.device, setting="--device")
     records = held_out(args.limit)
     for name in args.models:

@@ -48,8 +48,7 @@ def load_named_model(name: str | None, device: str | torch.device,
         from model.runtime import generation_precision
 
         # Chosen before the weights are read, so that they are converted as they load.
-        precision = generation_precision(precision, parameter_count(name),
-                                         precision.reason.startswith("auto"))
+        precision = generation_precision(precision, parameter_count(name))
         dtype = precision.dtype
     loaded = load_model(name, device, dtype=dtype)
     which = "" if name else "the newest checkpoint under out/: "

@@ -24,7 +24,7 @@ from model.cli.common import load_named_model, run_cli
 from model.data.chat import TURN_STOPS, ChatHistory
 from model.errors import SamplingError
 from model.inference.sampling import Step, check_sampling_args, generate
-from model.runtime import choose_dtype, configure_threads, generation_threads, pick_device
+from model.runtime import choose_dtype, configure_threads, default_threads, pick_device
 from model.weights.loading import Pretrained
 
 VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "layers for oneDNN (model/packed.py; about 1.6x faster decoding)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for generation (default: the cores no other process is "
-                        "busy on at start, model.runtime.generation_threads)")
+                        "busy on at start, model.runtime.default_threads)")
     serve = p.add_argument_group("web playground and OpenAI-compatible API")
     serve.add_argument("--serve", action="store_true",
                        help="serve the playground page and the /v1 API instead of sampling "
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None,
                             "in --prompt")
     if args.threads is not None and args.threads < 1:
         raise SamplingError(f"--threads must be >= 1, got {args.threads}")
-    configure_threads(args.threads or generation_threads())
+    configure_threads(args.threads or default_threads())
     prompt = "" if args.interactive or args.chat else read_prompt(args, stdin)
     loaded = load_model(args, err)
 

@@ -11,7 +11,7 @@ from typing import TextIO
 
 from model.cli.common import load_named_model, run_cli
 from model.errors import ConfigError, SamplingError
-from model.runtime import choose_dtype, configure_threads, generation_threads, pick_device
+from model.runtime import choose_dtype, configure_threads, default_threads, pick_device
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 GRACE_S = 2  # at Ctrl-C, open streams get this long to end before the server closes them
@@ -45,7 +45,7 @@ def run(name: str | None, host: str = "127.0.0.1", port: int = 8000, device: str
         raise SamplingError(f"--threads must be >= 1, got {threads}")
     if max_tokens is not None and max_tokens < 1:
         raise SamplingError(f"--max-tokens must be >= 1, got {max_tokens}")
-    configure_threads(threads or generation_threads())
+    configure_threads(threads or default_threads())
     dev = pick_device(device, setting="--device")
     warning = bind_warning(host)
     if warning:

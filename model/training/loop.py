@@ -8,14 +8,18 @@ One optimizer step = grad_accum micro-batches per process; under torchrun the gl
 world_size * grad_accum * batch_size sequences of block_size tokens. Each micro-batch's loss is
 the mean next-token cross-entropy over every position.
 
-Your own model and code in the loop (model/callbacks.py has the protocol):
+Your own model and code in the loop (model/training/callbacks.py has the protocol):
 
     train(cfg, model=MyGPT(config), callbacks=[EarlyStop()])
 
 `model` is a GPT subclass or any nn.Module with GPT's forward contract: forward(idx, targets)
 returns (logits, loss). It is moved to the run's device and trained in place; a module with a
 GPTConfig in `.config` is saved with that config, so `load_model(run, model_class=MyGPT)`
-rebuilds it. Weight decay follows model/optim.py's rule, which reads only shapes.
+rebuilds it. Weight decay follows model/training/optim.py's rule, which reads only shapes.
+
+train() prints nothing: what a run says (its notes, each step, each validation loss, why it
+stopped) reaches the callbacks, and the data preparation reports to `progress`. The command
+line (model/cli/train.py) draws both on the terminal.
 
 Process state: while it runs, train() sets torch's CPU thread count (train.threads), allows TF32
 matmuls on CUDA, and seeds Python's and torch's global generators from train.seed (+ rank). On
@@ -36,7 +40,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from torch.nn.parallel import DistributedDataParallel
 
 from model import runtime
 from model.config import Config, TrainConfig
@@ -46,8 +50,10 @@ from model.data.prepare import PreparedData
 from model.errors import TrainingError
 from model.gpt import GPT, count_parameters
 from model.network import lora
-from model.progress import silent
-from model.training.callbacks import Callback, TrainingState
+from model.progress import Progress, silent
+from model.training import distributed
+from model.training.callbacks import Callback, TrainingState, describe_validation
+from model.training.distributed import Distributed
 from model.training.finetune import adopt_source, load_source
 from model.training.monitor import RunLog, gpu_peak_flops
 from model.training.optim import Optimizer, build_optimizer, set_lr
@@ -63,6 +69,8 @@ from model.training.setup import (
 )
 from model.weights.checkpoint import copy_checkpoint, rng_state, save_checkpoint
 from model.weights.loading import lora_base_record, model_from_source
+
+Sampler = BatchSampler | ChatBatchSampler
 
 
 @dataclass
@@ -81,41 +89,47 @@ class TrainResult:
     model: nn.Module | None = None  # the trained plain module, on the run's device
 
 
-def train(cfg: Config, *, progress: bool = True, model: nn.Module | None = None,
-          callbacks: Sequence[Callback] = ()) -> TrainResult:
+def train(cfg: Config, *, model: nn.Module | None = None, callbacks: Sequence[Callback] = (),
+          progress: Progress | bool = silent) -> TrainResult:
     """Train `model` (None: a GPT built from cfg.model, or train.init_from's weights) as `cfg`
-    says; `cfg` is validated and left unchanged. Returns what the run did."""
-    t = cfg.train
-    with (process_settings(t.threads or runtime.training_threads()),
-          runtime.distributed_job(runtime.pick_device(t.device)) as ctx):
-        run = start_run(cfg, ctx, model, progress, settle_every_step=bool(callbacks))
+    says; `cfg` is validated and left unchanged. Returns what the run did. `callbacks` hear
+    how it goes (model/training/callbacks.py); `progress` how far the data preparation is
+    (True or False, the switch this parameter once was, report nothing)."""
+    if isinstance(progress, bool):
+        progress = silent
+    settings = cfg.train
+    with (process_settings(settings.threads or runtime.default_threads()),
+          distributed.distributed_job(runtime.pick_device(settings.device)) as job):
+        each_loss = any(callback.wants_each_loss for callback in callbacks)
+        run, notes = start_run(cfg, job, model, progress, settle_every_step=each_loss)
         state = run.state
-        with run, runtime.GracefulStop() as signals:
-            for step in range(run.start_step, t.max_steps):
+        with run.reporting(callbacks, notes), distributed.GracefulStop() as signals:
+            for step in range(state.step, settings.max_steps):
                 step_started = time.perf_counter()
                 loss, grad_norm = run.step(step)
                 state.step = step + 1
                 run.pending.append((state.step, loss))
-                if (run.settle_every_step or state.step % t.log_interval == 0
-                        or state.step == t.max_steps):
+                if (run.settle_every_step or state.step % settings.log_interval == 0
+                        or state.step == settings.max_steps):
                     run.settle()
-                run.count_time(time.perf_counter() - step_started)
+                run.speed.count(time.perf_counter() - step_started)
                 run.report(grad_norm)
                 for callback in callbacks:
                     callback.after_step(state)
 
-                evaluated = state.step % t.eval_interval == 0
+                evaluated = state.step % settings.eval_interval == 0
                 if evaluated:
                     run.evaluate(callbacks)
                 stop = run.stop_reason(signals)  # every rank agrees on it
                 if stop and not evaluated:
                     run.evaluate(callbacks)
-                if stop or state.step % (t.checkpoint_interval or t.eval_interval) == 0:
+                if stop or state.step % (settings.checkpoint_interval
+                                         or settings.eval_interval) == 0:
                     run.save(callbacks)
                 if stop:
-                    run.stopped(stop)
+                    state.stop_reason = stop
                     break
-        return run.result
+        return run.result()
 
 
 @contextlib.contextmanager
@@ -140,167 +154,180 @@ def process_settings(threads: int) -> Iterator[None]:
 
 
 @dataclass
+class Speed:
+    """How fast a run goes: each step's wall-clock seconds. Reading a loss waits for the GPU,
+    so the wait counts in the step's time: the GPU ran the queued steps meanwhile."""
+
+    tokens_per_step: int  # over all ranks
+    flops_per_token: float
+    peak_flops: float | None  # of this GPU, for the MFU estimate
+    compiles: bool  # the first step compiles the model, so the run's speed leaves it out
+    step_seconds: list[float] = field(default_factory=list)
+    total_seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def count(self, seconds: float) -> None:
+        self.step_seconds.append(seconds)
+        self.total_seconds += seconds
+
+    def tokens_per_second(self, last: int | None = None) -> float:
+        """Over the `last` steps, or over the whole run but the step that compiled. On a GPU
+        one step's time says when the host waited for it, not how long the GPU worked: only a
+        span of steps measures the speed."""
+        seconds = self.step_seconds[-last:] if last else self.step_seconds[int(self.compiles):]
+        total = sum(seconds)
+        return self.tokens_per_step * len(seconds) / total if total > 0 else 0.0
+
+    def model_flops_utilization(self, tokens_per_second: float) -> float | None:
+        """The share of the GPU's peak FLOP/s the model's arithmetic used; None off a GPU."""
+        if not self.peak_flops:
+            return None
+        return self.flops_per_token * tokens_per_second / self.peak_flops
+
+
+@dataclass
 class Run:
-    """One training run's parts, built by `start_run`; the loop calls its methods. Used as a
-    context manager, it closes the progress bar and the logs however the loop ends."""
+    """One training run's parts, built by `start_run`; the loop calls its methods. The run's
+    progress is kept once: in `state`, what callbacks see (step, loss, validation loss, why it
+    stopped), in `losses` and in `speed`; `result()` reads them at the end."""
 
     cfg: Config  # with the vocabulary (and a pretrained source's shape) resolved
-    ctx: runtime.Distributed
+    job: Distributed
     dtype: torch.dtype
     model: nn.Module  # the plain module: what checkpoints store
     forward_model: nn.Module | None  # what the loop calls: `model` compiled and/or in DDP
     optimizer: Optimizer
     scaler: torch.amp.GradScaler
-    sampler: BatchSampler | ChatBatchSampler
+    sampler: Sampler
     val_windows: list[tuple[torch.Tensor, torch.Tensor]]
     data: PreparedData
     log: RunLog | None  # rank 0 only
-    bar: tqdm
-    state: TrainingState  # what callbacks see
-    result: TrainResult
-    start_step: int
+    state: TrainingState
+    speed: Speed
     best_val_loss: float
-    tokens_per_step: int  # over all ranks
-    flops_per_step: float
-    peak_flops: float | None  # of this GPU, for the MFU estimate
     settle_every_step: bool  # copy each loss to the host at once (CPU runs, callbacks)
     lora_base: dict[str, str] | None = None  # a LoRA run's base, recorded with its adapters
+    losses: list[float] = field(default_factory=list)  # every step this call ran, settled
     pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, loss)
-    grad_norm: torch.Tensor | float = 0.0  # the latest, for the logs
-    compile_seconds: float = 0.0  # the first step's time when it compiled the model
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def device(self) -> torch.device:
-        return self.ctx.device
 
     def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step: (loss, gradient norm), both still on the device. Under torchrun
         each rank's dropout masks come from (seed, rank, step), so a resumed job draws the
         same ones without gathering every rank's generator state into the checkpoint."""
-        t = self.cfg.train
-        if self.ctx.enabled:
-            runtime.seed_everything(runtime.derived_seed(t.seed, self.ctx.rank, step))
-        return train_step(self.forward_model, self.model, self.optimizer, self.scaler,
-                          self.sampler, t, step, self.dtype, ddp=self.ctx.enabled)
+        if self.job.enabled:
+            distributed.seed_everything(
+                distributed.derived_seed(self.cfg.train.seed, self.job.rank, step))
+        return train_step(self.model, self.optimizer, self.sampler, step, self.cfg.train,
+                          dtype=self.dtype, scaler=self.scaler, forward_model=self.forward_model)
 
     def settle(self) -> None:
         """Copy the pending losses to the host (one sync; every rank together)."""
-        self.result.losses += settle_losses(self.pending, self.ctx, self.result.run_dir)
-
-    def count_time(self, seconds: float) -> None:
-        """Throughput bookkeeping for one step. Reading a loss waits for the GPU, so the wait
-        counts in the step's time: the GPU ran the queued steps meanwhile."""
-        if not self.result.step_seconds and self.cfg.train.compile:
-            self.compile_seconds = seconds  # the first call compiles
-        self.result.train_seconds += seconds
-        self.result.step_seconds.append(seconds)
-        self.result.steps = self.start_step + len(self.result.step_seconds)
+        self.losses += settle_losses(self.pending, self.job, self.state.run_dir)
 
     def report(self, grad_norm: torch.Tensor | None) -> None:
-        """Update the callbacks' view, the progress bar, and every log_interval steps the
-        metrics. Speed is over the last log_interval steps: on a GPU one step's time says when
-        the host waited for it, not how long the GPU worked."""
-        state, losses = self.state, self.result.losses
-        if grad_norm is not None:
-            self.grad_norm = grad_norm
+        """Update the callbacks' view, and every log_interval steps the metrics. Speed is over
+        the last log_interval steps."""
+        state, log_interval = self.state, self.cfg.train.log_interval
         state.lr = self.optimizer.param_groups[0]["lr"]
-        if not self.pending:  # settled: reading them costs nothing more
-            state.loss = losses[-1]
+        state.loss = self.losses[-1] if self.losses else None
+        if not self.pending:  # settled: reading the norm costs nothing more
             state.grad_norm = float(grad_norm) if grad_norm is not None else None
-        recent = self.result.step_seconds[-self.cfg.train.log_interval:]
-        seconds_per_step = sum(recent) / len(recent)
-        tokens_per_s = self.tokens_per_step / seconds_per_step
-        if state.step % self.cfg.train.log_interval == 0 and self.log is not None:
-            record = {"step": state.step, "loss": losses[-1], "lr": state.lr,
-                      "grad_norm": float(self.grad_norm), "tokens_per_s": tokens_per_s,
-                      "elapsed_s": time.perf_counter() - self.started}
-            if self.peak_flops:
-                record["mfu"] = self.flops_per_step / seconds_per_step / self.peak_flops
+        state.tokens_per_second = self.speed.tokens_per_second(last=log_interval)
+        if state.step % log_interval == 0 and self.log is not None:
+            record = {"step": state.step, "loss": state.loss, "lr": state.lr,
+                      "grad_norm": state.grad_norm if state.grad_norm is not None else 0.0,
+                      "tokens_per_s": state.tokens_per_second,
+                      "elapsed_s": time.perf_counter() - self.speed.started}
+            mfu = self.speed.model_flops_utilization(state.tokens_per_second)
+            if mfu is not None:
+                record["mfu"] = mfu
             self.log.log(record)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "-",
-                             lr=f"{state.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
 
-    def stop_reason(self, signals: runtime.GracefulStop) -> str | None:
+    def stop_reason(self, signals: distributed.GracefulStop) -> str | None:
         """Why the run ends after this step ("time_budget", "signal", "callback",
         "max_steps"), or None. Ranks must agree, or the others would wait forever."""
-        t, state = self.cfg.train, self.state
-        out_of_time = t.time_budget_s is not None and self.result.train_seconds >= t.time_budget_s
-        out_of_time, signalled, asked = runtime.all_agree(
-            self.ctx, out_of_time, signals.requested, state.stop_requested)
+        settings, state = self.cfg.train, self.state
+        out_of_time = (settings.time_budget_s is not None
+                       and self.speed.total_seconds >= settings.time_budget_s)
+        out_of_time, signalled, asked = distributed.all_agree(
+            self.job, out_of_time, signals.requested, state.stop_requested)
         reasons = {"time_budget": out_of_time, "signal": signalled, "callback": asked,
-                   "max_steps": state.step == t.max_steps}
+                   "max_steps": state.step == settings.max_steps}
         return next((reason for reason, applies in reasons.items() if applies), None)
+
+    def validate(self) -> tuple[float, float]:
+        """The validation loss now, (nats/token, bits/byte), logged to the metrics (rank 0)."""
+        val_loss = evaluate(self.model, self.val_windows, self.job.device, self.dtype)
+        val_bpb = val_loss / math.log(2) / self.data.bytes_per_token("val")
+        if self.log is not None:
+            self.log.log({"step": self.state.step, "val_loss": val_loss, "val_bpb": val_bpb})
+            self.log.plot()
+        return val_loss, val_bpb
 
     def evaluate(self, callbacks: Sequence[Callback]) -> None:
         """Validation loss on rank 0 (the model is the same on every rank), then callbacks."""
         self.settle()  # every rank (a collective); a non-finite loss stops before evaluating
-        if not self.ctx.is_main:
+        if not self.job.is_main:
             return
-        state, result = self.state, self.result
-        result.val_loss, result.val_bpb = validate(
-            self.model, self.val_windows, self.data, self.device, self.dtype, state.step,
-            self.log, self.bar)
-        state.val_loss, state.val_bpb = result.val_loss, result.val_bpb
+        self.state.val_loss, self.state.val_bpb = self.validate()
         for callback in callbacks:
-            callback.after_evaluation(state)
+            callback.after_evaluation(self.state)
 
     def save(self, callbacks: Sequence[Callback]) -> None:
         """latest/ always, best/ when validation improved; then callbacks. No checkpoint ever
         holds weights that came from a non-finite step: the losses are settled first."""
         self.settle()
-        if not self.ctx.is_main:
+        if not self.job.is_main:
             return
-        state, val_loss = self.state, self.result.val_loss
-        improved = val_loss is not None and val_loss < self.best_val_loss
+        state = self.state
+        improved = state.val_loss is not None and state.val_loss < self.best_val_loss
         if improved:
-            self.best_val_loss = val_loss
-        run_dir = self.result.run_dir
-        saved = run_state(state.step, self.best_val_loss, self.sampler, self.device, self.result)
-        state.checkpoint = save_checkpoint(run_dir / "latest", self.model, self.cfg,
-                                           self.data.tokenizer.spec(), self.optimizer, saved,
-                                           self.lora_base)
+            self.best_val_loss = state.val_loss
+        saved = run_state(state, self.best_val_loss, self.sampler, self.job.device)
+        state.checkpoint = save_checkpoint(
+            state.run_dir / "latest", self.model, self.cfg, self.data.tokenizer.spec(),
+            optimizer=self.optimizer, state=saved, lora_base=self.lora_base)
         if improved:
-            copy_checkpoint(state.checkpoint, run_dir / "best")
+            copy_checkpoint(state.checkpoint, state.run_dir / "best")
         for callback in callbacks:
             callback.at_checkpoint(state)
 
-    def stopped(self, reason: str) -> None:
-        if reason == "signal":
-            self.result.interrupted = True
-            if self.ctx.is_main:
-                self.bar.write(f"interrupted: checkpoint saved at step {self.state.step} in "
-                               f"{self.result.run_dir / 'latest'}; resume with train.resume=true")
+    @contextlib.contextmanager
+    def reporting(self, callbacks: Sequence[Callback], notes: list[str]) -> Iterator[None]:
+        """The loop's lifetime: callbacks hear it start with `notes` and end however it ends;
+        the logs close and DDP goes (before its process group: distributed_job)."""
+        try:
+            for callback in callbacks:
+                callback.at_start(self.state, notes)
+            yield
+        finally:
+            if self.log is not None:
+                self.log.close()
+            self.forward_model = None
+            for callback in callbacks:
+                callback.at_end(self.state)
 
-    def __enter__(self) -> Run:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        """Close the bar and the logs; the throughput leaves out the step that compiled."""
-        self.bar.close()
-        if self.log is not None:
-            self.log.close()
-        self.forward_model = None  # DDP goes before its process group (distributed_job)
-        result = self.result
-        timed_steps = len(result.step_seconds) - (1 if self.compile_seconds else 0)
-        timed_seconds = result.train_seconds - self.compile_seconds
-        if timed_steps > 0 and timed_seconds > 0:
-            result.tokens_per_second = self.tokens_per_step * timed_steps / timed_seconds
+    def result(self) -> TrainResult:
+        state, speed = self.state, self.speed
+        return TrainResult(
+            run_dir=state.run_dir, steps=state.step, losses=self.losses,
+            step_seconds=speed.step_seconds, val_loss=state.val_loss, val_bpb=state.val_bpb,
+            train_seconds=speed.total_seconds, tokens_per_second=speed.tokens_per_second(),
+            interrupted=state.stop_reason == "signal", model=self.model)
 
 
-def start_run(cfg: Config, ctx: runtime.Distributed, model: nn.Module | None, progress: bool,
-              settle_every_step: bool) -> Run:
+def start_run(cfg: Config, job: Distributed, model: nn.Module | None, progress: Progress, *,
+              settle_every_step: bool) -> tuple[Run, list[str]]:
     """Set a run up in the order it needs: seeds, pretrained weights, data, model, optimizer,
-    resume, wrapping (compile, then DDP), logs."""
-    t, device = cfg.train, ctx.device
-    precision = runtime.choose_dtype(t.dtype, device)
+    resume, wrapping (compile, then DDP), logs. Returns the run and the lines that describe
+    it for the user."""
+    settings, device = cfg.train, job.device
+    precision = runtime.choose_dtype(settings.dtype, device)
     dtype = precision.dtype
-    if ctx.is_main and progress:
-        tqdm.write(f"training in {runtime.training_precision(precision)}")
+    notes = [f"training in {runtime.training_precision(precision)}"]
     runtime.configure_backends(device)
     # Each rank its own dropout masks; DDP copies rank 0's initial weights to the others.
-    runtime.seed_everything(t.seed + ctx.rank)
+    distributed.seed_everything(settings.seed + job.rank)
     if model is not None:
         cfg = adopt_model(cfg, model)
 
@@ -309,93 +336,95 @@ def start_run(cfg: Config, ctx: runtime.Distributed, model: nn.Module | None, pr
     if source is not None:
         cfg = adopt_source(cfg, source)
     # A LoRA run's checkpoints hold its adapters and this record of the base they adapt.
-    lora_base = lora_base_record(t.init_from, source) if t.lora is not None else None
+    lora_base = lora_base_record(settings.init_from, source) if settings.lora is not None else None
 
     # Data: token files (prepared once), the training batches and the validation windows.
-    data = prepare_data_once(cfg, ctx, silent, source.tokenizer if source else None)
+    data = prepare_data_once(cfg, job, progress, source.tokenizer if source else None)
     cfg = resolve_vocab(cfg, data.tokenizer.vocab_size)
+    block_size = cfg.model.block_size
     if cfg.data.format == "chat":  # whole conversations per row, loss on replies only
-        sampler, val_windows = chat_batches(data, cfg, ctx, device)
+        sampler, val_windows = chat_batches(data, cfg, job)
     else:
-        sampler = BatchSampler(data.train_path, cfg.model.block_size, t.batch_size, t.seed,
-                               rank=ctx.rank, world_size=ctx.world_size, device=device)
-        val_windows = eval_windows(data.val_path, cfg.model.block_size, t.batch_size,
-                                   t.eval_steps)
+        sampler = BatchSampler(data.train_path, block_size, settings.batch_size, settings.seed,
+                               rank=job.rank, world_size=job.world_size, device=device)
+        val_windows = eval_windows(data.val_path, block_size, settings.batch_size,
+                                   settings.eval_steps)
 
     # Model and optimizer; a resumed run then loads weights, moments and the loop's state.
     if model is None and source is None:
         model = GPT(cfg.model)
     elif model is None:  # the source's own tensors, not a random init with a copy of them on top
         model, loaded = model_from_source(cfg.model, source)
-        if ctx.is_main:
-            tqdm.write(loaded)
-    source = None  # the model now holds the weights; the source must not use them
-    if t.lora is not None:  # adapters beside the frozen base: only they train
-        lora.apply(model, t.lora, base_dtype=lora.frozen_dtype(dtype))
-        if ctx.is_main:
-            tqdm.write(lora.describe(model, t.lora))
+        notes.append(loaded)
+    del source  # the model now holds the weights; the source must not use them
+    if settings.lora is not None:  # adapters beside the frozen base: only they train
+        lora.apply(model, settings.lora, base_dtype=lora.frozen_dtype(dtype))
+        notes.append(lora.describe(model, settings.lora))
     model.to(device)
     run_dir = cfg.out_dir
-    if ctx.is_main:  # a LoRA checkpoint holds the adapters alone
+    if job.is_main:  # a LoRA checkpoint holds the adapters alone
         check_writable(run_dir, 4 * count_parameters(model, trainable_only=True))
-    optimizer = build_optimizer(model, t, device)
+    optimizer = build_optimizer(model, settings, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_step, best_val_loss = 0, math.inf
-    if t.resume:
-        start_step, best_val_loss = resume(run_dir, model, optimizer, sampler, ctx,
-                                           threads_chosen=t.threads is not None,
+    if settings.resume:
+        start_step, best_val_loss = resume(run_dir, model, optimizer, sampler, job,
+                                           threads_chosen=settings.threads is not None,
                                            lora_base=lora_base)
 
-    log = (RunLog(run_dir, cfg.to_dict(), resume_step=start_step if t.resume else None,
-                  use_wandb=t.wandb, wandb_project=t.wandb_project,
-                  use_tensorboard=t.tensorboard) if ctx.is_main else None)
-    tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * ctx.world_size
-    peak_flops = t.peak_flops or (gpu_peak_flops(torch.cuda.get_device_name(device))
-                                  if device.type == "cuda" else None)
+    log = (RunLog(run_dir, cfg.to_dict(), resume_step=start_step if settings.resume else None,
+                  use_wandb=settings.wandb, wandb_project=settings.wandb_project,
+                  use_tensorboard=settings.tensorboard) if job.is_main else None)
+    tokens_per_step = settings.batch_size * block_size * settings.grad_accum * job.world_size
+    peak_flops = settings.peak_flops or (gpu_peak_flops(torch.cuda.get_device_name(device))
+                                         if device.type == "cuda" else None)
     run = Run(
-        cfg=cfg, ctx=ctx, dtype=dtype, model=model, forward_model=wrap(model, t.compile, ctx),
-        optimizer=optimizer, scaler=scaler, sampler=sampler, val_windows=val_windows, data=data,
-        log=log, bar=tqdm(total=t.max_steps, initial=start_step, dynamic_ncols=True,
-                          disable=not (progress and ctx.is_main), desc=cfg.name),
+        cfg=cfg, job=job, dtype=dtype, model=model,
+        forward_model=wrap(model, settings.compile, job), optimizer=optimizer, scaler=scaler,
+        sampler=sampler, val_windows=val_windows, data=data, log=log,
         state=TrainingState(model=model, optimizer=optimizer, config=cfg, run_dir=run_dir,
-                            rank=ctx.rank, step=start_step),
-        result=TrainResult(run_dir=run_dir, steps=start_step, model=model),
-        start_step=start_step, best_val_loss=best_val_loss, tokens_per_step=tokens_per_step,
-        flops_per_step=flops_per_token(model) * tokens_per_step, peak_flops=peak_flops,
+                            rank=job.rank, step=start_step),
+        speed=Speed(tokens_per_step=tokens_per_step, flops_per_token=flops_per_token(model),
+                    peak_flops=peak_flops, compiles=settings.compile),
+        best_val_loss=best_val_loss,
         settle_every_step=settle_every_step or device.type == "cpu", lora_base=lora_base)
-    if t.init_from != "scratch" and start_step == 0 and ctx.is_main:
+    if settings.init_from != "scratch" and start_step == 0 and job.is_main:
         # Where fine-tuning starts: the pretrained model's own loss on this validation split.
-        validate(model, val_windows, data, device, dtype, 0, log, run.bar)
-    return run
+        notes.append(describe_validation(0, *run.validate()))
+    return run, notes
 
 
 # -- the loop's steps -------------------------------------------------------------------------
 
 
-def train_step(forward_model: nn.Module, model: nn.Module, optimizer: Optimizer,
-               scaler: torch.amp.GradScaler, sampler: BatchSampler, t: TrainConfig, step: int,
-               dtype: torch.dtype, *, ddp: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One optimizer step over grad_accum micro-batches. Returns the step's loss and the
-    gradient norm before clipping (None without clipping), both still on the device."""
-    set_lr(optimizer, step, t)
+def train_step(model: nn.Module, optimizer: Optimizer, sampler: Sampler, step: int,
+               settings: TrainConfig, *, dtype: torch.dtype, scaler: torch.amp.GradScaler,
+               forward_model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step of `model` over settings.grad_accum micro-batches, computing in
+    `dtype`. `forward_model` is what computes the loss: `model` compiled and/or wrapped in DDP
+    (default: `model` itself). Returns the step's loss and the gradient norm before clipping
+    (None without clipping), both still on the device."""
+    forward_model = model if forward_model is None else forward_model
+    ddp = isinstance(forward_model, DistributedDataParallel)
+    set_lr(optimizer, step, settings)
     loss_sum = torch.zeros((), device=sampler.device)
-    for micro in range(t.grad_accum):
+    for micro in range(settings.grad_accum):
         x, y = sampler.next_batch()
         # DDP all-reduces gradients only on the last micro-step; the others accumulate.
-        last_micro = micro == t.grad_accum - 1
+        last_micro = micro == settings.grad_accum - 1
         sync = (contextlib.nullcontext() if last_micro or not ddp
                 else forward_model.no_sync())
         with sync:
             with runtime.autocast(sampler.device, dtype):
                 _, loss = forward_model(x, y)
-            loss = loss / t.grad_accum
+            loss = loss / settings.grad_accum
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
     norm = None
-    if t.grad_clip > 0:
+    if settings.grad_clip > 0:
         if scaler.is_enabled():  # clip the true gradients, not the scaled ones
             scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip,
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip,
                                               foreach=True)  # one norm kernel for all
     if scaler.is_enabled():
         scaler.step(optimizer)
@@ -406,13 +435,13 @@ def train_step(forward_model: nn.Module, model: nn.Module, optimizer: Optimizer,
     return loss_sum, norm
 
 
-def settle_losses(pending: list[tuple[int, torch.Tensor]], ctx: runtime.Distributed,
+def settle_losses(pending: list[tuple[int, torch.Tensor]], job: Distributed,
                   run_dir: Path) -> list[float]:
     """Copy the pending (step, loss) pairs to the host in one sync, averaged over ranks, and
     empty `pending`; a non-finite loss stops the run. Every rank must call this together."""
     if not pending:
         return []
-    losses = runtime.mean_over_ranks(ctx, torch.stack([loss for _, loss in pending]))
+    losses = distributed.mean_over_ranks(job, torch.stack([loss for _, loss in pending]))
     values = losses.tolist()
     for (step, _), value in zip(pending, values):
         if not math.isfinite(value):
@@ -421,19 +450,6 @@ def settle_losses(pending: list[tuple[int, torch.Tensor]], ctx: runtime.Distribu
                 f"{str(run_dir / 'latest')!r}; lower train.lr and resume or restart")
     pending.clear()
     return values
-
-
-def validate(model: nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]],
-             data: PreparedData, device: torch.device, dtype: torch.dtype, step: int,
-             log: RunLog | None, bar: tqdm) -> tuple[float, float]:
-    """Evaluate, log and print the validation loss at `step`: (nats/token, bits/byte)."""
-    val_loss = evaluate(model, windows, device, dtype)
-    bpb = val_loss / math.log(2) / data.bytes_per_token("val")
-    if log is not None:
-        log.log({"step": step, "val_loss": val_loss, "val_bpb": bpb})
-        log.plot()
-    bar.write(f"step {step}: val loss {val_loss:.4f} nats/token, {bpb:.4f} bits/byte")
-    return val_loss, bpb
 
 
 @torch.no_grad()
@@ -451,9 +467,9 @@ def evaluate(model: nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]],
     return (total / len(windows)).item()
 
 
-def run_state(step: int, best_val: float, sampler: BatchSampler, device: torch.device,
-              result: TrainResult) -> dict[str, Any]:
+def run_state(state: TrainingState, best_val_loss: float, sampler: Sampler,
+              device: torch.device) -> dict[str, Any]:
     """What a checkpoint needs besides weights and optimizer to continue the run exactly."""
-    return {"step": step, "best_val_loss": best_val, "sampler": sampler.state_dict(),
-            "rng": rng_state(device), "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+    return {"step": state.step, "best_val_loss": best_val_loss, "sampler": sampler.state_dict(),
+            "rng": rng_state(device), "val_loss": state.val_loss, "val_bpb": state.val_bpb,
             "threads": torch.get_num_threads()}

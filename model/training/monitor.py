@@ -30,7 +30,7 @@ def gpu_peak_flops(device_name: str) -> float | None:
 class RunLog:
     """Writes `metrics.jsonl` and `loss.png` into the run directory."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], resume_step: int | None = None,
+    def __init__(self, run_dir: Path, config: dict[str, Any], *, resume_step: int | None = None,
                  use_wandb: bool = False, wandb_project: str = "smallgpt",
                  use_tensorboard: bool = False) -> None:
         self.metrics_path = run_dir / "metrics.jsonl"

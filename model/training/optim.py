@@ -5,9 +5,9 @@ matrix, an embedding table, a convolution kernel) decays; one with fewer (a bias
 does not: those are offsets and scales, and pulling them towards zero only hurts (as in GPT-3's
 and nanoGPT's set-ups). Frozen parameters (requires_grad=False) are left out of the optimizer.
 The rule reads only shapes, so it holds for a GPT subclass or a module of your own alike. With
-`optimizer: muon`, the
-hidden 2-D weights of the blocks use Muon (orthogonalised momentum; Jordan et al., 2024) and
-everything else (embeddings, head, norms, biases) keeps AdamW, as Muon's authors recommend.
+`optimizer: muon`, the 2-D weights inside the model's `blocks` use Muon (orthogonalised
+momentum; Jordan et al., 2024) and everything else (embeddings, head, norms, biases) keeps
+AdamW, as Muon's authors recommend; a model without `blocks` trains with AdamW alone.
 
 The schedule is a pure function of the step, so a resumed run gets the same rate as an
 uninterrupted one.
@@ -65,9 +65,13 @@ class CombinedOptimizer:
             opt.load_state_dict(state)
 
 
-def _is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
-    """Weights of the blocks' linear layers: the matrices Muon is designed for."""
-    return param.ndim == 2 and name.startswith("blocks.")
+def hidden_matrices(model: nn.Module) -> set[int]:
+    """The ids of the 2-D weights inside `model.blocks` (the blocks' linear layers): the
+    matrices Muon is designed for; none for a model without blocks."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Module):
+        return set()
+    return {id(p) for p in blocks.parameters() if p.ndim == 2}
 
 
 def decays(param: nn.Parameter) -> bool:
@@ -89,15 +93,14 @@ Optimizer = torch.optim.Optimizer | CombinedOptimizer
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizer:
     """AdamW (fused kernels on CUDA) or Muon + AdamW (its group marked `muon`), over the
     trainable parameters of `model`."""
-    # named_parameters lists a tied W_E/W_U once.
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # parameters() lists a tied W_E/W_U once, in the order the model registered them.
+    params = [p for p in model.parameters() if p.requires_grad]
     muon = cfg.optimizer == "muon"
-    hidden = [p for n, p in params.items() if muon and _is_hidden_matrix(n, p)]
-    hidden_ids = {id(p) for p in hidden}
-    rest = [p for p in params.values() if id(p) not in hidden_ids]
+    hidden_ids = hidden_matrices(model) if muon else set()
+    hidden = [p for p in params if id(p) in hidden_ids]
+    rest = [p for p in params if id(p) not in hidden_ids]
     groups = weight_decay_groups(rest, cfg.weight_decay)
-    # Fused AdamW updates every tensor in one kernel, on CUDA and on the CPU; on the CPU it cut
-    # nanoGPT's shakespeare_char step from 45 to 40 ms here (bench/train_speed.py).
+    # Fused AdamW updates every tensor in one kernel, on CUDA and on the CPU.
     fused = device.type in ("cuda", "cpu")
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     if not muon:

@@ -1,4 +1,4 @@
-"""What a training run sets up before its first step, each piece a function model/training.py's
+"""What a training run sets up before its first step, each piece a function loop.py's
 `start_run` calls in order: token files prepared once per machine, the config adopted from a
 caller's model and the tokenizer's vocabulary, a writable output directory, the resumed state,
 and the model wrapped for compiling and DDP.
@@ -24,9 +24,11 @@ from model.data.prepare import PreparedData, prepare_data
 from model.data.tokenizer import Tokenizer
 from model.errors import CheckpointError, ConfigError, TrainingError
 from model.files import ensure_writable_dir
-from model.gpt import GPTConfig
+from model.gpt import GPTConfig, count_parameters
 from model.network import lora
 from model.progress import Progress, silent
+from model.training import distributed
+from model.training.distributed import Distributed
 from model.training.optim import Optimizer
 from model.weights.checkpoint import (
     load_optimizer_state,
@@ -38,18 +40,18 @@ from model.weights.checkpoint import (
 )
 
 
-def prepare_data_once(cfg: Config, ctx: runtime.Distributed, progress: Progress = silent,
+def prepare_data_once(cfg: Config, job: Distributed, progress: Progress = silent,
                       tokenizer: Tokenizer | None = None) -> PreparedData:
-    """Rank 0 prepares the token files while the others wait. Then the first process of each
-    other machine finds them on shared storage, or prepares its own copy; then the rest read.
-    So no two processes ever write the same cache. Only rank 0 reports to `progress`."""
+    """Rank 0 prepares the token files while the others wait, reporting to `progress`. Then the
+    first process of each other machine finds them on shared storage, or prepares its own copy;
+    then the rest read. So no two processes ever write the same cache."""
     data = None
-    if ctx.is_main:
+    if job.is_main:
         data = prepare_data(cfg.data, cfg.model.block_size, progress, tokenizer)
-    runtime.barrier(ctx)
-    if ctx.local_rank == 0 and not ctx.is_main:
+    distributed.barrier(job)
+    if job.local_rank == 0 and not job.is_main:
         data = prepare_data(cfg.data, cfg.model.block_size, silent, tokenizer)
-    runtime.barrier(ctx)
+    distributed.barrier(job)
     if data is None:
         data = prepare_data(cfg.data, cfg.model.block_size, silent, tokenizer)
     return data
@@ -65,24 +67,21 @@ def adopt_model(cfg: Config, model: nn.Module) -> Config:
     return dataclasses.replace(cfg, model=config) if isinstance(config, GPTConfig) else cfg
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def flops_per_token(model: nn.Module) -> float:
     """The model's own estimate (GPT.flops_per_token), else 6 per parameter (Kaplan et al.,
     2020), which leaves out attention's share."""
     own = getattr(model, "flops_per_token", None)
-    return own() if callable(own) else 6 * count_params(model)
+    return own() if callable(own) else 6 * count_parameters(model)
 
 
-def chat_batches(data: ChatData, cfg: Config, ctx: runtime.Distributed, device: torch.device,
+def chat_batches(data: ChatData, cfg: Config, job: Distributed,
                  ) -> tuple[ChatBatchSampler, list[tuple[torch.Tensor, torch.Tensor]]]:
     """data.format "chat": the training sampler and validation batches over conversations."""
-    t = cfg.train
-    sampler = ChatBatchSampler(data, cfg.model.block_size, t.batch_size, t.seed, rank=ctx.rank,
-                               world_size=ctx.world_size, device=device)
-    return sampler, chat_eval_batches(data, cfg.model.block_size, t.batch_size, t.eval_steps)
+    settings, block_size = cfg.train, cfg.model.block_size
+    sampler = ChatBatchSampler(data, block_size, settings.batch_size, settings.seed,
+                               rank=job.rank, world_size=job.world_size, device=job.device)
+    return sampler, chat_eval_batches(data, block_size, settings.batch_size,
+                                      settings.eval_steps)
 
 
 def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
@@ -113,7 +112,7 @@ def check_writable(run_dir: Path, model_bytes: int) -> None:
 
 
 def resume(run_dir: Path, model: nn.Module, optimizer: Optimizer, sampler: BatchSampler,
-           ctx: runtime.Distributed, *, threads_chosen: bool,
+           job: Distributed, *, threads_chosen: bool,
            lora_base: dict[str, str] | None = None) -> tuple[int, float]:
     """Load the run's latest checkpoint into `model`, `optimizer` and `sampler`; return the step
     it was taken at and the best validation loss so far. Unless train.threads is set, the run
@@ -126,7 +125,7 @@ def resume(run_dir: Path, model: nn.Module, optimizer: Optimizer, sampler: Batch
     if lora_base is not None:  # the adapters go on only with the base they were trained on
         lora.check_base(read_lora_base(ckpt), lora_base["digest"],
                         lora_base.get("path") or lora_base["name"], str(ckpt))
-    load_weights(model, ckpt, ctx.device)
+    load_weights(model, ckpt, job.device)
     opt_state = load_optimizer_state(ckpt)
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
@@ -135,20 +134,20 @@ def resume(run_dir: Path, model: nn.Module, optimizer: Optimizer, sampler: Batch
         sampler.load_state_dict(state["sampler"])
     # A single process goes on with its generators' saved state; a multi-process job seeds
     # every step from (seed, rank, step) instead (see train()).
-    if "rng" in state and not ctx.enabled:
-        set_rng_state(state["rng"], ctx.device)
+    if "rng" in state and not job.enabled:
+        set_rng_state(state["rng"], job.device)
     if not threads_chosen and state.get("threads"):
         runtime.configure_threads(state["threads"])
     return state.get("step", 0), state.get("best_val_loss", math.inf)
 
 
-def wrap(model: nn.Module, compile: bool, ctx: runtime.Distributed) -> nn.Module:
+def wrap(model: nn.Module, compile: bool, job: Distributed) -> nn.Module:
     """The module the loop calls: `model` compiled if asked, inside DDP under torchrun."""
     forward_model: nn.Module = model
     if compile:
         forward_model = torch.compile(model)
-    if ctx.enabled:
-        on_gpu = ctx.device.type == "cuda"
+    if job.enabled:
+        on_gpu = job.device.type == "cuda"
         forward_model = DistributedDataParallel(
-            forward_model, device_ids=[ctx.device.index] if on_gpu else None)
+            forward_model, device_ids=[job.device.index] if on_gpu else None)
     return forward_model
