@@ -28,7 +28,7 @@ def run(name: str, overrides: list[str], config: str = "tiny.yaml") -> dict:
     from model import load_config, train
 
     common = ["train.dtype=float32", "train.threads=1", f"train.out_dir=out/{name}"]
-    result = train(load_config(config, [*common, *overrides]), progress=False)
+    result = train(load_config(config, [*common, *overrides]))
     return {"losses": [float(x).hex() for x in result.losses],
             "val_loss": None if result.val_loss is None else float(result.val_loss).hex(),
             "steps": result.steps}

@@ -32,7 +32,7 @@ sys.path.insert(0, sys.argv[1])
 from model.config import load_config
 from model.training.loop import train
 cfg = load_config("chat_gpt2.yaml", sys.argv[2:])
-result = train(cfg, progress=False)
+result = train(cfg)
 print(json.dumps({"steps": result.steps, "step_seconds": result.step_seconds,
                   "median_s": statistics.median(result.step_seconds[1:]),
                   "val_loss": result.val_loss,

@@ -43,7 +43,7 @@ def main() -> None:
             f"train.out_dir={out}/run", f"train.max_steps={args.steps}",
             f"train.eval_interval={args.steps}", "train.eval_steps=1",
             "train.log_interval=1"])
-        result = train(cfg, progress=False)
+        result = train(cfg)
     steady = result.step_seconds[args.warmup:]
     ms = statistics.median(steady) * 1e3
     tokens = cfg.train.batch_size * cfg.model.block_size * cfg.train.grad_accum

@@ -245,7 +245,7 @@ def base_run(tmp_path_factory):
                      cache_dir=str(root / "cache"), num_proc=1),
         "train": dict(out_dir=str(root / "base"), max_steps=5, batch_size=4, eval_interval=5,
                       eval_steps=1, log_interval=1, device="cpu", threads=1, seed=1)}, name="b")
-    train(cfg, progress=False)
+    train(cfg)
     return root
 
 
@@ -267,7 +267,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_tiny_chat_fine_tune_lowers_the_held_out_reply_loss(base_run):
-    result = train(config_from_dict(chat_raw(base_run, "chat"), name="c"), progress=False)
+    result = train(config_from_dict(chat_raw(base_run, "chat"), name="c"))
     vals = [r["val_loss"] for r in metrics(result.run_dir) if "val_loss" in r]
     assert vals[0] == pytest.approx(vals[0]) and len(vals) == 3  # step 0, 15 and 30
     assert vals[-1] < vals[0] - 0.5
@@ -278,12 +278,12 @@ def test_tiny_chat_fine_tune_lowers_the_held_out_reply_loss(base_run):
 @pytest.mark.slow
 def test_chat_fine_tune_resumes_bit_for_bit(base_run):
     full = train(config_from_dict(chat_raw(base_run, "full", max_steps=6, eval_interval=3),
-                                  name="c"), progress=False)
+                                  name="c"))
     cfg = config_from_dict(chat_raw(base_run, "part", max_steps=6, eval_interval=3), name="c")
     cfg.train.time_budget_s = 1e-9  # stops after its first step, with a checkpoint
-    train(cfg, progress=False)
+    train(cfg)
     resumed = train(config_from_dict(chat_raw(base_run, "part", max_steps=6, eval_interval=3,
-                                               resume=True), name="c"), progress=False)
+                                               resume=True), name="c"))
     assert resumed.losses == full.losses[1:]
     a, b = load_model(str(full.run_dir)).model, load_model(str(resumed.run_dir)).model
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),

@@ -53,7 +53,7 @@ def test_chat_tuned_gpt2_exports_to_transformers_and_stops_at_end_of_turn(tmp_pa
         "train": dict(init_from=str(base), out_dir=str(tmp_path / "run"), max_steps=60,
                       batch_size=16, lr=1e-2, min_lr=1e-3, warmup_steps=5, eval_interval=60,
                       eval_steps=1, device="cpu", threads=1, weight_decay=0.0)}, name="c")
-    train(cfg, progress=False)
+    train(cfg)
 
     ours = load_model(str(tmp_path / "run"))
     assert ours.model.config.vocab_size == 50257  # no token was added

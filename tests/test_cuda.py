@@ -51,7 +51,7 @@ def test_mixed_precision_training_lowers_the_loss(tmp_path, dtype):
         pytest.skip("this GPU has no bfloat16")
     cfg = config_from_dict(tiny_raw(tmp_path, max_steps=30, eval_interval=15, device="cuda",
                                     dtype=dtype), name="t")
-    result = train(cfg, progress=False)
+    result = train(cfg)
     assert len(result.losses) == 30 and all(math.isfinite(v) for v in result.losses)
     assert result.losses[-1] < result.losses[0] - 0.5
     assert result.val_bpb is not None and math.isfinite(result.val_bpb)
@@ -132,9 +132,9 @@ def test_resume_restores_the_gpus_generator(tmp_path):
         job["model"]["dropout"] = 0.1
         return config_from_dict(job, name="t")
 
-    full = train(raw("a"), progress=False)
-    train(raw("b", time_budget_s=1e-9), progress=False)  # stops after step 1
-    resumed = train(raw("b", resume=True), progress=False)
+    full = train(raw("a"))
+    train(raw("b", time_budget_s=1e-9))  # stops after step 1
+    resumed = train(raw("b", resume=True))
     assert resumed.steps == 8
     assert resumed.losses == pytest.approx(full.losses[1:], abs=1e-4)
 
@@ -147,7 +147,7 @@ def test_nccl_ddp_two_gpus_match_one(tmp_path):
     job["model"]["dropout"] = 0.0  # each rank draws its own masks: no match with one process
     run_job(2, [job], str(tmp_path / "calls"))
     single = dict(job, train=dict(job["train"], batch_size=4, out_dir=str(tmp_path / "one")))
-    train(config_from_dict(single, name="one"), progress=False)
+    train(config_from_dict(single, name="one"))
     ddp, one = step_losses(tmp_path / "ddp"), step_losses(tmp_path / "one")
     assert ddp.keys() == one.keys() == {1, 2, 3, 4}
     for step in one:

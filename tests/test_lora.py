@@ -182,7 +182,7 @@ def base_run(tmp_path_factory) -> Path:
     """A tiny char-level smallgpt run trained from scratch: the base the LoRA runs adapt."""
     tmp = tmp_path_factory.mktemp("base")
     raw = run_raw(tmp, "scratch", out_dir=str(tmp / "base"), max_steps=4, lora_rank=None)
-    return train(config_from_dict(raw), progress=False).run_dir
+    return train(config_from_dict(raw)).run_dir
 
 
 @pytest.fixture
@@ -192,8 +192,7 @@ def base_copy(base_run, tmp_path) -> Path:
 
 
 def test_training_changes_only_the_adapters(base_run, tmp_path):
-    result = train(config_from_dict(run_raw(tmp_path, str(base_run), weight_decay=0.5)),
-                   progress=False)
+    result = train(config_from_dict(run_raw(tmp_path, str(base_run), weight_decay=0.5)))
     base = load_checkpoint(base_run).model.state_dict()
     trained = result.model.state_dict()  # the run's own module: adapters not merged
     adapters = {name for name in trained if ".lora_" in name}
@@ -204,7 +203,7 @@ def test_training_changes_only_the_adapters(base_run, tmp_path):
 
 
 def test_lora_run_saves_adapters_alone_and_loads_merged(base_copy, tmp_path, monkeypatch):
-    result = train(config_from_dict(run_raw(tmp_path, str(base_copy))), progress=False)
+    result = train(config_from_dict(run_raw(tmp_path, str(base_copy))))
     latest = result.run_dir / "latest"
     adapters = load_file(latest / "model.safetensors")
     assert adapters and all(".lora_" in name for name in adapters)
@@ -257,12 +256,11 @@ def test_lora_run_saves_adapters_alone_and_loads_merged(base_copy, tmp_path, mon
 
 
 def test_lora_run_resumes_bit_for_bit(base_run, tmp_path):
-    full = train(config_from_dict(run_raw(tmp_path / "a", str(base_run))), progress=False)
+    full = train(config_from_dict(run_raw(tmp_path / "a", str(base_run))))
     cfg = config_from_dict(run_raw(tmp_path / "b", str(base_run)))
     cfg.train.time_budget_s = 1e-9  # stops after its first step, with a checkpoint
-    train(cfg, progress=False)
-    resumed = train(config_from_dict(run_raw(tmp_path / "b", str(base_run), resume=True)),
-                    progress=False)
+    train(cfg)
+    resumed = train(config_from_dict(run_raw(tmp_path / "b", str(base_run), resume=True)))
     assert resumed.losses == full.losses[1:]
     a = load_file(full.run_dir / "latest" / "model.safetensors")
     b = load_file(resumed.run_dir / "latest" / "model.safetensors")
@@ -270,15 +268,14 @@ def test_lora_run_resumes_bit_for_bit(base_run, tmp_path):
 
 
 def test_a_changed_or_missing_base_is_one_line_naming_it(base_copy, tmp_path):
-    result = train(config_from_dict(run_raw(tmp_path, str(base_copy), max_steps=2)),
-                   progress=False)
+    result = train(config_from_dict(run_raw(tmp_path, str(base_copy), max_steps=2)))
     weights = base_copy / "model.safetensors"
     tensors = load_file(weights)
     tensors["norm_f.weight"] = tensors["norm_f.weight"] + 1e-3
     save_file(tensors, weights)
     for call in (lambda: load_model(str(result.run_dir)),
                  lambda: train(config_from_dict(run_raw(tmp_path, str(base_copy), max_steps=4,
-                                                        resume=True)), progress=False)):
+                                                        resume=True)))):
         with pytest.raises(CheckpointError) as err:
             call()
         message = str(err.value)
@@ -301,7 +298,7 @@ def test_merged_gpt2_lora_run_exports_and_loads_in_transformers(tmp_path, gpt2_v
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     raw = run_raw(tmp_path, str(tmp_path / "gpt2"), max_steps=3, lora_targets="q,v,mlp_out")
     raw["model"], raw["data"]["tokenizer"] = {}, "gpt2"
-    result = train(config_from_dict(raw), progress=False)
+    result = train(config_from_dict(raw))
     merged = load_model(str(result.run_dir)).model
     base = load_model(str(tmp_path / "gpt2")).model
     assert not torch.equal(merged.blocks[0].attn.qkv.weight, base.blocks[0].attn.qkv.weight)

@@ -83,12 +83,11 @@ def test_an_explicit_dtype_is_taken_as_given_on_any_cpu(fake_cpu):
 def test_auto_trains_under_bfloat16_autocast_with_float32_weights_and_moments(tmp_path,
                                                                                fake_cpu):
     fake_cpu(NATIVE)
-    auto = train(config_from_dict(tiny_raw(tmp_path / "auto", dtype="auto")), progress=False)
+    auto = train(config_from_dict(tiny_raw(tmp_path / "auto", dtype="auto")))
     fake_cpu(EMULATING)
-    full = train(config_from_dict(tiny_raw(tmp_path / "f32", dtype="auto")), progress=False)
+    full = train(config_from_dict(tiny_raw(tmp_path / "f32", dtype="auto")))
     fake_cpu(NATIVE)
-    exact = train(config_from_dict(tiny_raw(tmp_path / "exact", dtype="float32")),
-                  progress=False)
+    exact = train(config_from_dict(tiny_raw(tmp_path / "exact", dtype="float32")))
     # bfloat16 changed the arithmetic (so it ran), but not what is learned ...
     assert auto.losses != full.losses
     assert auto.losses == pytest.approx(full.losses, rel=0.02)

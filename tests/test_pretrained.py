@@ -165,7 +165,7 @@ def test_hub_name_reads_a_cached_copy_without_network(gpt2_dir, tmp_path, monkey
 
 def test_finetuning_gpt2_starts_from_its_weights(gpt2_dir, tmp_path):
     cfg = config_from_dict(finetune_raw(tmp_path, str(gpt2_dir)))
-    result = train(cfg, progress=False)
+    result = train(cfg)
     saved = load_checkpoint(result.run_dir)
     assert saved.tokenizer.name == "gpt2" and saved.config.model.n_layer == 2
     assert saved.config.model.block_size == 32  # cropped from 64
@@ -188,7 +188,7 @@ def test_contradicting_keys_and_tokenizers_are_errors(gpt2_dir, tmp_path):
     for overrides, message in cases:
         raw = finetune_raw(tmp_path, str(gpt2_dir), **overrides)
         with pytest.raises(ConfigError, match=message) as err:
-            train(config_from_dict(raw), progress=False)
+            train(config_from_dict(raw))
         assert "\n" not in str(err.value)
 
 
@@ -196,7 +196,7 @@ def test_given_keys_contradict_even_at_their_default(gpt2_dir, tmp_path):
     # GPT-2's activation is gelu_tanh and its n_layer 2; gelu and 6 are the defaults, asked for.
     raw = finetune_raw(tmp_path, str(gpt2_dir), model={"activation": "gelu"})
     with pytest.raises(ConfigError, match="model.activation: 'gelu' contradicts"):
-        train(config_from_dict(raw), progress=False)
+        train(config_from_dict(raw))
     path = tmp_path / "ft.yaml"
     path.write_text(f"train:\n  init_from: {gpt2_dir}\n", encoding="utf-8")
     cfg = load_config(path, ["model.n_layer=6", "data.tokenizer=gpt2"])  # overrides count too
@@ -257,21 +257,21 @@ def test_the_model_takes_the_sources_tensors(gpt2_dir, tmp_path):
 def test_finetuning_a_smallgpt_checkpoint_keeps_its_tokenizer(tmp_path):
     first = finetune_raw(tmp_path, "scratch", model={"n_layer": 1, "n_head": 2, "n_embd": 16},
                          data={"tokenizer": "char"}, out_dir=str(tmp_path / "base"))
-    base = train(config_from_dict(first), progress=False)
+    base = train(config_from_dict(first))
     other = tmp_path / "other.txt"
     other.write_text("to be or not to be " * 300, encoding="utf-8")
     raw = finetune_raw(tmp_path, str(base.run_dir), data={"source": str(other)})
-    result = train(config_from_dict(raw), progress=False)
+    result = train(config_from_dict(raw))
     source, tuned = load_checkpoint(base.run_dir), load_checkpoint(result.run_dir)
     assert tuned.tokenizer.spec() == source.tokenizer.spec()  # never a newly trained one
     assert tuned.config.model.n_embd == 16 and result.steps == 3  # its shape, a fresh count
     with pytest.raises(ConfigError, match="train.out_dir"):
         train(config_from_dict(finetune_raw(tmp_path, str(base.run_dir),
-                                            out_dir=str(base.run_dir))), progress=False)
+                                            out_dir=str(base.run_dir))))
     # Asking for GPT-2's tokenizer (the default) is an error too, once it is written out.
     raw = finetune_raw(tmp_path, str(base.run_dir), data={"tokenizer": "gpt2"})
     with pytest.raises(ConfigError, match="data.tokenizer: 'gpt2' cannot be used"):
-        train(config_from_dict(raw), progress=False)
+        train(config_from_dict(raw))
     # A config saved with a checkpoint reloads with every key given, and it agrees with its
     # own weights: fine-tuning from the run with its own saved config works.
     saved = source.config

@@ -48,7 +48,7 @@ def test_busy_cores_sees_a_spinning_process():
 def test_resume_keeps_the_thread_count_it_started_with(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "default_threads", lambda: 1)
     raw = tiny_raw(tmp_path, max_steps=4, threads=None)
-    train(config_from_dict(raw), progress=False)
+    train(config_from_dict(raw))
     state = json.loads((tmp_path / "run" / "latest" / "state.json").read_text())
     assert state["threads"] == 1
     monkeypatch.setattr(runtime, "default_threads", lambda: 2)  # the machine got quieter

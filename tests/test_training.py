@@ -73,7 +73,7 @@ def test_schedule_warmup_then_cosine_to_min_lr():
 
 def test_training_lowers_loss_and_writes_checkpoint_and_logs(tmp_path):
     cfg = config_from_dict(tiny_raw(tmp_path, max_steps=30, eval_interval=15), name="t")
-    result = train(cfg, progress=False)
+    result = train(cfg)
     assert result.steps == 30 and len(result.losses) == 30
     assert result.losses[-1] < result.losses[0] - 0.5
     assert result.val_bpb is not None and math.isfinite(result.val_bpb)
@@ -91,14 +91,13 @@ def test_training_lowers_loss_and_writes_checkpoint_and_logs(tmp_path):
 
 
 def test_resume_in_process_matches_uninterrupted(tmp_path):
-    full = train(config_from_dict(tiny_raw(tmp_path / "a"), name="t"), progress=False)
+    full = train(config_from_dict(tiny_raw(tmp_path / "a"), name="t"))
     # The same run, stopped after its step-4 checkpoint (as by kill -9), then resumed.
     first = tiny_raw(tmp_path / "b", max_steps=8)
     cfg = config_from_dict(first, name="t")
     cfg.train.time_budget_s = 1e-9  # stops after one step; the checkpoint is then at step 1
-    train(cfg, progress=False)
-    resumed = train(config_from_dict(tiny_raw(tmp_path / "b", resume=True), name="t"),
-                    progress=False)
+    train(cfg)
+    resumed = train(config_from_dict(tiny_raw(tmp_path / "b", resume=True), name="t"))
     assert resumed.steps == 8
     assert step_losses(tmp_path / "b" / "run") == step_losses(tmp_path / "a" / "run")
     assert resumed.losses == full.losses[1:]
@@ -136,18 +135,18 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, sig):
     resumed = step_losses(run_dir)
 
     reference = dict(raw, train=dict(raw["train"], out_dir=str(tmp_path / "ref")))
-    train(config_from_dict(reference, name="ref"), progress=False)
+    train(config_from_dict(reference, name="ref"))
     assert resumed == step_losses(tmp_path / "ref")
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = config_from_dict(tiny_raw(tmp_path, max_steps=4, eval_interval=2), name="t")
-    train(cfg, progress=False)
+    train(cfg)
     good = (tmp_path / "run" / "latest" / "model.safetensors").read_bytes()
     boom = config_from_dict(tiny_raw(tmp_path, max_steps=8, eval_interval=2, lr=1e30,
                                      warmup_steps=0, resume=True, grad_clip=0.0), name="t")
     with pytest.raises(TrainingError, match=r"at step \d+.*lower train.lr"):
-        train(boom, progress=False)
+        train(boom)
     assert load_checkpoint(tmp_path / "run").state["step"] == 4
     assert (tmp_path / "run" / "latest" / "model.safetensors").read_bytes() == good
 
@@ -158,11 +157,11 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     blocked.write_text("x")
     cfg = config_from_dict(dict(raw, train=dict(raw["train"], out_dir=str(blocked / "run"))))
     with pytest.raises(TrainingError, match="cannot write to output directory"):
-        train(cfg, progress=False)
+        train(cfg)
     with pytest.raises(TrainingError, match="holds no checkpoint"):
-        train(config_from_dict(tiny_raw(tmp_path / "fresh", resume=True)), progress=False)
+        train(config_from_dict(tiny_raw(tmp_path / "fresh", resume=True)))
     with pytest.raises(ConfigError, match="model.vocab_size"):
-        train(config_from_dict(dict(raw, model=dict(raw["model"], vocab_size=3))), progress=False)
+        train(config_from_dict(dict(raw, model=dict(raw["model"], vocab_size=3))))
     assert train_main(["--config", "no-such-config.yaml"]) == 2
     assert train_main(["--config", "tiny.yaml", "train.max_step=5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -201,7 +200,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     # One process with the same global batch: 2 ranks x 2 sequences = 4 sequences.
     single = dict(raw, train=dict(raw["train"], batch_size=4, out_dir=str(tmp_path / "one")))
-    train(config_from_dict(single, name="one"), progress=False)
+    train(config_from_dict(single, name="one"))
     ddp, one = step_losses(tmp_path / "ddp"), step_losses(tmp_path / "one")
     assert ddp.keys() == one.keys() == {1, 2, 3, 4}
     for step in one:
@@ -258,9 +257,9 @@ def test_resume_with_dropout_matches_uninterrupted_run_bit_for_bit(tmp_path):
         config = tiny_raw(tmp_path / where, max_steps=10, eval_interval=5, **overrides)
         return dict(config, model=dict(config["model"], dropout=0.2))
 
-    train(config_from_dict(raw("full")), progress=False)
+    train(config_from_dict(raw("full")))
     train(config_from_dict(raw("parts")), progress=False, callbacks=[StopAfter(3)])
-    train(config_from_dict(raw("parts", resume=True)), progress=False)
+    train(config_from_dict(raw("parts", resume=True)))
     full, parts = step_losses(tmp_path / "full" / "run"), step_losses(tmp_path / "parts" / "run")
     assert len(full) == 10
     assert parts == full
