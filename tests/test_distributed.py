@@ -130,7 +130,7 @@ def rank_main(rank: int, world_size: int, jobs: list[tuple[int, dict]], report: 
             device = torch.device("cuda", rank)
         callbacks = [StopAfterEvaluation()] if raw.pop("stop_after_evaluation", False) else []
         with checked_collectives(device, calls):
-            train(config_from_dict(raw, name="ddp"), progress=False, callbacks=callbacks)
+            train(config_from_dict(raw, name="ddp"), callbacks=callbacks)
     Path(f"{report}.{rank}").write_text(" ".join(calls))
 
 

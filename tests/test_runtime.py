@@ -59,5 +59,5 @@ def test_resume_keeps_the_thread_count_it_started_with(tmp_path, monkeypatch):
         def after_step(self, state: TrainingState) -> None:
             seen.append(torch.get_num_threads())
 
-    train(config_from_dict(raw), progress=False, callbacks=[Threads()])
+    train(config_from_dict(raw), callbacks=[Threads()])
     assert seen == [1, 1, 1, 1]

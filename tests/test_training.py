@@ -238,7 +238,7 @@ class Recorder(Callback):
 def test_callbacks_see_steps_evaluations_and_checkpoints_and_can_stop(tmp_path):
     recorder = Recorder()
     result = train(config_from_dict(tiny_raw(tmp_path, max_steps=8, eval_interval=3)),
-                   progress=False, callbacks=[recorder, StopAfter(5)])
+                   callbacks=[recorder, StopAfter(5)])
     assert result.steps == 5 and not result.interrupted
     steps = [e for e in recorder.events if e[0] == "step"]
     assert [e[1] for e in steps] == [1, 2, 3, 4, 5]
@@ -258,7 +258,7 @@ def test_resume_with_dropout_matches_uninterrupted_run_bit_for_bit(tmp_path):
         return dict(config, model=dict(config["model"], dropout=0.2))
 
     train(config_from_dict(raw("full")))
-    train(config_from_dict(raw("parts")), progress=False, callbacks=[StopAfter(3)])
+    train(config_from_dict(raw("parts")), callbacks=[StopAfter(3)])
     train(config_from_dict(raw("parts", resume=True)))
     full, parts = step_losses(tmp_path / "full" / "run"), step_losses(tmp_path / "parts" / "run")
     assert len(full) == 10
@@ -294,7 +294,7 @@ def test_own_model_trains_checkpoints_resumes_and_loads_with_its_class(tmp_path)
         torch.manual_seed(0)
         cfg = config_from_dict(tiny_raw(tmp_path / where, max_steps=8, **overrides))
         stop = [StopAfter(3)] if where == "parts" and not overrides else []
-        return train(cfg, progress=False, model=ScaleNormGPT(shape), callbacks=stop)
+        return train(cfg, model=ScaleNormGPT(shape), callbacks=stop)
 
     full = run("full")
     assert full.losses[-1] < full.losses[0]
@@ -330,13 +330,13 @@ class Bigram(nn.Module):
 
 def test_any_module_with_gpts_forward_contract_trains_and_loads(tmp_path):
     cfg = config_from_dict(tiny_raw(tmp_path, max_steps=20, lr=3e-2))
-    result = train(cfg, progress=False, model=Bigram(GPTConfig(vocab_size=40, block_size=16)))
+    result = train(cfg, model=Bigram(GPTConfig(vocab_size=40, block_size=16)))
     assert result.losses[-1] < result.losses[0] - 0.5
     loaded = load_checkpoint(result.run_dir, model_class=Bigram)
     assert torch.equal(loaded.model.table.weight, result.model.table.weight)
     with pytest.raises(ConfigError, match="train.init_from"):
         train(config_from_dict(tiny_raw(tmp_path / "b", init_from=str(result.run_dir))),
-              progress=False, model=Bigram(GPTConfig(vocab_size=40)))
+              model=Bigram(GPTConfig(vocab_size=40)))
 
 
 def test_train_puts_back_the_process_state_it_changes(tmp_path):
@@ -352,8 +352,7 @@ def test_train_puts_back_the_process_state_it_changes(tmp_path):
         def after_step(self, state: TrainingState) -> None:
             seen.append(torch.get_num_threads())
 
-    train(config_from_dict(tiny_raw(tmp_path, max_steps=2, threads=2)), progress=False,
-          callbacks=[Threads()])
+    train(config_from_dict(tiny_raw(tmp_path, max_steps=2, threads=2)), callbacks=[Threads()])
     assert seen == [2, 2]  # the run used train.threads ...
     assert torch.get_num_threads() == 1  # ... and the caller's count is back
     assert torch.equal(torch.rand(3), expected_torch) and random.random() == expected_python
@@ -365,7 +364,7 @@ def test_a_stop_asked_at_a_checkpoint_ends_the_run_after_the_next_step(tmp_path)
             state.request_stop()
 
     result = train(config_from_dict(tiny_raw(tmp_path, max_steps=8, eval_interval=3)),
-                   progress=False, callbacks=[StopAtCheckpoint()])
+                   callbacks=[StopAtCheckpoint()])
     assert result.steps == 4  # saved at 3, where it asked; the next step ends (and saves) it
     assert load_checkpoint(tmp_path / "run").state["step"] == 4
 
