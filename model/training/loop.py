@@ -259,8 +259,8 @@ class Run:
         run_dir = self.result.run_dir
         saved = run_state(state.step, self.best_val_loss, self.sampler, self.device, self.result)
         state.checkpoint = save_checkpoint(run_dir / "latest", self.model, self.cfg,
-                                           self.data.tokenizer.spec(), self.optimizer, saved,
-                                           self.lora_base)
+                                           self.data.tokenizer.spec(), optimizer=self.optimizer,
+                                           state=saved, lora_base=self.lora_base)
         if improved:
             copy_checkpoint(state.checkpoint, run_dir / "best")
         for callback in callbacks:
