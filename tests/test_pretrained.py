@@ -396,13 +396,17 @@ def test_a_save_that_fails_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     model, ckpt = saved_model(tmp_path)
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     assert set(before) == {"model.safetensors", "config.json", "state.json"}
+    write_json = checkpoint.write_json_atomic
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def disk_full_at_state(path, data):  # after the new weights and config.json are written
+        if path.name == "state.json":
+            raise OSError(28, "No space left on device")
+        write_json(path, data)
 
-    monkeypatch.setattr(checkpoint, "save_model", disk_full)
+    monkeypatch.setattr(checkpoint, "write_json_atomic", disk_full_at_state)
+    other = GPT(dataclasses.replace(model.config, n_layer=1))
     with pytest.raises(OSError):
-        save_checkpoint(ckpt, model, Config(model=model.config), {"name": "char"})
+        save_checkpoint(ckpt, other, Config(model=other.config), {"name": "char"})
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging directory left
 

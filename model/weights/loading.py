@@ -89,6 +89,10 @@ class Located:
     config: Config | None = None  # a smallgpt checkpoint's stored config; None: Hugging Face
     tokenizer_spec: dict[str, Any] | None = None  # a smallgpt checkpoint's
 
+    @property
+    def kind(self) -> Literal["smallgpt", "huggingface"]:
+        return "huggingface" if self.config is None else "smallgpt"
+
 
 def locate(name: str | Path | None = None, *, root: str | Path = "out") -> Located:
     """The files `name` stands for (see the module docstring); with no name, the newest
@@ -126,7 +130,7 @@ def load_model(name: str | Path | Located | None = None, device: str | torch.dev
     the weights as they are read (None: float32), so gpt2-xl in bfloat16 never holds its
     float32 copy."""
     located = _located(name, root)
-    if located.config is None:
+    if located.kind == "huggingface":
         return _hf(located, device, dtype)
     return _smallgpt(located, device, model_class, dtype)
 
@@ -137,7 +141,7 @@ def parameter_count(name: str | Path | Located | None = None, *,
     without loading its weights: the dtype to hold them in can then be chosen before they
     are read."""
     located = _located(name, root)
-    if located.config is not None:  # shapes only: the count of a LoRA run's merged model too
+    if located.kind == "smallgpt":  # shapes only: the count of a LoRA run's merged model too
         return count_parameters(on_meta(GPT, located.config.model))
     weights = located.path / "model.safetensors"
     if not weights.is_file():  # a pytorch_model.bin: float32, 4 bytes a parameter
