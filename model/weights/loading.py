@@ -142,7 +142,7 @@ def parameter_count(name: str | Path | Located | None = None, *,
     are read."""
     located = _located(name, root)
     if located.kind == "smallgpt":  # shapes only: the count of a LoRA run's merged model too
-        return count_parameters(on_meta(GPT, located.config.model))
+        return _count_parameters(on_meta(GPT, located.config.model))
     weights = located.path / "model.safetensors"
     if not weights.is_file():  # a pytorch_model.bin: float32, 4 bytes a parameter
         return (located.path / "pytorch_model.bin").stat().st_size // 4
@@ -244,7 +244,7 @@ def model_from_source(config: GPTConfig, source: Pretrained) -> tuple[GPT, str]:
     # detached tensors are new objects under each name).
     tensors = len({id(t) for t in model.state_dict(keep_vars=True).values()})
     return model, (f"init_from {source.description}: {tensors} tensors loaded, "
-                   f"{count_parameters(model):,} parameters{crop}")
+                   f"{_count_parameters(model):,} parameters{crop}")
 
 
 def lora_base_record(name: str, source: Pretrained) -> dict[str, str]:
@@ -294,12 +294,12 @@ def hub_snapshot(name: str) -> Path:
             "directory (config.json + model.safetensors) instead") from exc
 
 
-def count_parameters(model: nn.Module) -> int:
+def _count_parameters(model: nn.Module) -> int:
     """The model's parameters, a tied W_E/W_U counted once."""
     return sum(p.numel() for p in model.parameters())
 
 
 def _params(model: nn.Module) -> str:
     """The parameter count for people: '124.4M parameters', '9,536 parameters'."""
-    n = count_parameters(model)
+    n = _count_parameters(model)
     return f"{n / 1e6:.1f}M parameters" if n >= 1e6 else f"{n:,} parameters"
