@@ -63,8 +63,8 @@ def serve_child(checkpoint: str | None, port: int, threads: int, dtype: str,
         loaded = load_model(checkpoint, "cpu")
     else:
         model, tokenizer = random_small()
-        loaded = Pretrained(model, tokenizer, "smallgpt", Path("random"),
-                            "random small.yaml model")
+        loaded = Pretrained(model=model, tokenizer=tokenizer, kind="smallgpt",
+                            path=Path("random"), description="random small.yaml model")
     loaded.model.to(choose_dtype(dtype, torch.device("cpu"), setting="--dtype").dtype)
     if pack:  # as the server does unless --no-pack
         pack_linears(loaded.model)

@@ -12,7 +12,7 @@ import torch
 from model.cli.explore import main
 from model.config import Config, GPTConfig
 from model.gpt import GPT
-from model.weights.hf import save_hf_gpt2
+from model.weights.hf import save_hf
 
 # -- end to end on a tiny trained checkpoint ---------------------------------------------------
 TEXT = "the cat sat on the mat. the dog sat on the log. the cats and the dogs sat. " * 4
@@ -139,8 +139,8 @@ def test_hf_gpt2_weights_are_explored_with_the_gpt2_tokenizer(tmp_path, monkeypa
 
     monkeypatch.setattr(hf_tokenizer, "GPT2Tokenizer", fake_gpt2)
     torch.manual_seed(0)
-    save_hf_gpt2(GPT(GPTConfig(vocab_size=char.vocab_size, n_embd=16, n_head=2, n_layer=1,
-                               block_size=16, activation="gelu_tanh")), tmp_path / "hf")
+    save_hf(GPT(GPTConfig(vocab_size=char.vocab_size, n_embd=16, n_head=2, n_layer=1,
+                          block_size=16, activation="gelu_tanh")), tmp_path / "hf")
     monkeypatch.chdir(tmp_path)
     code, out, _ = explore(capsys, "lens", "the", "--hf-gpt2", str(tmp_path / "hf"))
     assert code == 0 and "block 0" in out and asked == [{"name": "gpt2"}]

@@ -317,3 +317,19 @@ def test_rotary_export_states_its_rope_base_in_every_key_transformers_reads(tmp_
     assert hf_config["rope_parameters"] == {"rope_type": "default", "rope_theta": 321.0}
     assert hf_config["rope_scaling"]["rope_type"] == "default"
     assert hf_config["rope_scaling"]["rope_theta"] == 321.0
+
+
+@pytest.mark.parametrize("settings, key, written", [
+    (dict(pos_emb="learned", norm="layernorm"), "activation_function", "gelu_new"),
+    (dict(pos_emb="rope", norm="rmsnorm", bias=False), "hidden_act", "gelu_pytorch_tanh"),
+])
+def test_the_tanh_gelu_is_written_as_each_architecture_spells_it(tmp_path, settings, key,
+                                                                 written):
+    """One function, two names in transformers: GPT-2's configs say gelu_new, the Llama
+    family's gelu_pytorch_tanh; either reads back as gelu_tanh."""
+    tokenizer = tokenizer_for("char")
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=2,
+                       n_embd=16, activation="gelu_tanh", **settings)
+    save_hf(GPT(config), tmp_path, tokenizer)
+    assert json.loads((tmp_path / "config.json").read_text())[key] == written
+    assert load_hf(tmp_path).model.config.activation == "gelu_tanh"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.gpt import GPT, GPTConfig
-from model.weights.hf import save_hf_gpt2
+from model.weights.hf import save_hf
 
 tl_bridge = pytest.importorskip("transformer_lens.model_bridge")
 transformers = pytest.importorskip("transformers")
@@ -48,7 +48,7 @@ def both(tmp_path_factory):
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     ours.eval()
-    save_hf_gpt2(ours, directory)
+    save_hf(ours, directory)
     tokenizer = gpt2_tokenizer(directory)
     theirs = tl_bridge.TransformerBridge.boot_transformers(str(directory), tokenizer=tokenizer,
                                                            device="cpu")

@@ -78,7 +78,7 @@ def finetune_raw(tmp_path: Path, init_from: str, model: dict | None = None,
 
 def test_gpt2_directory_samples_like_transformers(gpt2_dir):
     loaded = load_model(str(gpt2_dir))
-    assert loaded.kind == "gpt2" and loaded.tokenizer.name == "gpt2"
+    assert loaded.kind == "huggingface" and loaded.tokenizer.name == "gpt2"
     assert is_hf_directory(gpt2_dir) and str(gpt2_dir) in loaded.description
     prompt = "Hello world, this is"
     ours = [s.token for s in generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=20,
@@ -213,7 +213,8 @@ def long_gpt2(block_size: int = 512) -> Pretrained:
     """A GPT-2-shaped source with more positions than the default block_size (256)."""
     shape = GPTConfig(vocab_size=50257, block_size=block_size, n_layer=1, n_head=2, n_embd=8,
                       activation="gelu_tanh")
-    return Pretrained(GPT(shape), GPT2Tokenizer(), "gpt2", Path("gpt2"), "a long GPT-2")
+    return Pretrained(model=GPT(shape), tokenizer=GPT2Tokenizer(), kind="huggingface",
+                      path=Path("gpt2"), description="a long GPT-2")
 
 
 def test_block_size_is_the_sources_unless_given(tmp_path):
@@ -245,8 +246,8 @@ def test_the_model_takes_the_sources_tensors(gpt2_dir, tmp_path):
     torch.manual_seed(0)
     shape = GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=8,
                       pos_emb="rope", tie_embeddings=False)
-    other = Pretrained(GPT(shape), train_tokenizer("char", ["abcdefghij"]), "smallgpt",
-                       tmp_path, "a rotary model")
+    other = Pretrained(model=GPT(shape), tokenizer=train_tokenizer("char", ["abcdefghij"]),
+                       kind="smallgpt", path=tmp_path, description="a rotary model")
     model, line = model_from_source(shape, other)
     assert f"{len(model.state_dict())} tensors loaded" in line and "cropped" not in line
     idx = torch.randint(0, 11, (2, 16))
@@ -370,3 +371,95 @@ def test_an_untied_checkpoint_does_not_fit_a_tied_model(tmp_path):
                     lambda: load_weights(GPT(tied), ckpt)):
         with pytest.raises(CheckpointError, match=r"unexpected keys (lm_head|tok_emb)\.weight"):
             loading()
+
+
+# -- the checkpoint's files ------------------------------------------------------------------
+
+def test_a_checkpoint_of_a_newer_format_is_refused_and_an_unversioned_one_loads(tmp_path):
+    model, ckpt = saved_model(tmp_path)
+    meta = json.loads((ckpt / "config.json").read_text())
+    assert meta["format"] == 1
+    meta["format"] = 2
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"format 2, newer than the 1 .*update") as err:
+        load_model(ckpt)
+    assert "\n" not in str(err.value)
+    del meta["format"]  # written before the format was recorded: read as the current one
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    x = torch.arange(16)[None] % 50
+    assert torch.equal(load_model(ckpt).model(x)[0], model(x)[0])
+
+
+def test_a_save_that_fails_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    from model.weights import checkpoint
+
+    model, ckpt = saved_model(tmp_path)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    assert set(before) == {"model.safetensors", "config.json", "state.json"}
+    write_json = checkpoint.write_json_atomic
+
+    def disk_full_at_state(path, data):  # after the new weights and config.json are written
+        if path.name == "state.json":
+            raise OSError(28, "No space left on device")
+        write_json(path, data)
+
+    monkeypatch.setattr(checkpoint, "write_json_atomic", disk_full_at_state)
+    other = GPT(dataclasses.replace(model.config, n_layer=1))
+    with pytest.raises(OSError):
+        save_checkpoint(ckpt, other, Config(model=other.config), {"name": "char"})
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging directory left
+
+
+def test_a_run_killed_between_the_swaps_loads_from_the_copy_it_kept(tmp_path):
+    model, ckpt = saved_model(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt.rename(run / ".latest.old")  # latest/ moved aside, the new one not yet in its place
+    loaded = load_model(run)
+    assert loaded.path == run / ".latest.old"
+    x = torch.arange(16)[None] % 50
+    assert torch.equal(loaded.model(x)[0], model(x)[0])
+
+
+# -- one resolution per load -----------------------------------------------------------------
+
+def test_a_command_line_load_resolves_the_name_once(tmp_path, monkeypatch, capsys):
+    from model.cli.common import load_named_model
+    from model.runtime import DtypeChoice
+    from model.weights import checkpoint, loading
+
+    model, ckpt = saved_model(tmp_path)
+    (tmp_path / "out" / "run").mkdir(parents=True)
+    ckpt.rename(tmp_path / "out" / "run" / "latest")
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def counting(name, real):
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return counted
+
+    for module, name in ((loading, "find_checkpoints"), (loading, "resolve_checkpoint"),
+                         (loading, "read_checkpoint_config"), (checkpoint, "_check_format")):
+        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    auto = DtypeChoice(torch.float32, "auto: float32 on this CPU")
+    for name in (None, "out/run"):
+        calls.clear()
+        loaded = load_named_model(name, "cpu", precision=auto)
+        assert loaded.path == Path("out/run/latest")
+        assert sorted(calls) == sorted(["resolve_checkpoint", "read_checkpoint_config",
+                                        "_check_format"] + ([] if name else ["find_checkpoints"]))
+    assert capsys.readouterr().err.startswith("using the newest checkpoint under out/: ")
+
+
+def test_chat_trained_says_whether_the_run_trained_on_conversations(tmp_path):
+    model, ckpt = saved_model(tmp_path)
+    assert not load_model(ckpt).chat_trained
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["config"]["data"]["format"] = "chat"
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    assert load_model(ckpt).chat_trained
+    assert not Pretrained(model=model, tokenizer=GPT2Tokenizer(), kind="huggingface",
+                          path=tmp_path, description="by hand").chat_trained

@@ -242,14 +242,14 @@ def test_device_dtype_and_compile_options(cli, monkeypatch):
 
 def test_hugging_face_gpt2_directory_is_a_checkpoint_name(saved, tmp_path, monkeypatch, capsys):
     from model.weights import hf_tokenizer
-    from model.weights.hf import save_hf_gpt2
+    from model.weights.hf import save_hf
 
     _, _, _, tokenizer = saved
     # No tokenizer files: GPT-2's vocabulary is meant; stand in for tiktoken's download.
     monkeypatch.setattr(hf_tokenizer, "GPT2Tokenizer", lambda: tokenizer)
     torch.manual_seed(0)
-    save_hf_gpt2(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_embd=16, n_head=2, n_layer=1,
-                               block_size=BLOCK, activation="gelu_tanh")), tmp_path / "hf")
+    save_hf(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_embd=16, n_head=2, n_layer=1,
+                          block_size=BLOCK, activation="gelu_tanh")), tmp_path / "hf")
     code = sample.cli(["--checkpoint", str(tmp_path / "hf"), "--prompt", "B",
                        "--max-new-tokens", "3", "--seed", "0"])
     out, err = capsys.readouterr()

@@ -120,7 +120,8 @@ def test_the_end_of_turn_token_ends_the_reply_with_stop(pretrained):
         return output
 
     ending.register_forward_hook(end_turn)
-    chatty = Pretrained(ending, pretrained.tokenizer, "smallgpt", pretrained.path, "ends turns")
+    chatty = Pretrained(model=ending, tokenizer=pretrained.tokenizer, kind="smallgpt",
+                        path=pretrained.path, description="ends turns")
     with running_server(chatty, NAME, max_tokens=LIMIT) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
         resp = client.chat.completions.create(model=NAME, messages=USER, max_tokens=50,
@@ -148,7 +149,8 @@ def test_a_reply_ends_at_the_templates_next_user_turn_even_when_the_model_writes
         return output
 
     scripted.register_forward_hook(follow_script)
-    chatty = Pretrained(scripted, pretrained.tokenizer, "smallgpt", pretrained.path, "scripted")
+    chatty = Pretrained(model=scripted, tokenizer=pretrained.tokenizer, kind="smallgpt",
+                        path=pretrained.path, description="scripted")
     with running_server(chatty, NAME, max_tokens=LIMIT) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
         resp = client.chat.completions.create(model=NAME, messages=USER, max_tokens=30,

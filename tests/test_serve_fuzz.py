@@ -37,8 +37,9 @@ CHARS = "\n !',.:?ASUabcdefghijklmnopqrstuvwxyz"  # with the chat template's rol
 def server():
     torch.manual_seed(0)
     config = GPTConfig(block_size=64, vocab_size=len(CHARS) + 1, n_layer=1, n_head=2, n_embd=16)
-    pretrained = Pretrained(GPT(config).eval(), CharTokenizer(CHARS), "smallgpt",
-                            Path("fuzz"), "an untrained char model for the fuzz")
+    pretrained = Pretrained(model=GPT(config).eval(), tokenizer=CharTokenizer(CHARS),
+                            kind="smallgpt", path=Path("fuzz"),
+                            description="an untrained char model for the fuzz")
     with running_server(pretrained, "fuzz", max_tokens=LIMIT) as (url, app):
         yield url, schemathesis.openapi.from_url(f"{url}/openapi.json")
 

@@ -36,21 +36,23 @@ def run_cli(main: Callable[[], int | None]) -> int:
 def load_named_model(name: str | None, device: str | torch.device,
                      err: TextIO | None = None,
                      precision: DtypeChoice | None = None, *, pack: bool = False) -> Pretrained:
-    """`pretrained.load_model(name, device)`, saying on stderr what was loaded: with no name,
-    the newest checkpoint under out/ is taken, and the user should know which one. With
-    `precision` the weights are converted to its dtype (bfloat16 halves the memory each
-    generated token reads) and the line says which dtype and why. `pack`: for generation only,
-    the linear layers are packed for oneDNN where the CPU can (model/packed.py)."""
-    from model.weights.loading import load_model, parameter_count
+    """The model `name` names (model.weights.loading: with no name, the newest checkpoint under
+    out/), saying on stderr what was loaded, since the user should know which one. With
+    `precision` the weights are converted to its dtype as they are read (bfloat16 halves the
+    memory each generated token reads) and the line says which dtype and why. `pack`: for
+    generation only, the linear layers are packed for oneDNN where the CPU can
+    (model/network/packed.py). The name is resolved once for all of it."""
+    from model.weights.loading import load_model, locate, parameter_count
 
+    located = locate(name)
     dtype = None
     if precision is not None:
         from model.runtime import generation_precision
 
         # Chosen before the weights are read, so that they are converted as they load.
-        precision = generation_precision(precision, parameter_count(name))
+        precision = generation_precision(precision, parameter_count(located))
         dtype = precision.dtype
-    loaded = load_model(name, device, dtype=dtype)
+    loaded = load_model(located, device, dtype=dtype)
     which = "" if name else "the newest checkpoint under out/: "
     line = f"using {which}{loaded.description}"
     if precision is not None:

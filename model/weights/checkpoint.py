@@ -3,17 +3,19 @@
 A run directory holds `latest/` and `best/`, each a complete checkpoint:
 
     model.safetensors   the plain module's weights (a tied W_U is stored once, as W_E); for a
-                        LoRA run (train.lora_rank) its adapters only (model/lora.py)
-    config.json         the full resolved config and the tokenizer spec: sampling needs nothing else
-                        but, for a LoRA run, its base: name and weights' digest under "lora_base"
+                        LoRA run (train.lora_rank) its adapters only (model/network/lora.py)
+    config.json         the format version, the full resolved config and the tokenizer spec:
+                        sampling needs nothing else but, for a LoRA run, its base: name and
+                        weights' digest under "lora_base"
     optimizer.pt        optimizer state, read back with torch.load(weights_only=True)
     state.json          step, best validation loss, sampler state, RNG states
 
-A save writes a hidden temporary directory, then swaps it in with renames, so a crash or kill
-during a save leaves the previous checkpoint loadable (as `latest/` or `.latest.old/`).
+A save writes a hidden temporary directory, then swaps it in (model.files.staged_directory),
+so a crash or kill during a save leaves the previous checkpoint loadable (as `latest/` or
+`.latest.old/`).
 
-This module reads and writes those files and builds nothing: model/pretrained.py puts a model
-and its tokenizer together from them (`load_model`, `load_checkpoint`).
+This module reads and writes those files and builds nothing: model/weights/loading.py puts a
+model and its tokenizer together from them (`load_model`).
 """
 
 from __future__ import annotations
@@ -30,26 +32,15 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from model.config import Config, config_from_dict
-from model.errors import CheckpointError, SmallGPTError
-from model.files import fsync_dir, fsync_file, write_json_atomic
+from model.errors import CheckpointError, SmallGPTError, first_line
+from model.files import staged_directory, write_json_atomic
 from model.network import lora
+from model.weights.meta import assign_state, tied_names
 
+# config.json's "format": raise it when a change here makes checkpoints that older code would
+# misread. A checkpoint of a newer format than this is refused; older ones load.
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, OPTIMIZER, STATE = "model.safetensors", "config.json", "optimizer.pt", "state.json"
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Replace `target` by `tmp`; at every instant one complete copy exists on disk."""
-    fsync_dir(tmp)  # the files' names in `tmp` reach the disk before `tmp` takes target's place
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    fsync_dir(target.parent)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -70,51 +61,42 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(decode(state["torch"]))
     cuda = state.get("cuda")
     if cuda and device.type == "cuda":
-        if isinstance(cuda, list):  # earlier checkpoints kept one state per visible GPU
+        if isinstance(cuda, list):  # one state per GPU of the saving machine: take this one's
             cuda = cuda[min(device.index or 0, len(cuda) - 1)]
         torch.cuda.set_rng_state(decode(cuda), device)
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, config: Config,
-                    tokenizer_spec: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
+                    tokenizer_spec: dict[str, Any], *,
+                    optimizer: torch.optim.Optimizer | None = None,
                     state: dict[str, Any] | None = None,
                     lora_base: dict[str, str] | None = None) -> Path:
     """Write a complete checkpoint to `directory` atomically. `model` must be the plain module
     (not wrapped by DDP or torch.compile). A model with LoRA adapters saves them alone, with
     `lora_base` (lora.base_record) naming the weights they adapt."""
     target = Path(directory)
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a save that was killed: never used
-    tmp.mkdir(parents=True)
+    adapters = lora.has_adapters(model)
+    if adapters and lora_base is None:
+        raise ValueError("a model with LoRA adapters is saved with its lora_base record")
     meta = {"format": FORMAT_VERSION, "config": config.to_dict(), "tokenizer": tokenizer_spec}
-    if lora.has_adapters(model):
-        if lora_base is None:
-            raise ValueError("a model with LoRA adapters is saved with its lora_base record")
-        save_file(lora.adapter_state_dict(model), str(tmp / WEIGHTS))
-        meta["lora_base"] = lora_base
-    else:
-        save_model(model, str(tmp / WEIGHTS))  # handles the tied W_E/W_U tensor
-    fsync_file(tmp / WEIGHTS)
-    write_json_atomic(tmp / CONFIG, meta)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        fsync_file(tmp / OPTIMIZER)
-    write_json_atomic(tmp / STATE, state or {})
-    _swap_in(tmp, target)
+    with staged_directory(target) as tmp:
+        if adapters:
+            save_file(lora.adapter_state_dict(model), str(tmp / WEIGHTS))
+            meta["lora_base"] = lora_base
+        else:
+            save_model(model, str(tmp / WEIGHTS))  # handles the tied W_E/W_U tensor
+        write_json_atomic(tmp / CONFIG, meta)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        write_json_atomic(tmp / STATE, state or {})
     return target
 
 
 def copy_checkpoint(source: str | Path, directory: str | Path) -> Path:
     """Atomically make `directory` a copy of checkpoint `source` (used to keep the best)."""
     target = Path(directory)
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(source, tmp)
-    for f in tmp.iterdir():
-        fsync_file(f)
-    _swap_in(tmp, target)
+    with staged_directory(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
     return target
 
 
@@ -151,22 +133,39 @@ def listing(root: str | Path = "out") -> str:
     return f"checkpoints found: {listed}"
 
 
-def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
-    """The resolved Config and tokenizer spec stored in a checkpoint."""
-    ckpt = resolve_checkpoint(path)
+def read_checkpoint_config(ckpt: str | Path) -> tuple[Config, dict[str, Any]]:
+    """The resolved Config and tokenizer spec stored in checkpoint directory `ckpt` (as
+    resolve_checkpoint gives it)."""
+    ckpt = Path(ckpt)
     try:
         meta = json.loads((ckpt / CONFIG).read_text(encoding="utf-8"))
-        config = config_from_dict(meta["config"], name=meta["config"].get("name", "run"))
-        return config, meta["tokenizer"]
     except FileNotFoundError as exc:
         raise CheckpointError(
             f"checkpoint {str(ckpt)!r} has no {CONFIG}; it is incomplete") from exc
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(
-            f"checkpoint {str(ckpt)!r}: {CONFIG} is corrupt ({type(exc).__name__})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _corrupt_config(ckpt, exc) from exc
+    _check_format(ckpt, meta)
+    try:
+        config = config_from_dict(meta["config"], name=meta["config"].get("name", "run"))
+        return config, meta["tokenizer"]
+    except (KeyError, TypeError) as exc:
+        raise _corrupt_config(ckpt, exc) from exc
     except SmallGPTError as exc:
         raise CheckpointError(
             f"checkpoint {str(ckpt)!r}: stored config is invalid: {exc}") from exc
+
+
+def _check_format(ckpt: Path, meta: Any) -> None:
+    """A CheckpointError for a config.json written in a format newer than this code reads."""
+    version = meta.get("format", FORMAT_VERSION) if isinstance(meta, dict) else FORMAT_VERSION
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} is in format {version}, newer than the {FORMAT_VERSION} "
+            "this smallgpt reads; update smallgpt (git pull) to load it")
+
+
+def _corrupt_config(ckpt: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"checkpoint {str(ckpt)!r}: {CONFIG} is corrupt ({type(exc).__name__})")
 
 
 def load_weights(model: nn.Module, path: str | Path, device: str | torch.device = "cpu", *,
@@ -214,26 +213,6 @@ def load_weights(model: nn.Module, path: str | Path, device: str | torch.device 
             "load it with the model class it was trained with (model_class=...)")
 
 
-def assign_state(model: nn.Module, state: dict[str, torch.Tensor], *,
-                 strict: bool = True) -> tuple[list[str], list[str]]:
-    """Make the tensors of `state` the parameters of `model`, uncopied; load_state_dict's
-    missing and unexpected names (strict: raised instead).
-
-    For a model built on the meta device (`with torch.device("meta"): GPT(config)`): it has
-    shapes but no memory, and skipped the random init these tensors replace. assign gives
-    every name a Parameter of its own, so the parameters the model ties (W_U = W_E) are made
-    one again.
-    """
-    tied = tied_names(model)
-    missing, unexpected = model.load_state_dict(state, strict=strict, assign=True)
-    for first, *others in tied:
-        shared = model.get_parameter(first)
-        for name in others:
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, shared)
-    return missing, unexpected
-
-
 def read_safetensors(file: str | Path, dtype: torch.dtype | None = None,
                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """A safetensors file's tensors on `device`, each floating one converted to `dtype` as it
@@ -255,14 +234,6 @@ def _read_weights(path: str | Path, device: str | torch.device,
         raise _damaged(path, exc) from exc
 
 
-def tied_names(model: nn.Module) -> list[list[str]]:
-    """The names of each parameter that the model holds under more than one name."""
-    names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    return [group for group in names.values() if len(group) > 1]
-
-
 def _names(what: str, names: list[str] | set[str]) -> str:
     """'missing keys a, b (2); ' naming at most five, or '' for none."""
     if not names:
@@ -273,22 +244,23 @@ def _names(what: str, names: list[str] | set[str]) -> str:
 
 
 def _damaged(path: str | Path, exc: BaseException) -> CheckpointError:
-    reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
     return CheckpointError(f"checkpoint {str(path)!r}: {WEIGHTS} is truncated or corrupt "
-                           f"({reason}); use another checkpoint, e.g. the run's best/")
+                           f"({first_line(exc)[:120]}); use another checkpoint, e.g. the run's "
+                           "best/")
 
 
-def read_lora_base(path: str | Path) -> dict[str, str]:
+def read_lora_base(ckpt: str | Path) -> dict[str, str]:
     """The base record (lora.base_record) a LoRA checkpoint keeps in its config.json."""
     try:
-        meta = json.loads((Path(path) / CONFIG).read_text(encoding="utf-8"))
+        meta = json.loads((Path(ckpt) / CONFIG).read_text(encoding="utf-8"))
+        _check_format(Path(ckpt), meta)
         record = meta["lora_base"]
         if not isinstance(record, dict) or not isinstance(record.get("digest"), str):
             raise TypeError("lora_base")
         return record
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r}: {CONFIG} does not name the base of its "
-                              "LoRA adapters (lora_base); it is incomplete") from exc
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: {CONFIG} does not name the base of "
+                              "its LoRA adapters (lora_base); it is incomplete") from exc
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

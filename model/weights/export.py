@@ -1,12 +1,12 @@
 """Export a model to the Hugging Face layout (the command line, `python -m model.export
-RUN_OR_CHECKPOINT OUT_DIR`, is in __main__.py).
+RUN_OR_CHECKPOINT OUT_DIR`, is model/cli/export.py).
 
 The directory holds config.json, model.safetensors, generation_config.json and the tokenizer
 files, so that `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` and
 `AutoTokenizer.from_pretrained(OUT_DIR)` load it with no smallgpt code, and it loads back into
 smallgpt by name like any Hugging Face directory. The architecture is the transformers one
-that computes exactly our function (model/hf.py: GPT-2, or Llama, Qwen3, Arcee or Apertus for
-rotary models); a model none computes is refused with every blocking setting named.
+that computes exactly our function (model/weights/hf.py: GPT-2, or Llama, Qwen3, Arcee or
+Apertus for rotary models); a model none computes is refused with every blocking setting named.
 
     from model.weights.export import export
     result = export("out/small", "exported/small")   # result.architecture: ApertusForCausalLM
@@ -14,14 +14,13 @@ rotary models); a model none computes is refused with every blocking setting nam
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from model.errors import CheckpointError
-from model.weights.hf import hf_architecture, save_hf
+from model.files import staged_directory
+from model.weights.hf import ARCHITECTURES, save_hf
+from model.weights.loading import load_model
 
 
 @dataclass
@@ -41,10 +40,9 @@ def export(name: str, out_dir: str | Path) -> Exported:
     write it with its tokenizer to `out_dir`, which must be new or empty.
 
     The files are written to a temporary directory beside `out_dir` and moved into place at
-    the end: an export that fails leaves nothing behind, and never touches existing files.
+    the end: an export that fails, or is refused, writes no file and never touches existing
+    ones.
     """
-    from model.weights.loading import load_model
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{str(out)!r} is a file; name a new directory to export to")
@@ -52,17 +50,7 @@ def export(name: str, out_dir: str | Path) -> Exported:
         raise CheckpointError(f"{str(out)!r} already exists and is not empty; choose a new "
                               "directory, or remove it first")
     loaded = load_model(name, "cpu")
-    hf_architecture(loaded.model.config)  # refuse (listing every blocker) before writing
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.export-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_directory(out) as staging:
         model_type = save_hf(loaded.model, staging, loaded.tokenizer)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    return Exported(out, model_type, config["architectures"][0], loaded.tokenizer.name,
+    return Exported(out, model_type, ARCHITECTURES[model_type], loaded.tokenizer.name,
                     loaded.tokenizer.vocab_size, sorted(p.name for p in out.iterdir()))

@@ -1,12 +1,15 @@
-"""GPT-2 in the Hugging Face layout: load its checkpoints into our GPT, and write ours back.
+"""Hugging Face model directories, both ways: the one writer (`save_hf`) and the one reader
+(`load_hf`) for every architecture, and GPT-2's layout.
 
-A Hugging Face GPT-2 directory holds `config.json` and `model.safetensors` (or the older
-`pytorch_model.bin`). Its tensors map one to one onto ours; the only twist is that its linear
-layers are `Conv1D` modules, which store the weight as (in, out) where nn.Linear stores (out, in).
+A directory holds `config.json` and `model.safetensors` (or the older `pytorch_model.bin`).
+A model with learned positions is GPT-2 (GPT2LMHeadModel), whose tensors map one to one onto
+ours; the only twist is that its linear layers are `Conv1D` modules, which store the weight as
+(in, out) where nn.Linear stores (out, in). A rotary model is one of the Llama family
+(model/weights/hf_rotary.py).
 
-    from model.weights.hf import load_hf_gpt2, save_hf_gpt2
-    model = load_hf_gpt2("path/to/gpt2")            # or a state dict, with n_head=12
-    save_hf_gpt2(model, "out/gpt2-hf")              # GPT2LMHeadModel.from_pretrained loads it
+    from model.weights.hf import load_hf, save_hf
+    save_hf(model, "out/hf", tokenizer)            # AutoModelForCausalLM.from_pretrained loads it
+    model, tokenizer, model_type = load_hf("out/hf")
 
 transformers itself is not needed here: only its file format is.
 """
@@ -14,7 +17,6 @@ transformers itself is not needed here: only its file format is.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,18 +24,26 @@ import torch
 from safetensors.torch import save_file
 
 from model.data.tokenizer import Tokenizer
-from model.errors import CheckpointError, ConfigError
+from model.errors import CheckpointError, ConfigError, first_line
 from model.gpt import GPT, GPTConfig
-from model.weights.checkpoint import assign_state, read_safetensors
+from model.weights.checkpoint import read_safetensors
 from model.weights.hf_rotary import (
+    ACTIVATION_OF,
+    ACTIVATIONS,
     FAMILIES,
     config_from_rotary,
+    mlp_ratio_for,
     rotary_config,
     rotary_family,
     rotary_state,
     rotary_to_ours,
 )
 from model.weights.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
+from model.weights.meta import assign_state, on_meta
+
+# config.json's model_type -> its "architectures" entry, the transformers class.
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel",
+                 **{family: f.architecture for family, f in FAMILIES.items()}}
 
 # Per block: (our module, Hugging Face module). The blocks live under `blocks.i` / `h.i`.
 BLOCK_NAMES = (
@@ -46,12 +56,6 @@ BLOCK_NAMES = (
 )
 TOP_NAMES = (("tok_emb", "wte"), ("pos_emb", "wpe"), ("norm_f", "ln_f"))
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # weights stored transposed
-
-# Hugging Face activation names and ours. gelu_new and gelu_pytorch_tanh are both the tanh form.
-ACTIVATIONS_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
-                  "relu2": "relu2"}
-ACTIVATIONS_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu2": "relu2"}
-GPT2_VOCAB = 50257  # the GPT-2 tokenizer, whose last token (50256) is <|endoftext|>
 
 
 def _hf_to_ours(key: str) -> str | None:
@@ -72,9 +76,8 @@ def _is_conv1d_weight(hf_key: str) -> bool:
     return hf_key.endswith(".weight") and any(f".{name}." in hf_key for name in CONV1D)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def read_hf_config(directory: Path, what: str = "Hugging Face") -> dict:
@@ -93,7 +96,7 @@ def read_hf_config(directory: Path, what: str = "Hugging Face") -> dict:
         hf_config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(
-            f"{str(config_path)!r} is not valid JSON ({_first_line(exc)})"
+            f"{str(config_path)!r} is not valid JSON ({_reason(exc)})"
         ) from exc
     if not isinstance(hf_config, dict):
         raise CheckpointError(f"{str(config_path)!r} must hold a JSON object")
@@ -103,8 +106,8 @@ def read_hf_config(directory: Path, what: str = "Hugging Face") -> dict:
 def read_hf_weights(directory: Path, what: str = "Hugging Face",
                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The state dict of model.safetensors, or of the older pytorch_model.bin, each floating
-    tensor in `dtype`. safetensors are read and converted one tensor at a time, so loading
-    gpt2-xl's float32 file in bfloat16 holds about 3 GB, not the file's 6 GB and then a copy."""
+    tensor in `dtype`. safetensors are read and converted one tensor at a time, so memory never
+    holds the whole model twice (as stored, then converted)."""
     safetensors_path, bin_path = directory / "model.safetensors", directory / "pytorch_model.bin"
     path = safetensors_path if safetensors_path.is_file() else bin_path
     if not path.is_file():
@@ -128,29 +131,20 @@ def read_hf_weights(directory: Path, what: str = "Hugging Face",
                       for key in list(loaded)} if isinstance(loaded, dict) else loaded)
     except Exception as exc:  # each format fails in its own way on a truncated or corrupt file
         raise CheckpointError(
-            f"cannot read {str(path)!r}, it looks truncated or corrupt ({_first_line(exc)})"
+            f"cannot read {str(path)!r}, it looks truncated or corrupt ({_reason(exc)})"
         ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} does not hold a state dict")
     return state
 
 
-def _read_directory(directory: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
-    hf_config = read_hf_config(directory, "GPT-2")
-    if hf_config.get("model_type", "gpt2") != "gpt2":
-        raise CheckpointError(
-            f"{str(directory)!r} holds a {hf_config['model_type']!r} model, not GPT-2"
-        )
-    return read_hf_weights(directory, "GPT-2", dtype), hf_config
-
-
-def _check_hf_config(hf_config: dict) -> tuple[str, float, bool]:
+def _gpt2_settings(hf_config: dict) -> tuple[str, float, bool]:
     """Reject GPT-2 variants our model does not compute; return (activation, norm_eps, tied)."""
     name = hf_config.get("activation_function", "gelu_new")
-    if name not in ACTIVATIONS_IN:
+    if name not in ACTIVATION_OF:
         raise ConfigError(
             f"config.json activation_function={name!r} has no smallgpt equivalent; "
-            f"supported: {', '.join(ACTIVATIONS_IN)}"
+            f"supported: {', '.join(ACTIVATION_OF)}"
         )
     if not hf_config.get("scale_attn_weights", True):
         raise ConfigError("config.json scale_attn_weights=false: smallgpt scales by 1/sqrt(d)")
@@ -158,7 +152,7 @@ def _check_hf_config(hf_config: dict) -> tuple[str, float, bool]:
         raise ConfigError("config.json scale_attn_by_inverse_layer_idx=true is not supported")
     if hf_config.get("add_cross_attention", False):
         raise ConfigError("config.json add_cross_attention=true: cross-attention is not supported")
-    return (ACTIVATIONS_IN[name], float(hf_config.get("layer_norm_epsilon", 1e-5)),
+    return (ACTIVATION_OF[name], float(hf_config.get("layer_norm_epsilon", 1e-5)),
             bool(hf_config.get("tie_word_embeddings", True)))
 
 
@@ -193,51 +187,61 @@ def _to_our_layout(state: dict, owned: bool, tied: bool = True) -> dict[str, tor
 
 def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
                  n_head: int | None = None, dtype: torch.dtype = torch.float32) -> GPT:
-    """Build a GPT from a Hugging Face GPT-2 directory (its weights read in `dtype`) or a
-    state dict (float32).
+    """A GPT from a Hugging Face GPT-2 directory (its weights read in `dtype`) or a bare state
+    dict (float32, copied: the caller's dict is left as it was).
 
-    The shape comes from the tensors: vocab_size from wte, block_size from wpe, n_embd, n_layer
-    from the h.N blocks and the MLP width from c_fc. The head count is not visible in any tensor
-    shape, so it is read from config.json, or must be passed as `n_head` with a bare state dict.
-    Names may carry GPT2LMHeadModel's `transformer.` prefix or not. The model takes the loaded
-    tensors themselves as its parameters: memory holds the weights about once.
+    The head count is not visible in any tensor shape, so it is read from config.json, or must
+    be passed as `n_head` with a bare state dict. Names may carry GPT2LMHeadModel's
+    `transformer.` prefix or not. `load_hf` reads a directory of any architecture, with its
+    tokenizer.
     """
     if isinstance(source, dict):
-        state, hf_config, owned = source, {}, False
         if n_head is None:
             raise ConfigError(
                 "a bare GPT-2 state dict does not record n_head (no tensor shape shows it); "
                 "pass n_head=..., e.g. 12 for the 124M model"
             )
-    else:
-        state, hf_config = _read_directory(Path(source), dtype)
-        owned = True
-        if "n_head" not in hf_config and n_head is None:
-            raise CheckpointError(f"{str(Path(source) / 'config.json')!r} does not give n_head")
-        saved = hf_config.get("n_head", n_head)
-        if n_head is not None and n_head != saved:
-            raise ConfigError(f"n_head={n_head} disagrees with config.json n_head={saved}")
-        n_head = saved
-    activation, norm_eps, tied = _check_hf_config(hf_config)
-    ours = _to_our_layout(state, owned, tied)
+        return _gpt2_model(source, {}, n_head, owned=False, dtype=torch.float32)
+    directory = Path(source)
+    hf_config = read_hf_config(directory, "GPT-2")
+    if hf_config.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(
+            f"{str(directory)!r} holds a {hf_config['model_type']!r} model, not GPT-2"
+        )
+    return _gpt2_from_directory(directory, hf_config, dtype, n_head)
 
+
+def _gpt2_from_directory(directory: Path, hf_config: dict, dtype: torch.dtype,
+                         n_head: int | None = None) -> GPT:
+    state = read_hf_weights(directory, "GPT-2", dtype)
+    if "n_head" not in hf_config and n_head is None:
+        raise CheckpointError(f"{str(directory / 'config.json')!r} does not give n_head")
+    saved = hf_config.get("n_head", n_head)
+    if n_head is not None and n_head != saved:
+        raise ConfigError(f"n_head={n_head} disagrees with config.json n_head={saved}")
+    return _gpt2_model(state, hf_config, saved, owned=True, dtype=dtype)
+
+
+def _gpt2_model(state: dict, hf_config: dict, n_head: int, *, owned: bool,
+                dtype: torch.dtype) -> GPT:
+    """GPT-2's tensors (`owned`: read from disk, emptied as they are taken) as a GPT.
+
+    The shape comes from the tensors: vocab_size from wte, block_size from wpe, n_embd, n_layer
+    from the h.N blocks and the MLP width from c_fc; config.json, where there is one, must agree.
+    """
+    activation, norm_eps, tied = _gpt2_settings(hf_config)
+    ours = _to_our_layout(state, owned, tied)
     for required in ("tok_emb.weight", "pos_emb.weight", "blocks.0.mlp.fc.weight"):
         if required not in ours:
             raise CheckpointError(f"GPT-2 state dict lacks {required!r} (HF name for it missing)")
-
     vocab_size, n_embd = ours["tok_emb.weight"].shape
-    n_inner = ours["blocks.0.mlp.fc.weight"].shape[0]
-    # int(mlp_ratio * n_embd) must give back n_inner; the plain quotient can land one ulp short.
-    mlp_ratio = n_inner / n_embd
-    if int(mlp_ratio * n_embd) != n_inner:
-        mlp_ratio = math.nextafter(mlp_ratio, math.inf)
     config = GPTConfig(
         vocab_size=vocab_size,
         block_size=ours["pos_emb.weight"].shape[0],
         n_layer=len({name.split(".")[1] for name in ours if name.startswith("blocks.")}),
         n_head=n_head,
         n_embd=n_embd,
-        mlp_ratio=mlp_ratio,
+        mlp_ratio=mlp_ratio_for(ours["blocks.0.mlp.fc.weight"].shape[0], n_embd),
         pos_emb="learned",
         norm="layernorm",
         norm_eps=norm_eps,
@@ -250,27 +254,9 @@ def load_hf_gpt2(source: str | Path | dict[str, torch.Tensor],
                        ("n_embd", config.n_embd), ("n_layer", config.n_layer)):
         if key in hf_config and hf_config[key] != value:
             raise CheckpointError(f"config.json {key}={hf_config[key]}, the weights have {value}")
-
-    # On the meta device the model has shapes but no memory, and skips the random init that
-    # the loaded weights replace. (GPT-2 has learned positions: no rotary buffer is left behind.)
-    with torch.device("meta"):
-        model = GPT(config)
     if tied:
         ours["lm_head.weight"] = ours["tok_emb.weight"]  # the same tensor under both names
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
-    if missing:
-        raise CheckpointError(f"GPT-2 state dict lacks {len(missing)} tensors, e.g. {missing[0]!r}")
-    if unexpected:  # e.g. h.0 and h.2 without h.1
-        raise CheckpointError(f"GPT-2 state dict has an unexpected tensor for {unexpected[0]!r}")
-    for name, tensor in ours.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(
-                f"GPT-2 tensor for {name!r} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(expected[name].shape)}"
-            )
-    assign_state(model, ours)
-    return model
+    return _assembled(config, ours, "GPT-2", dtype)
 
 
 def gpt2_blockers(config: GPTConfig) -> list[str]:
@@ -284,7 +270,7 @@ def gpt2_blockers(config: GPTConfig) -> list[str]:
                                       "absolute positions)"),
         (config.norm != "layernorm", f"model.norm={config.norm!r} (GPT-2 uses LayerNorm)"),
         (config.qk_norm, "model.qk_norm=True (GPT-2 has no query/key norms)"),
-        (config.activation not in ACTIVATIONS_OUT,
+        (config.activation not in ACTIVATIONS,
          f"model.activation={config.activation!r} (GPT-2's MLP is not gated)"),
         (config.kv_heads != config.n_head, f"model.n_kv_head={config.n_kv_head} "
                                            f"(GPT-2 has one key/value head per query head)"),
@@ -321,7 +307,7 @@ def _gpt2_state(model: GPT) -> dict[str, torch.Tensor]:
 
 def gpt2_config(config: GPTConfig, eot_id: int | None) -> dict:
     return {
-        "architectures": ["GPT2LMHeadModel"],
+        "architectures": [ARCHITECTURES["gpt2"]],
         "model_type": "gpt2",
         "vocab_size": config.vocab_size,
         "n_positions": config.block_size,
@@ -330,7 +316,7 @@ def gpt2_config(config: GPTConfig, eot_id: int | None) -> dict:
         "n_head": config.n_head,
         # None means GPT-2's standard 4 * n_embd
         "n_inner": None if config.mlp_hidden == 4 * config.n_embd else config.mlp_hidden,
-        "activation_function": ACTIVATIONS_OUT[config.activation],
+        "activation_function": ACTIVATIONS[config.activation].gpt2,
         "layer_norm_epsilon": config.norm_eps,
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
@@ -343,50 +329,28 @@ def gpt2_config(config: GPTConfig, eot_id: int | None) -> dict:
     }
 
 
-def save_hf_gpt2(model: GPT, directory: str | Path, eot_id: int | None = None) -> Path:
-    """Write `model` as a Hugging Face GPT-2 directory: config.json and model.safetensors.
-
-    Raises ConfigError listing every setting GPT-2 cannot compute (rotary positions, RMSNorm,
-    QK norm, SwiGLU, grouped-query attention). `eot_id` defaults to GPT-2's end-of-text for
-    a model of GPT-2's vocabulary size.
-    """
-    config = model.config
-    blockers = gpt2_blockers(config)
-    if blockers:
-        raise ConfigError(f"cannot export to GPT-2: {'; '.join(blockers)}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(_gpt2_state(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
-    if eot_id is None and config.vocab_size == GPT2_VOCAB:
-        eot_id = GPT2_VOCAB - 1
-    text = json.dumps(gpt2_config(config, eot_id), indent=2) + "\n"
-    (directory / "config.json").write_text(text, encoding="utf-8")
-    return directory
-
-
 # -- every architecture: the choice, the writer and the reader -----------------------------------
 
 def hf_architecture(config: GPTConfig) -> str:
     """The transformers model_type that computes exactly what a model of `config` computes:
-    gpt2 for learned positions, else a rotary family (model/hf_rotary.py). Raises one
+    gpt2 for learned positions, else a rotary family (model/weights/hf_rotary.py). Raises one
     ConfigError listing every setting that keeps the closest architecture from it."""
     if config.pos_emb == "learned":
         family, blockers = "gpt2", gpt2_blockers(config)
     else:
         family, blockers = rotary_family(config)
     if blockers:
-        name = "GPT2LMHeadModel" if family == "gpt2" else FAMILIES[family].architecture
         raise ConfigError(f"cannot export exactly: no transformers architecture computes this "
-                          f"model; the closest, {name}, lacks {len(blockers)} of its settings: "
-                          f"{'; '.join(blockers)}")
+                          f"model; the closest, {ARCHITECTURES[family]}, lacks {len(blockers)} "
+                          f"of its settings: {'; '.join(blockers)}")
     return family
 
 
 def save_hf(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = None) -> str:
     """Write `model` (and `tokenizer`) as a Hugging Face directory that transformers' Auto
     classes load: config.json, model.safetensors, generation_config.json and the tokenizer
-    files. Returns the model_type written; ConfigError (before anything is written) when no
-    architecture computes the model exactly."""
+    files. Returns the model_type written (ARCHITECTURES names its class); ConfigError (before
+    anything is written) when no architecture computes the model exactly."""
     config = model.config
     family = hf_architecture(config)
     directory = Path(directory)
@@ -423,20 +387,33 @@ def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loaded
     hf_config = read_hf_config(directory)
     family = hf_config.get("model_type", "gpt2")
     if family == "gpt2":
-        model = load_hf_gpt2(directory, dtype=dtype)
+        model = _gpt2_from_directory(directory, hf_config, dtype)
     elif family in FAMILIES:
         config = config_from_rotary(hf_config)
         ours = rotary_to_ours(read_hf_weights(directory, dtype=dtype), config, family)
-        with torch.device("meta"):
-            model = GPT(config)
-        expected = model.state_dict()
-        for name, tensor in ours.items():
-            if tensor.shape != expected[name].shape:
-                raise CheckpointError(f"{family} tensor for {name!r} has shape "
-                                      f"{tuple(tensor.shape)}, expected "
-                                      f"{tuple(expected[name].shape)}")
-        assign_state(model, ours)
+        model = _assembled(config, ours, family, dtype)
     else:
         raise CheckpointError(f"{str(directory)!r} holds a {family!r} model; smallgpt reads "
                               f"gpt2, {', '.join(FAMILIES)}")
     return LoadedHF(model, load_hf_tokenizer(directory), family)
+
+
+def _assembled(config: GPTConfig, ours: dict[str, torch.Tensor], what: str,
+               dtype: torch.dtype) -> GPT:
+    """A GPT of `config` whose parameters are the tensors `ours` (under our names), once they
+    are checked to be exactly the model's: no name missing, none unexpected, every shape its
+    own. The one check of every architecture's reader."""
+    model = on_meta(GPT, config, dtype)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
+    if missing:
+        raise CheckpointError(f"{what} state dict lacks {len(missing)} tensors, "
+                              f"e.g. {missing[0]!r}")
+    if unexpected:  # e.g. h.0 and h.2 without h.1
+        raise CheckpointError(f"{what} state dict has an unexpected tensor for {unexpected[0]!r}")
+    for name, tensor in ours.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{what} tensor for {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(expected[name].shape)}")
+    assign_state(model, ours)
+    return model

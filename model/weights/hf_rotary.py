@@ -13,19 +13,50 @@ attention, separate q/k/v/o projections) and differ exactly where our options do
 So swiglu maps to a gated MLP (our fc holds gate rows, then up rows), relu2 / gelu / gelu_tanh
 to a plain one, and qk_norm picks the family with q_norm/k_norm. `rotary_family` names the
 family for a config and every setting that keeps it from computing exactly our function.
+
+The names of our activations in transformers and the MLP width's inverse are here too, shared
+with GPT-2's layout (model/weights/hf.py, which reads and writes every architecture).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from model.errors import CheckpointError, ConfigError
 from model.gpt import GPT, GPTConfig
 
+# -- shared with GPT-2 (model/weights/hf.py) -----------------------------------------------------
+
+class HFNames(NamedTuple):
+    """transformers' names (ACT2FN keys) for one of our plain activations, as written."""
+
+    gpt2: str  # GPT2Config.activation_function
+    rotary: str  # the rotary families' hidden_act
+
+
+# Our plain activations, the one table every reader and writer uses. The tanh GELU has two
+# names for one function: GPT-2's configs spell it gelu_new, the rotary families'
+# gelu_pytorch_tanh (torch's own kernel, which ours calls); a reader takes either.
+ACTIVATIONS = {"gelu": HFNames("gelu", "gelu"),
+               "gelu_tanh": HFNames("gelu_new", "gelu_pytorch_tanh"),
+               "relu2": HFNames("relu2", "relu2")}
+ACTIVATION_OF = {hf: ours for ours, names in ACTIVATIONS.items() for hf in names}  # read
+
+
+def mlp_ratio_for(hidden: int, n_embd: int) -> float:
+    """An mlp_ratio for which int(mlp_ratio * n_embd) gives back `hidden` exactly (the plain
+    quotient can land one ulp short)."""
+    ratio = hidden / n_embd
+    while int(ratio * n_embd) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+# -- the rotary families ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Family:
@@ -46,10 +77,7 @@ FAMILIES = {
     "apertus": Family("ApertusForCausalLM", False, True, False,
                       ("attention_layernorm", "feedforward_layernorm")),
 }
-# Our activation and transformers' hidden_act (ACT2FN names); swiglu is silu in a gated MLP.
-PLAIN_ACTS_OUT = {"relu2": "relu2", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-PLAIN_ACTS_IN = {**{v: k for k, v in PLAIN_ACTS_OUT.items()}, "gelu_new": "gelu_tanh"}
-GATED_ACTS_IN = {"silu": "swiglu", "swish": "swiglu"}
+GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu"}  # hidden_act of a gated MLP -> ours
 
 
 def rotary_family(config: GPTConfig) -> tuple[str, list[str]]:
@@ -117,7 +145,7 @@ def rotary_config(config: GPTConfig, family: str, eot_id: int | None) -> dict[st
         "num_attention_heads": config.n_head,
         "num_key_value_heads": config.kv_heads,
         "head_dim": config.head_dim,
-        "hidden_act": "silu" if fam.gated else PLAIN_ACTS_OUT[config.activation],
+        "hidden_act": "silu" if fam.gated else ACTIVATIONS[config.activation].rotary,
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
         # Plain rotary (no scaling) with our base. transformers 4.x reads rope_scaling and
@@ -166,7 +194,7 @@ def config_from_rotary(hf: dict[str, Any]) -> GPTConfig:
         n_embd, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim") or n_embd // n_head
         act = hf.get("hidden_act", "silu")
-        table = GATED_ACTS_IN if fam.gated else PLAIN_ACTS_IN
+        table = GATED_ACTIVATIONS if fam.gated else ACTIVATION_OF
         if act not in table:
             raise ConfigError(f"config.json hidden_act={act!r} has no smallgpt equivalent in a "
                               f"{'gated' if fam.gated else 'plain'} MLP; supported: "
@@ -191,7 +219,7 @@ def config_from_rotary(hf: dict[str, Any]) -> GPTConfig:
             n_layer=int(hf["num_hidden_layers"]), n_head=n_head, n_embd=n_embd,
             n_kv_head=n_kv if (n_kv := int(hf.get("num_key_value_heads") or n_head)) != n_head
             else None,
-            mlp_ratio=_ratio(hidden, n_embd), pos_emb="rope", rope_base=_rope_base(hf),
+            mlp_ratio=mlp_ratio_for(hidden, n_embd), pos_emb="rope", rope_base=_rope_base(hf),
             norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             activation=table[act], qk_norm=fam.qk_norm, bias=bias, dropout=0.0,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
@@ -200,14 +228,6 @@ def config_from_rotary(hf: dict[str, Any]) -> GPTConfig:
             raise
         raise CheckpointError(f"config.json of a {family} model is incomplete or malformed "
                               f"({type(exc).__name__}: {exc})") from exc
-
-
-def _ratio(hidden: int, n_embd: int) -> float:
-    """An mlp_ratio for which int(mlp_ratio * n_embd) gives back `hidden` exactly."""
-    ratio = hidden / n_embd
-    while int(ratio * n_embd) < hidden:
-        ratio = math.nextafter(ratio, math.inf)
-    return ratio
 
 
 def rotary_to_ours(state: dict[str, torch.Tensor], config: GPTConfig,
