@@ -263,15 +263,15 @@ TL_NAMES = {"norm1": "ln1", "norm2": "ln2", "norm_f": "ln_final"}
 
 class GPT(HookedModel, WeightViews, nn.Module):
     def __init__(self, config: GPTConfig, device: torch.device | str | None = None) -> None:
-        """A randomly initialised GPT with its parameters on `device` (None: torch's default,
-        the CPU unless inside `with torch.device(...)`). On "meta" the parameters are shapes
-        only and nothing is drawn: a model whose weights are about to be loaded."""
+        """A randomly initialised GPT with its parameters on `device` (None: the CPU). On
+        "meta" the parameters are shapes only and nothing is drawn: a model whose weights are
+        about to be loaded."""
         super().__init__()
         if config.vocab_size is None:
             raise ConfigError("model.vocab_size: not set; set it, or let training take it from "
                               "the tokenizer")
         self.config = config
-        device = torch.device(device) if device is not None else torch.get_default_device()
+        device = torch.device("cpu" if device is None else device)
         meta = device.type == "meta"
 
         def table(rows: int) -> nn.Embedding:

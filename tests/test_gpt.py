@@ -244,11 +244,13 @@ def test_a_meta_model_has_shapes_only_and_draws_nothing(overrides):
     reference = GPT(config)
     assert {n: p.shape for n, p in model.named_parameters()} == {
         n: p.shape for n, p in reference.named_parameters()}
-    with torch.device("meta"):  # the way loaders asked for it before device= existed
-        old_style = GPT(config)
-    assert all(p.is_meta for p in old_style.parameters())
-    if config.pos_emb == "rope":
-        assert old_style.rope.device.type == "cpu"
+    with torch.device("meta"):  # a global default is not a request: the CPU, initialised
+        torch.manual_seed(0)
+        built = GPT(config)
+    torch.manual_seed(0)
+    expected = GPT(config)
+    assert all(p.device.type == "cpu" for p in built.parameters())
+    assert torch.equal(built.tok_emb.weight, expected.tok_emb.weight)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -444,7 +444,8 @@ def test_a_command_line_load_resolves_the_name_once(tmp_path, monkeypatch, capsy
     for module, name in ((loading, "find_checkpoints"), (loading, "resolve_checkpoint"),
                          (loading, "read_checkpoint_config"), (checkpoint, "_check_format")):
         monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
-    auto = DtypeChoice(torch.float32, "auto: float32 on this CPU")
+    auto = DtypeChoice(torch.float32, automatic=True, native=True, device_type="cpu",
+                       reason="auto: float32 on this CPU")
     for name in (None, "out/run"):
         calls.clear()
         loaded = load_named_model(name, "cpu", precision=auto)

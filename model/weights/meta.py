@@ -7,6 +7,7 @@ tensors its parameters, uncopied, and ties again what the model ties (W_U = W_E)
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -15,19 +16,21 @@ from torch import nn
 from model.gpt import GPTConfig
 
 
-def on_meta(model_class: Callable[[GPTConfig], nn.Module], config: GPTConfig,
+def on_meta(model_class: Callable[..., nn.Module], config: GPTConfig,
             dtype: torch.dtype | None = None) -> nn.Module:
-    """`model_class(config)` built on the meta device, in `dtype` (None: as built), the dtype
-    the weights to be loaded are read in: each tensor is converted once, the weights as they
-    are read and the tensors the constructor makes (GPT's rotary table) here.
+    """`model_class(config, device="meta")`, in `dtype` (None: as built), the dtype the
+    weights to be loaded are read in: each tensor is converted once, the weights as they are
+    read and the tensors the constructor makes (GPT's rotary table) here.
 
-    A class that cannot be built on meta (its __init__ reads a tensor's values: .item(), numpy)
-    is built the plain way, random init and all. Tensors that a class keeps outside its state
-    dict stay on meta, as loading cannot fill them: `holds_meta_tensors` says so afterwards.
+    A class whose constructor takes no `device` is built the plain way, random init and all, as
+    is one that fails on meta (its __init__ reads a tensor's values: .item(), numpy). Tensors
+    that a class keeps outside its state dict stay on meta, as loading cannot fill them:
+    `holds_meta_tensors` says so afterwards.
     """
+    if "device" not in inspect.signature(model_class).parameters:
+        return model_class(config).to(dtype)
     try:
-        with torch.device("meta"):
-            model = model_class(config)
+        model = model_class(config, device="meta")
     except Exception:  # any failure on meta; the plain build raises what is really wrong, if any
         model = model_class(config)
     return model.to(dtype)
