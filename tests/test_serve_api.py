@@ -29,7 +29,7 @@ from serve_server import failing_generate, load, running_server, train_tiny  # n
 from model.cli.serve import bind_warning  # noqa: E402
 from model.inference.sampling import generate  # noqa: E402
 from model.inference.scoring import score_tokens  # noqa: E402
-from model.serve import openai_api, pages  # noqa: E402
+from model.serve import completions, pages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "tiny"
@@ -334,7 +334,7 @@ def test_a_failure_mid_stream_ends_with_an_error_then_done(server, monkeypatch, 
     """A bug that surfaces after the 200 went out: the client gets an OpenAI-style error event
     and [DONE] (the openai client raises it), the log gets the traceback."""
     url = server[0]
-    monkeypatch.setattr(openai_api, "generate", failing_generate(3, ValueError("a bug")))
+    monkeypatch.setattr(completions, "generate", failing_generate(3, ValueError("a bug")))
     body = {"prompt": PROMPT, "max_tokens": 20, "temperature": 0, "stream": True}
     with caplog.at_level(logging.ERROR, logger="smallgpt.serve"):
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
