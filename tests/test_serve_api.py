@@ -5,6 +5,7 @@ disconnects, the page's JSON endpoints, and Ctrl-C."""
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -75,6 +76,20 @@ def model_logprobs(pretrained, ids: list[int]) -> list[float]:
         logits = pretrained.model(torch.tensor([ids]))[0][0].float()
     lp = logits.log_softmax(dim=-1)
     return [lp[t - 1, ids[t]].item() for t in range(1, len(ids))]
+
+
+def test_the_routers_are_siblings_that_never_import_each_other():
+    """What two endpoints share lives in a module both import (completions, prompts, protocol),
+    never in one of them."""
+    routers = {"openai_api", "chat_api", "pages"}
+    for name in routers:
+        tree = ast.parse((ROOT / "model" / "serve" / f"{name}.py").read_text(encoding="utf-8"))
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("model.serve"):
+                imported.add(node.module.rpartition(".")[2])
+                imported.update(alias.name for alias in node.names)
+        assert not imported & (routers - {name}), name
 
 
 def test_models_lists_the_served_model(client):

@@ -65,11 +65,12 @@ class Listed:
 
     text: str
     logprob: float | None  # None for a prompt's first token: nothing predicts it
-    top: dict[str, float] | None  # the alternatives, always with the token itself
+    top: dict[str, float | None] | None  # the alternatives, always with the token itself
     offset: int  # where its text starts, counting the texts of the tokens listed before it
 
 
-def top_dict(pairs: list[tuple[str, float]], text: str, logprob: float | None) -> dict[str, float]:
+def top_dict(pairs: list[tuple[str, float]], text: str,
+             logprob: float | None) -> dict[str, float | None]:
     """OpenAI's top_logprobs: the alternatives, always with the chosen token."""
     top = dict(pairs)
     top.setdefault(text, logprob)
@@ -117,7 +118,8 @@ class Completion(CompletionJob):
 
     @staticmethod
     def listed_token(choice: Choice, text: str, lp: float | None,
-                     top: dict[str, float] | None) -> Listed:
+                     top: dict[str, float | None] | None) -> Listed:
+        """The entry of a token listed after the choice's last one."""
         last = choice.logprobs[-1] if choice.logprobs else None
         return Listed(text, lp, top, last.offset + len(last.text) if last else 0)
 
