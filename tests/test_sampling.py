@@ -467,8 +467,8 @@ def test_ids_past_the_tokenizer_are_never_drawn_shown_or_scored(chars):
     """A head wider than its tokenizer (gpt2_124m.yaml pads 50257 to 50304) has ids with no
     text: here they get by far the largest logits, and still nothing picks or lists them."""
     from model.inference.analysis import logit_lens, next_token
+    from model.inference.sampling import distribution
     from model.inference.scoring import score_text
-    from model.serve.compute import distribution
 
     vocab = chars.vocab_size
     model = sharp_model(vocab + 7).float()
@@ -484,8 +484,8 @@ def test_ids_past_the_tokenizer_are_never_drawn_shown_or_scored(chars):
     assert max(t.id for t in next_token(model, chars, "First", k=vocab + 7).top) < vocab
     assert max(s.id for row in logit_lens(model, chars, "Fi", k=vocab + 7).top for pos in row
                for s in pos) < vocab
-    shown = distribution(model, chars, chars.encode("First"), [1.0], k=vocab + 7)
-    assert max(t["id"] for t in shown.tokens) < vocab
+    shown = distribution(model, chars, chars.encode("First"), temperatures=[1.0], k=vocab + 7)
+    assert max(t.id for t in shown.tokens) < vocab
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p_even_when_a_prefix_sums_to_p_exactly():

@@ -5,6 +5,7 @@ disconnects, the page's JSON endpoints, and Ctrl-C."""
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -27,9 +28,10 @@ openai = pytest.importorskip("openai", reason="the API tests use the official op
 from serve_server import failing_generate, load, running_server, train_tiny  # noqa: E402
 
 from model.cli.serve import bind_warning  # noqa: E402
+from model.inference.analysis import next_token  # noqa: E402
 from model.inference.sampling import generate  # noqa: E402
 from model.inference.scoring import score_tokens  # noqa: E402
-from model.serve import openai_api, pages  # noqa: E402
+from model.serve import completions, pages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "tiny"
@@ -62,7 +64,8 @@ def reference(pretrained, prompt, n_tokens, **kw) -> list[str]:
     """model.sampling.generate's texts, one per sample."""
     n = kw.get("num_samples", 1)
     texts = [""] * n
-    for step in generate(pretrained.model, pretrained.tokenizer, prompt, n_tokens, **kw):
+    for step in generate(pretrained.model, pretrained.tokenizer, prompt, max_new_tokens=n_tokens,
+                         **kw):
         texts[step.sample] += step.delta
     return texts
 
@@ -73,6 +76,20 @@ def model_logprobs(pretrained, ids: list[int]) -> list[float]:
         logits = pretrained.model(torch.tensor([ids]))[0][0].float()
     lp = logits.log_softmax(dim=-1)
     return [lp[t - 1, ids[t]].item() for t in range(1, len(ids))]
+
+
+def test_the_routers_are_siblings_that_never_import_each_other():
+    """What two endpoints share lives in a module both import (completions, prompts, protocol),
+    never in one of them."""
+    routers = {"openai_api", "chat_api", "pages"}
+    for name in routers:
+        tree = ast.parse((ROOT / "model" / "serve" / f"{name}.py").read_text(encoding="utf-8"))
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("model.serve"):
+                imported.add(node.module.rpartition(".")[2])
+                imported.update(alias.name for alias in node.names)
+        assert not imported & (routers - {name}), name
 
 
 def test_models_lists_the_served_model(client):
@@ -111,6 +128,60 @@ def test_streamed_chunks_join_to_the_same_text(client, server):
     assert lines[-1] == "data: [DONE]" and all(x.startswith("data: ") for x in lines)
     usage = json.loads(lines[-2][6:])
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+
+
+def chunks_of(url: str, path: str, body: dict) -> list[dict]:
+    """A stream's JSON chunks (without the closing [DONE])."""
+    with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=30) as r:
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_nothing_to_generate_still_ends_every_choice_with_length(server):
+    """max_tokens 0 on both OpenAI endpoints: each choice ends with "length", whole and
+    streamed (a closing chunk per prompt)."""
+    url = server[0]
+    body = {"prompt": [PROMPT, "the"], "max_tokens": 0, "n": 2}
+    whole = httpx.post(f"{url}/v1/completions", json=body).json()["choices"]
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in whole] == [
+        (i, "", "length") for i in range(4)]
+    chunks = chunks_of(url, "/v1/completions", body)
+    assert [[(c["index"], c["text"], c["finish_reason"]) for c in chunk["choices"]]
+            for chunk in chunks] == [[(0, "", "length"), (1, "", "length")],
+                                     [(2, "", "length"), (3, "", "length")]]
+    chat = {"messages": [{"role": "user", "content": "to"}], "max_tokens": 0, "n": 2}
+    whole = httpx.post(f"{url}/v1/chat/completions", json=chat).json()["choices"]
+    assert [(c["message"]["content"], c["finish_reason"]) for c in whole] == [("", "length")] * 2
+    last = chunks_of(url, "/v1/chat/completions", chat)[-1]["choices"]
+    assert [(c["delta"], c["finish_reason"]) for c in last] == [({}, "length")] * 2
+
+
+def test_usage_rides_on_the_chunks_as_openai_sends_it(server):
+    """With include_usage, a chat stream has "usage": null on every chunk but the last (as
+    OpenAI's does); a completions stream names it on the last only."""
+    url = server[0]
+    options = {"max_tokens": 3, "temperature": 0, "stream_options": {"include_usage": True}}
+    chat = chunks_of(url, "/v1/chat/completions",
+                     {"messages": [{"role": "user", "content": "to"}], **options})
+    assert all("usage" in c and c["usage"] is None for c in chat[:-1])
+    assert chat[-1]["usage"]["completion_tokens"] == 3
+    text = chunks_of(url, "/v1/completions", {"prompt": PROMPT, **options})
+    assert all("usage" not in c for c in text[:-1])
+    assert text[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_a_null_temperature_is_openais_default_and_logprobs_stay_numbers(server):
+    """temperature null samples at 1 on both endpoints; a probability that underflows is
+    reported as a log-probability of -1e4, since JSON has no -inf."""
+    url = server[0]
+    for path, body in (("/v1/completions", {"prompt": PROMPT}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "to"}]})):
+        answers = [httpx.post(url + path, json={**body, "max_tokens": 12, "seed": 4,
+                                                "temperature": t}).json()["choices"]
+                   for t in (None, 1.0)]
+        assert answers[0] == answers[1]
+    assert completions.logprob(0.0) == completions.finite(float("-inf")) == -1e4
 
 
 def test_stop_strings_end_the_text_as_generate_does(client, pretrained):
@@ -334,7 +405,7 @@ def test_a_failure_mid_stream_ends_with_an_error_then_done(server, monkeypatch, 
     """A bug that surfaces after the 200 went out: the client gets an OpenAI-style error event
     and [DONE] (the openai client raises it), the log gets the traceback."""
     url = server[0]
-    monkeypatch.setattr(openai_api, "generate", failing_generate(3, ValueError("a bug")))
+    monkeypatch.setattr(completions, "generate", failing_generate(3, ValueError("a bug")))
     body = {"prompt": PROMPT, "max_tokens": 20, "temperature": 0, "stream": True}
     with caplog.at_level(logging.ERROR, logger="smallgpt.serve"):
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
@@ -413,6 +484,26 @@ def test_distribution_endpoint_reproduces_the_streamed_steps(server, pretrained)
         for row, rest in zip(dist["probs"], dist["rest"]):
             assert sum(row) + rest == pytest.approx(1.0, abs=1e-4)
         assert dist["probs"][1][0] > dist["probs"][0][0]  # T < 1 sharpens
+
+
+def test_the_page_and_explore_next_show_one_next_token_distribution(server, pretrained):
+    """/api/distribution and `python -m model.explore next` (analysis.next_token) are one
+    computation: the same tokens, logits and probabilities, to the last bit."""
+    tokenizer, temperatures = pretrained.tokenizer, [0.5, 1.0, 2.0]
+    found = next_token(pretrained.model, tokenizer, PROMPT, temperatures, k=5)
+    dist = httpx.post(f"{server[0]}/api/distribution", json={
+        "tokens": tokenizer.encode(PROMPT), "temperatures": temperatures, "k": 5}).json()
+    assert [(t["id"], t["text"], t["logit"]) for t in dist["tokens"]] == [
+        (s.id, s.token, s.score) for s in found.top]
+    assert dist["probs"] == found.probs and dist["rest"] == found.other
+    # Temperature 0 is greedy decoding's view: the plain softmax, which top-k cannot change.
+    ids = tokenizer.encode(PROMPT)
+    greedy = httpx.post(f"{server[0]}/api/distribution", json={
+        "tokens": ids, "temperatures": [0], "k": 5, "top_k": 1}).json()
+    with torch.no_grad():
+        probs = pretrained.model(torch.tensor([ids]))[0][0, -1].float().softmax(dim=-1)
+    assert greedy["probs"][0] == pytest.approx(
+        probs[[t["id"] for t in greedy["tokens"]]].tolist(), abs=1e-6)
 
 
 def test_attention_and_embedding_endpoints(server, pretrained):

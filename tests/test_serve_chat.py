@@ -5,8 +5,10 @@ and the protocol every endpoint shares: one validation path, seeds, the tokenize
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,10 +21,13 @@ from serve_server import load, running_server, train_tiny  # noqa: E402
 
 from model import GPT, Config, GPTConfig  # noqa: E402
 from model.config import DataConfig  # noqa: E402
-from model.data.chat import TURN_STOPS, render_chat  # noqa: E402
+from model.data.chat import ROLE_ALIASES, ROLES, TURN_STOPS, render_chat  # noqa: E402
 from model.data.tokenizer import train_tokenizer  # noqa: E402
 from model.inference.sampling import generate  # noqa: E402
 from model.serve.chat_api import chat_trained  # noqa: E402
+from model.serve.http_errors import APIError  # noqa: E402
+from model.serve.prompts import chat_prompt  # noqa: E402
+from model.serve.state import Served  # noqa: E402
 from model.weights.checkpoint import save_checkpoint  # noqa: E402
 from model.weights.loading import Pretrained, load_model  # noqa: E402
 
@@ -50,7 +55,7 @@ def client(server):
 def reference(pretrained, messages, n_tokens, **kw) -> list:
     """generate's steps over the template's prompt, with the stop string a base model needs."""
     ids = render_chat(messages, pretrained.tokenizer)
-    return list(generate(pretrained.model, pretrained.tokenizer, ids, n_tokens,
+    return list(generate(pretrained.model, pretrained.tokenizer, ids, max_new_tokens=n_tokens,
                          stop=list(TURN_STOPS), **kw))
 
 
@@ -225,6 +230,33 @@ def test_bad_chat_requests_get_a_clear_4xx(server, body, status, param):
                       json={"messages": USER, "max_tokens": 1}).status_code == 200
 
 
+def test_the_schema_lists_the_roles_the_chat_template_reads(server):
+    """The wire schema's roles come from model.data.chat: each role, then its aliases."""
+    schema = httpx.get(f"{server}/openapi.json").json()
+    roles = schema["components"]["schemas"]["Message"]["properties"]["role"]["enum"]
+    assert roles == ["system", "developer", "user", "assistant"]
+    assert set(roles) == set(ROLES) | set(ROLE_ALIASES)
+
+
+def test_the_chat_template_reads_the_request_messages_and_names_a_bad_field(pretrained):
+    """model.data.chat reads the request's messages as they are (objects with role and content,
+    text parts with type and text, developer as system); a message it rejects is a 400 whose
+    param is the field it names, deeper than 'messages'."""
+    served = Served(model=pretrained.model, tokenizer=pretrained.tokenizer, model_id=NAME,
+                    description="")
+    parts = [SimpleNamespace(type="text", text="t"), SimpleNamespace(type="text", text="o")]
+    messages = [SimpleNamespace(role="developer", content="b"),
+                SimpleNamespace(role="user", content=parts)]
+    ids = asyncio.run(chat_prompt(served, messages))
+    assert ids == render_chat([{"role": "system", "content": "b"},
+                               {"role": "user", "content": "to"}], pretrained.tokenizer)
+    bad = [messages[0], SimpleNamespace(role="user", content=[SimpleNamespace(type="image")])]
+    with pytest.raises(APIError) as err:
+        asyncio.run(chat_prompt(served, bad))
+    assert err.value.status == 400 and err.value.param == "messages[1].content[0]"
+    assert err.value.message.startswith("messages[1].content[0]: only text parts")
+
+
 def test_the_openai_client_raises_the_servers_message(client):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=NAME, messages=USER, temperature=5)
@@ -256,7 +288,7 @@ def test_any_integer_is_a_seed_taken_modulo_2_64(server, pretrained):
 
     def reference_text(seed: int) -> str:
         return "".join(s.delta for s in generate(pretrained.model, pretrained.tokenizer, "to be",
-                                                 10, seed=seed))
+                                                 max_new_tokens=10, seed=seed))
 
     assert completion(2**64 + 5) == completion(2**70 + 5) == reference_text(5)
     assert completion(-(2**64) - 1) == reference_text(2**64 - 1)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model.errors import ConfigError, SamplingError, TokenizerError
-from model.inference.sampling import encode_prompt, scaled, without_padding
+from model.inference.sampling import distribution, encode_prompt, without_padding
 
 if TYPE_CHECKING:
     from model.data.tokenizer import Tokenizer
@@ -187,29 +187,21 @@ class NextToken:
     other: list[float]  # other[j]: the probability of every token not shown, at temperatures[j]
 
 
-@torch.no_grad()
 def next_token(model: GPT, tokenizer: Tokenizer, prompt: str,
                temperatures: tuple[float, ...] | list[float] = (0.5, 1.0, 2.0),
                k: int = 10) -> NextToken:
     """The distribution over the token after `prompt`: the logits, then softmax(logits / T)
-    for each temperature T. Dividing by T < 1 sharpens the distribution, T > 1 flattens it."""
+    for each temperature T (sampling.distribution). Dividing by T < 1 sharpens the
+    distribution, T > 1 flattens it."""
     _check_k(k)
     for t in temperatures:
         if t <= 0:
             raise SamplingError(f"temperatures: each must be > 0, got {t}")
-    idx = _prompt_ids(model, tokenizer, prompt)
-    logits, _ = model(idx)
-    last = logits[0, -1].float()  # (V,): only the last position predicts the unseen next token
-    last = without_padding(last, tokenizer.vocab_size)
-    top = last.topk(min(k, tokenizer.vocab_size))
-    ids = top.indices.tolist()
-    probs, other = [], []
-    for t in temperatures:
-        p = scaled(last, t).softmax(dim=-1)
-        probs.append(p[ids].tolist())
-        other.append(max(0.0, 1.0 - p[ids].sum().item()))
-    shown = [Scored(i, tokenizer.token_text(i), v) for i, v in zip(ids, top.values.tolist())]
-    return NextToken(_pieces(tokenizer, idx), list(temperatures), shown, probs, other)
+    ids = encode_prompt(tokenizer, prompt, model.config.block_size, on_overflow="error")
+    found = distribution(model, tokenizer, ids, temperatures=temperatures, k=k)
+    top = [Scored(c.id, c.text, c.logit) for c in found.tokens]
+    return NextToken([tokenizer.token_text(i) for i in ids], found.temperatures, top,
+                     found.probs, found.rest)
 
 
 @dataclass

@@ -357,3 +357,67 @@ def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], max_new_to
                 logits = model(window)[0][:, -1]  # the reference: the whole window from scratch
     finally:
         model.train(was_training)
+
+
+def window_start(prompt_len: int, index: int, block_size: int, shift: int | None = None) -> int:
+    """Where, in the prompt followed by the generated tokens, the context that `generate` used
+    for its step `index` begins (generate's window policy, see the module docstring): the window
+    grows to block_size, then moves on by `shift` tokens at once (default block_size // 4). It
+    ends just before the step's token, at prompt_len + index."""
+    shift = shift if shift is not None else max(1, block_size // 4)
+    keep = block_size + 1 - shift
+    length = prompt_len
+    for _ in range(index):
+        length += 1
+        if length > block_size:
+            length = keep
+    return prompt_len + index - length
+
+
+@dataclass
+class Candidate:
+    """A token a Distribution lists: its id, its text (tokenizer.token_text) and its logit."""
+
+    id: int
+    text: str
+    logit: float
+
+
+@dataclass
+class Distribution:
+    """The next-token distribution after some tokens. `tokens` are the k likeliest (by logit,
+    so the likeliest at every temperature) plus any asked for; probs[j][i] is tokens[i]'s
+    probability at temperatures[j], and rest[j] the total of every token not listed."""
+
+    tokens: list[Candidate]
+    temperatures: list[float]
+    probs: list[list[float]]
+    rest: list[float]
+
+
+@torch.inference_mode()
+def distribution(model: nn.Module, tokenizer: Tokenizer, ids: Sequence[int], *,
+                 temperatures: Sequence[float], k: int, top_k: int | None = None,
+                 top_p: float | None = None, include: Sequence[int] = ()) -> Distribution:
+    """softmax(filter(logits / T)) after `ids` for each temperature T, the distribution
+    `generate` draws the next token from: top-k and top-p apply after the temperature, and
+    T = 0 reports the plain softmax, as greedy decoding does (sample_next). `ids` must fit the
+    context; ids past the tokenizer's vocabulary are never listed."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    logits = model(idx)[0][0, -1].float()  # (V,): the last position predicts the next token
+    logits = without_padding(logits, tokenizer.vocab_size)
+    shown = logits.topk(min(k, tokenizer.vocab_size)).indices.tolist()
+    shown += [i for i in include if i not in shown]
+    probs, rest = [], []
+    for t in temperatures:
+        if t == 0:
+            p = logits.softmax(dim=-1)
+        else:
+            p = filter_logits(scaled(logits, t)[None], top_k, top_p)[0].softmax(dim=-1)
+        row = p[shown]
+        probs.append(row.tolist())
+        rest.append(max(0.0, 1.0 - row.sum().item()))
+    tokens = [Candidate(i, tokenizer.token_text(i), v)
+              for i, v in zip(shown, logits[shown].tolist())]
+    return Distribution(tokens, list(temperatures), probs, rest)

@@ -144,3 +144,30 @@ def score_text(model: nn.Module, tokenizer: Tokenizer, text: str, top: int = 0,
     scores = score_tokens(model, ids, top, stride, batch_size, tokenizer.vocab_size)
     scores.texts = [tokenizer.token_text(t) for t in scores.tokens.tolist()]
     return scores
+
+
+@dataclass
+class TokenLogprob:
+    """One token of a text with the log-probability the model gave it and the `top` likeliest
+    tokens at its position as (text, log-probability), best first."""
+
+    token: int
+    text: str
+    logprob: float | None  # None for the first token: nothing predicts it
+    top: list[tuple[str, float]] | None  # None for the first token
+
+
+def prompt_logprobs(model: nn.Module, tokenizer: Tokenizer, ids: Sequence[int],
+                    top: int = 0) -> list[TokenLogprob]:
+    """Every token of `ids` with log p(ids[t] | ids[:t]) and the `top` likeliest alternatives,
+    from score_tokens in one forward pass (len(ids) must be at most the context size). A
+    probability that underflows is -inf."""
+    scores = score_tokens(model, ids, top=top, vocab_size=tokenizer.vocab_size)
+    out = [TokenLogprob(ids[0], tokenizer.token_text(ids[0]), None, None)]
+    top_ids = scores.top_ids.tolist() if top else [[] for _ in ids[1:]]
+    top_lp = scores.top_logprobs.tolist() if top else [[] for _ in ids[1:]]
+    for t, (lp, row_ids, row_lp) in enumerate(zip(scores.logprobs.tolist(), top_ids, top_lp),
+                                              start=1):
+        alternatives = [(tokenizer.token_text(i), v) for i, v in zip(row_ids, row_lp)]
+        out.append(TokenLogprob(ids[t], tokenizer.token_text(ids[t]), lp, alternatives))
+    return out

@@ -20,7 +20,9 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from model.serve import chat_api, openai_api, pages
 from model.serve.http_errors import install_handlers
+from model.serve.protocol import FIELD_HELP, openapi_for
 from model.serve.state import DEFAULT_MAX_TOKENS, Served
 from model.weights.loading import Pretrained
 
@@ -34,14 +36,11 @@ def model_id(pretrained: Pretrained, name: str | None = None) -> str:
 
 def create_app(pretrained: Pretrained, name: str | None = None,
                max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
-    """The app serving `pretrained` (from model.pretrained.load_model) under the id `name`."""
-    # FastAPI and pydantic load only when a server is made.
-    from model.serve import chat_api, openai_api, pages
-    from model.serve.protocol import openapi_for
-
-    served = Served(pretrained.model.eval(), pretrained.tokenizer,
-                    model_id(pretrained, name), pretrained.description, max_tokens,
-                    chat_api.chat_trained(pretrained))
+    """The app serving `pretrained` (from model.weights.loading.load_model) under the id
+    `name`."""
+    served = Served(model=pretrained.model.eval(), tokenizer=pretrained.tokenizer,
+                    model_id=model_id(pretrained, name), description=pretrained.description,
+                    max_tokens=max_tokens, chat_trained=chat_api.chat_trained(pretrained))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,7 +58,7 @@ def create_app(pretrained: Pretrained, name: str | None = None,
     app = FastAPI(title="smallgpt", summary=f"serving {served.model_id}", lifespan=lifespan,
                   docs_url=None, redoc_url=None, **lenient)
     app.state.served = served
-    install_handlers(app)
+    install_handlers(app, FIELD_HELP)
     app.include_router(openai_api.router)
     app.include_router(chat_api.router)
     app.include_router(pages.router)

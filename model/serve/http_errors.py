@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.errors import SmallGPTError
+from model.errors import ChatFormatError, SmallGPTError
 from model.serve.engine import EngineStopped
 
 T = TypeVar("T")
@@ -46,7 +46,10 @@ class APIError(Exception):
 
 def from_library(exc: SmallGPTError, param: str | None) -> APIError:
     """A library error (bad text for the tokenizer, a sampling argument out of range) as a 400
-    about `param`, which the message names first."""
+    about `param`, which the message names first. A malformed conversation names its own
+    field, deeper inside `param` (messages[1].content[0])."""
+    if isinstance(exc, ChatFormatError) and exc.field:
+        return APIError(str(exc), exc.field)
     return APIError(f"'{param}': {exc}" if param else str(exc), param)
 
 
@@ -83,20 +86,9 @@ def stream_error(exc: Exception, path: str) -> APIError:
     return internal_error(exc)
 
 
-# Messages for fields whose pydantic errors (one per branch of a union) say little on their own.
-FIELD_HELP = {
-    "prompt": "must be a string, a list of strings, a list of token ids, or a list of lists of "
-              "token ids (each within the limits in /openapi.json)",
-    "stop": f"must be a non-empty string or a list of at most {16} non-empty strings",
-    "top_k": "must be an integer >= 1, or -1 (or null) for no limit",
-    "content": "must be a string or a list of text parts ({\"type\": \"text\", \"text\": ...})",
-    "words": "must be a list of words or a string of words separated by spaces",
-}
-
-
-def validation_error(errors: Sequence[Any]) -> APIError:
+def validation_error(errors: Sequence[Any], field_help: Mapping[str, str]) -> APIError:
     """The first field pydantic rejected (FastAPI's RequestValidationError.errors()), named,
-    with what was expected and what came."""
+    with what was expected (field_help's words for the field, else pydantic's) and what came."""
     first = errors[0]
     loc = [part for part in first["loc"] if part != "body"]
     if first["type"] == "json_invalid":
@@ -110,8 +102,8 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     param, field = path(loc), str(loc[0])
     if first["type"] == "missing":
         return APIError(f"'{param}' is required", param, "missing_field")
-    leaf = next((str(x) for x in reversed(loc) if str(x) in FIELD_HELP), field)
-    expected = FIELD_HELP.get(leaf, re.sub(r"^\w+ should", "should", first["msg"]).replace(
+    leaf = next((str(x) for x in reversed(loc) if str(x) in field_help), field)
+    expected = field_help.get(leaf, re.sub(r"^\w+ should", "should", first["msg"]).replace(
         " after validation", ""))
     given = json.dumps(first.get("input"), default=str)
     given = given if len(given) <= 60 else given[:57] + "..."
@@ -162,8 +154,9 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def install_handlers(app: FastAPI) -> None:
-    """Every error leaves the server in OpenAI's format; none stops it."""
+def install_handlers(app: FastAPI, field_help: Mapping[str, str]) -> None:
+    """Every error leaves the server in OpenAI's format; none stops it. `field_help` says what a
+    field must be where pydantic's own words say little (see validation_error)."""
     app.add_middleware(BodyLimit)
 
     @app.exception_handler(APIError)
@@ -172,7 +165,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc.errors()).response()
+        return validation_error(exc.errors(), field_help).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -24,14 +24,10 @@ from fastapi.responses import StreamingResponse
 
 from model.data.chat import TURN_STOPS
 from model.errors import SmallGPTError
-from model.inference import (  # the explorations, as in python -m model.explore
-    analysis,
-)
-from model.inference.sampling import generate
-from model.serve.chat_api import chat_prompt
-from model.serve.compute import distribution, window_start
+from model.inference import analysis  # the explorations, as in python -m model.explore
+from model.inference.sampling import distribution, generate, window_start
 from model.serve.http_errors import from_library, stream_error
-from model.serve.openai_api import encode, event_stream
+from model.serve.prompts import chat_prompt, encode
 from model.serve.protocol import (
     ERRORS,
     STREAMED,
@@ -42,6 +38,7 @@ from model.serve.protocol import (
     GenerateRequest,
     NeighborsRequest,
     check,
+    event_stream,
     sse,
 )
 from model.serve.state import Served, ServedModel
@@ -86,9 +83,9 @@ async def generate_page(req: GenerateRequest,
         yield sse({"type": "prompt", "block_size": served.block_size,
                    "tokens": [{"id": i, "text": tokenizer.token_text(i)} for i in ids]})
         steps = served.engine.stream(lambda: generate(
-            served.model, tokenizer, ids, req.new_tokens(served), req.temperature, req.top_k,
-            req.top_p,
-            req.seed, stop=stop, show_top=req.k))
+            served.model, tokenizer, ids, max_new_tokens=req.new_tokens(served),
+            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+            stop=stop, show_top=req.k))
         try:
             async for step in steps:
                 yield sse({"type": "token", "index": step.index, "token": step.token,
@@ -113,8 +110,8 @@ async def distribution_page(req: DistributionRequest,
     ids = req.tokens or [served.tokenizer.eot_id]
     served.check_context(ids, "tokens")
     result = await on_model(served, lambda: distribution(
-        served.model, served.tokenizer, ids, req.temperatures, req.k, req.top_k, req.top_p,
-        req.include), "tokens")
+        served.model, served.tokenizer, ids, temperatures=req.temperatures, k=req.k,
+        top_k=req.top_k, top_p=req.top_p, include=req.include), "tokens")
     return analysis.to_jsonable(result)
 
 

@@ -4,7 +4,8 @@ request before any work starts.
 A request is checked in two steps, the same for the OpenAI endpoints and the page's:
 1. pydantic, against the model declared here (types and every range that does not depend on
    the served model). FastAPI reads these models, so /openapi.json and /docs show each body
-   with its limits; a failure is a 400 naming the field (http_errors.validation_error).
+   with its limits; a failure is a 400 naming the field (http_errors.validation_error,
+   in the words of FIELD_HELP where pydantic's say little).
 2. `check(req, served)`, against the served model: its name, the server's max_tokens, the
    vocabulary, layers and heads. `openapi_for(schema, served)` writes the same limits into the
    published schema, so a request the schema allows is one the server accepts. The one limit a
@@ -18,10 +19,13 @@ so clients that send options a small model has no use for (user, ...) keep worki
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, Union
 
+from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from model.data.chat import ROLE_ALIASES, ROLES
 from model.data.tokenizer import EOT_TEXT, CharTokenizer
 from model.serve.http_errors import APIError
 from model.serve.state import Served
@@ -35,6 +39,17 @@ MAX_K = 100  # alternatives or neighbours in one answer of the page's endpoints
 MAX_TEMPERATURES = 64
 MAX_WORDS = 200
 SEEDS = 1 << 64  # torch.Generator.manual_seed takes [-2**63, 2**64): a seed is taken modulo this
+
+# What a field must be, for the fields whose pydantic errors (one per branch of a union) say
+# little on their own: model.serve.http_errors.validation_error says this instead.
+FIELD_HELP = {
+    "prompt": "must be a string, a list of strings, a list of token ids, or a list of lists of "
+              "token ids (each within the limits in /openapi.json)",
+    "stop": f"must be a non-empty string or a list of at most {MAX_STOPS} non-empty strings",
+    "top_k": "must be an integer >= 1, or -1 (or null) for no limit",
+    "content": "must be a string or a list of text parts ({\"type\": \"text\", \"text\": ...})",
+    "words": "must be a list of words or a string of words separated by spaces",
+}
 
 
 def integral(value: Any) -> Any:
@@ -104,6 +119,10 @@ class Sampling(Body):
     def top_k_or_none(self) -> int | None:
         return None if self.top_k in (None, -1) else self.top_k
 
+    def new_tokens(self, served: Served) -> int:
+        """How many tokens to generate at most (each endpoint has its own default)."""
+        raise NotImplementedError
+
 
 class CompletionRequest(Sampling):
     prompt: Union[PromptText,  # noqa: UP007
@@ -122,19 +141,22 @@ class CompletionRequest(Sampling):
         return min(16, served.max_tokens) if self.max_tokens is None else self.max_tokens
 
 
+# The roles a request may name: model.data.chat's, each followed by its aliases.
+Role = Literal[tuple(name for role in ROLES for name in
+                     (role, *(alias for alias, same in ROLE_ALIASES.items() if same == role)))]
+
+
+# The wire schema of a message, for /openapi.json and the first check; the conversation itself
+# is read, checked and rendered by model.data.chat (model.serve.prompts.chat_prompt).
 class TextPart(Body):
     type: Literal["text"]
     text: Text
 
 
 class Message(Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Role
     content: Union[Text, Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]]  # noqa: UP007
     name: str | None = None
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(
-            part.text for part in self.content)
 
 
 Messages = Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
@@ -336,3 +358,9 @@ def sse(data: dict[str, Any] | str) -> str:
     """One server-sent event: `data: <json>` and a blank line (OpenAI's and the page's framing)."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     return f"data: {text}\n\n"
+
+
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    """The response that sends `events` (sse() strings) as they come."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
