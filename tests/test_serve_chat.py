@@ -24,7 +24,6 @@ from model.config import DataConfig  # noqa: E402
 from model.data.chat import ROLE_ALIASES, ROLES, TURN_STOPS, render_chat  # noqa: E402
 from model.data.tokenizer import train_tokenizer  # noqa: E402
 from model.inference.sampling import generate  # noqa: E402
-from model.serve.chat_api import chat_trained  # noqa: E402
 from model.serve.http_errors import APIError  # noqa: E402
 from model.serve.prompts import chat_prompt  # noqa: E402
 from model.serve.state import Served  # noqa: E402
@@ -177,7 +176,7 @@ def test_models_say_whether_the_model_was_chat_trained(client, pretrained, tmp_p
     """A base model says chat_trained false (chat still answers, as above); a checkpoint whose
     run trained on chat data (data.format "chat") says true, in /v1/models and /api/info."""
     assert client.models.retrieve(NAME).model_extra["chat_trained"] is False
-    assert not chat_trained(pretrained)
+    assert not pretrained.chat_trained
     tokenizer = train_tokenizer("char", ["abcdefghijklmnopqrstuvwxyz :\nSUA"])
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2,
                        n_embd=16)

@@ -40,7 +40,7 @@ def create_app(pretrained: Pretrained, name: str | None = None,
     `name`."""
     served = Served(model=pretrained.model.eval(), tokenizer=pretrained.tokenizer,
                     model_id=model_id(pretrained, name), description=pretrained.description,
-                    max_tokens=max_tokens, chat_trained=chat_api.chat_trained(pretrained))
+                    max_tokens=max_tokens, chat_trained=pretrained.chat_trained)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

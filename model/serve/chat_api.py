@@ -20,16 +20,8 @@ from model.serve.completions import Choice, CompletionJob, logprob
 from model.serve.prompts import chat_prompt
 from model.serve.protocol import ERRORS, STREAMED, ChatCompletionRequest, check
 from model.serve.state import Served, ServedModel
-from model.weights.loading import Pretrained
 
 router = APIRouter(responses=ERRORS)
-
-
-def chat_trained(pretrained: Pretrained) -> bool:
-    """Whether the checkpoint was fine-tuned on conversations: its run's config says the data
-    was chat data (data.format "chat", which the chat configs set)."""
-    data = getattr(pretrained.config, "data", None)
-    return getattr(data, "format", None) == "chat"
 
 
 class ChatCompletion(CompletionJob):

@@ -29,7 +29,7 @@ class Served:
     model_id: str  # what /v1/models lists and requests may name
     description: str
     max_tokens: int = DEFAULT_MAX_TOKENS
-    chat_trained: bool = False  # fine-tuned on conversations (see model.serve.chat_api)
+    chat_trained: bool = False  # fine-tuned on conversations (Pretrained.chat_trained)
     engine: Engine = field(default_factory=Engine)
     created: int = field(default_factory=lambda: int(time.time()))
 
