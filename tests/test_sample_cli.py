@@ -194,11 +194,13 @@ def test_the_model_loaded_is_named(cli, saved):
 
 
 def test_threads_sets_torch_cpu_threads(cli, monkeypatch):
+    from model import runtime
+
     seen = []
-    monkeypatch.setattr(sample, "configure_threads", seen.append)
+    monkeypatch.setattr(runtime, "configure_threads", seen.append)
     assert cli("--prompt", "B", "--max-new-tokens", "1", "--threads", "3")[0] == 0
     assert cli("--prompt", "B", "--max-new-tokens", "1")[0] == 0
-    assert seen == [3, sample.default_threads()]
+    assert seen == [3, runtime.default_threads()]
 
 
 def test_interactive_appends_each_exchange(cli, monkeypatch):

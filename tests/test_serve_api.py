@@ -62,7 +62,8 @@ def reference(pretrained, prompt, n_tokens, **kw) -> list[str]:
     """model.sampling.generate's texts, one per sample."""
     n = kw.get("num_samples", 1)
     texts = [""] * n
-    for step in generate(pretrained.model, pretrained.tokenizer, prompt, n_tokens, **kw):
+    for step in generate(pretrained.model, pretrained.tokenizer, prompt, max_new_tokens=n_tokens,
+                         **kw):
         texts[step.sample] += step.delta
     return texts
 

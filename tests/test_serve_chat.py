@@ -50,7 +50,7 @@ def client(server):
 def reference(pretrained, messages, n_tokens, **kw) -> list:
     """generate's steps over the template's prompt, with the stop string a base model needs."""
     ids = render_chat(messages, pretrained.tokenizer)
-    return list(generate(pretrained.model, pretrained.tokenizer, ids, n_tokens,
+    return list(generate(pretrained.model, pretrained.tokenizer, ids, max_new_tokens=n_tokens,
                          stop=list(TURN_STOPS), **kw))
 
 

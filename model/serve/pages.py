@@ -86,9 +86,9 @@ async def generate_page(req: GenerateRequest,
         yield sse({"type": "prompt", "block_size": served.block_size,
                    "tokens": [{"id": i, "text": tokenizer.token_text(i)} for i in ids]})
         steps = served.engine.stream(lambda: generate(
-            served.model, tokenizer, ids, req.new_tokens(served), req.temperature, req.top_k,
-            req.top_p,
-            req.seed, stop=stop, show_top=req.k))
+            served.model, tokenizer, ids, max_new_tokens=req.new_tokens(served),
+            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+            stop=stop, show_top=req.k))
         try:
             async for step in steps:
                 yield sse({"type": "token", "index": step.index, "token": step.token,
@@ -141,7 +141,7 @@ async def analogy_page(req: AnalogyRequest,
                        served: ServedModel) -> dict[str, Any]:
     check(req, served)
     result = await on_model(served, lambda: analysis.analogy(
-        served.model, served.tokenizer, req.a, req.b, req.c, req.k), "a")
+        served.model, served.tokenizer, req.a, req.b, req.c, k=req.k), "a")
     return analysis.to_jsonable(result)
 
 
