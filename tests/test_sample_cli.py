@@ -222,6 +222,21 @@ def test_interactive_appends_each_exchange(cli, monkeypatch):
     assert err.count("> ") == 3  # asked twice, then once more before "exit"
 
 
+def test_each_interactive_turn_draws_with_the_next_seed(cli, monkeypatch):
+    """--seed S: turn i samples with seed S + i, so a session replays, yet turns differ."""
+    seeds = []
+    real = sample.generate
+
+    def spy(model, tokenizer, prompt, **kwargs):
+        seeds.append(kwargs["seed"])
+        return real(model, tokenizer, prompt, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", spy)
+    assert cli("--interactive", "--seed", "3", "--max-new-tokens", "2",
+               stdin="But\nAy me.\nexit\n")[0] == 0
+    assert seeds == [3, 4]
+
+
 def test_conversation_appends_each_exchange():
     chat = sample.Conversation("You are terse.")
     assert chat.prompt("Hi") == "You are terse.\nHi\n"
