@@ -256,7 +256,7 @@ def test_any_integer_is_a_seed_taken_modulo_2_64(server, pretrained):
 
     def reference_text(seed: int) -> str:
         return "".join(s.delta for s in generate(pretrained.model, pretrained.tokenizer, "to be",
-                                                 10, seed=seed))
+                                                 max_new_tokens=10, seed=seed))
 
     assert completion(2**64 + 5) == completion(2**70 + 5) == reference_text(5)
     assert completion(-(2**64) - 1) == reference_text(2**64 - 1)
