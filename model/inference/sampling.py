@@ -5,7 +5,8 @@
     the top alternatives, optionally the raw logits)
 
 `generate` yields a `Step` for every new token of every sample, so a caller can stream the text,
-print the distribution behind each choice, or collect the tokens for research. Research code can
+print the distribution behind each choice, or collect the tokens for research. How it samples is
+one frozen `SamplingParams`, or the same fields as keyword arguments. Research code can
 change the logits before the draw with a logits processor, `fn(ids, logits) -> logits`: it sees
 every token so far (the prompt and all generated tokens, also those the context window has moved
 past) and the logits (B, V) of the step; `repetition_penalty` is one.
