@@ -167,8 +167,9 @@ def main() -> None:
         direct = []
         for r in range(args.repeats):
             start = time.perf_counter()
-            n = sum(1 for _ in generate(model, tokenizer_from_spec(spec), PROMPT, args.tokens,
-                                        temperature=1.0, seed=r, show_top=0))
+            n = sum(1 for _ in generate(model, tokenizer_from_spec(spec), PROMPT,
+                                        max_new_tokens=args.tokens, temperature=1.0, seed=r,
+                                        show_top=0))
             direct.append(n / (time.perf_counter() - start))
         print(f"direct generate, no server: {max(direct):.1f} tokens/s")
         print(f"{'clients':>7}  {'aggregate tok/s':>15}  {'per client tok/s':>16}  "

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from model.data.tokenizer import train_tokenizer
-from model.inference import sampling
+from model.inference import chat_eval
 from model.inference.chat_eval import ChatScore, normalise, report, score_chat
 
 OPTIONS = ["Macbeth", "Othello", "Pericles", "Cymbeline"]
@@ -55,7 +55,7 @@ def replying(monkeypatch, *replies: tuple[str, str | None]) -> None:
     def fake(model, tokenizer, prompt, **kw):
         text, finished = queue.pop(0)
         return [SimpleNamespace(delta=text, finished=finished)]
-    monkeypatch.setattr(sampling, "generate", fake)
+    monkeypatch.setattr(chat_eval, "generate", fake)
 
 
 def test_free_replies_count_turn_endings_and_matches_against_chance(chars, monkeypatch):

@@ -426,7 +426,6 @@ def test_a_run_killed_between_the_swaps_loads_from_the_copy_it_kept(tmp_path):
 
 def test_a_command_line_load_resolves_the_name_once(tmp_path, monkeypatch, capsys):
     from model.cli.common import load_named_model
-    from model.runtime import DtypeChoice
     from model.weights import checkpoint, loading
 
     model, ckpt = saved_model(tmp_path)
@@ -444,11 +443,9 @@ def test_a_command_line_load_resolves_the_name_once(tmp_path, monkeypatch, capsy
     for module, name in ((loading, "find_checkpoints"), (loading, "resolve_checkpoint"),
                          (loading, "read_checkpoint_config"), (checkpoint, "_check_format")):
         monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
-    auto = DtypeChoice(torch.float32, automatic=True, native=True, device_type="cpu",
-                       reason="auto: float32 on this CPU")
     for name in (None, "out/run"):
         calls.clear()
-        loaded = load_named_model(name, "cpu", precision=auto)
+        loaded = load_named_model(name, "cpu", dtype="auto")
         assert loaded.path == Path("out/run/latest")
         assert sorted(calls) == sorted(["resolve_checkpoint", "read_checkpoint_config",
                                         "_check_format"] + ([] if name else ["find_checkpoints"]))

@@ -194,11 +194,13 @@ def test_the_model_loaded_is_named(cli, saved):
 
 
 def test_threads_sets_torch_cpu_threads(cli, monkeypatch):
+    from model import runtime
+
     seen = []
-    monkeypatch.setattr(sample, "configure_threads", seen.append)
+    monkeypatch.setattr(runtime, "configure_threads", seen.append)
     assert cli("--prompt", "B", "--max-new-tokens", "1", "--threads", "3")[0] == 0
     assert cli("--prompt", "B", "--max-new-tokens", "1")[0] == 0
-    assert seen == [3, sample.default_threads()]
+    assert seen == [3, runtime.default_threads()]
 
 
 def test_interactive_appends_each_exchange(cli, monkeypatch):
@@ -218,6 +220,21 @@ def test_interactive_appends_each_exchange(cli, monkeypatch):
     assert prompts == ["JULIET:\nBut\n", f"JULIET:\nBut\n{replies[0]}\nAy me.\n"]
     assert out == f"{replies[0]}\n{replies[1]}\n"
     assert err.count("> ") == 3  # asked twice, then once more before "exit"
+
+
+def test_each_interactive_turn_draws_with_the_next_seed(cli, monkeypatch):
+    """--seed S: turn i samples with seed S + i, so a session replays, yet turns differ."""
+    seeds = []
+    real = sample.generate
+
+    def spy(model, tokenizer, prompt, **kwargs):
+        seeds.append(kwargs["seed"])
+        return real(model, tokenizer, prompt, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", spy)
+    assert cli("--interactive", "--seed", "3", "--max-new-tokens", "2",
+               stdin="But\nAy me.\nexit\n")[0] == 0
+    assert seeds == [3, 4]
 
 
 def test_conversation_appends_each_exchange():

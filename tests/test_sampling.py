@@ -11,6 +11,8 @@ from torch import nn
 from model import GPT, ConfigError, GPTConfig, SamplingError, TokenizerError
 from model.data.tokenizer import train_tokenizer
 from model.inference.sampling import (
+    SamplingParams,
+    Step,
     TextStream,
     encode_prompt,
     filter_logits,
@@ -330,6 +332,61 @@ def test_bad_arguments_fail_at_the_call_with_one_line(chars, kwargs, words):
     with pytest.raises(SamplingError, match=words) as info:
         generate(model, chars, "F", **kwargs)  # no iteration needed
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(temperature=math.inf), "temperature"),
+    (dict(top_p=0.0), "top-p"),
+    (dict(top_k=0), "top-k"),
+    (dict(max_new_tokens=-1), "max-new-tokens"),
+    (dict(num_samples=0), "num-samples"),
+    (dict(show_top=-1), "alternatives to show"),
+    (dict(stop=("a", "")), "stop"),
+])
+def test_sampling_params_are_checked_on_construction(kwargs, words):
+    with pytest.raises(SamplingError, match=words) as info:
+        SamplingParams(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_sampling_params_are_frozen_named_and_hold_their_stop_strings_as_a_tuple():
+    params = SamplingParams(stop=["\n\n", "END"], temperature=0.5)
+    assert params.stop == ("\n\n", "END") and hash(params) == hash(SamplingParams(
+        stop=("\n\n", "END"), temperature=0.5))
+    with pytest.raises(AttributeError):
+        params.temperature = 1.0  # frozen
+    with pytest.raises(TypeError):
+        SamplingParams(20)  # every field by name
+
+
+def test_generate_takes_params_or_their_fields_by_keyword(chars):
+    """params=SamplingParams(...) and the same fields as keywords give the same steps;
+    keywords given with params replace those fields; anything else is a TypeError."""
+    model = sharp_model(chars.vocab_size)
+    fields = dict(max_new_tokens=12, temperature=1.3, top_k=9, top_p=0.9, num_samples=2,
+                  stop=["ee"], show_top=3)
+    by_name = list(generate(model, chars, "Fir", seed=5, **fields))
+    by_params = list(generate(model, chars, "Fir", params=SamplingParams(seed=5, **fields)))
+    overridden = list(generate(model, chars, "Fir", params=SamplingParams(seed=4, **fields),
+                               seed=5))
+    assert by_name == by_params == overridden
+    assert tokens_of(generate(model, chars, "Fir", seed=4, **fields)) != tokens_of(by_name)
+    with pytest.raises(TypeError, match="'temprature'"):
+        generate(model, chars, "Fir", temprature=0.5)
+    with pytest.raises(TypeError):
+        generate(model, chars, "Fir", 12)  # max_new_tokens and the rest by keyword only
+
+
+def test_step_to_dict_is_the_json_of_sample_py_and_of_the_page():
+    step = Step(1, 4, 7, "a", 0.5, [(7, "a", 0.5), (3, "b", 0.25)], "a", "length",
+                torch.zeros(3))
+    assert list(step.to_dict().items()) == [
+        ("sample", 1), ("index", 4), ("token", 7), ("text", "a"), ("prob", 0.5),
+        ("top", [{"token": 7, "text": "a", "prob": 0.5}, {"token": 3, "text": "b", "prob": 0.25}]),
+        ("delta", "a"), ("finished", "length")]
+    assert step.to_dict(top_id="id", with_sample=False) == {
+        "index": 4, "token": 7, "text": "a", "prob": 0.5, "delta": "a", "finished": "length",
+        "top": [{"id": 7, "text": "a", "prob": 0.5}, {"id": 3, "text": "b", "prob": 0.25}]}
 
 
 def test_unknown_characters_in_the_prompt_are_named(chars):

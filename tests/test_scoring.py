@@ -128,3 +128,14 @@ def test_no_gradients_are_kept():
     scores = score_tokens(model, [1, 2, 3, 4], top=2)
     assert not scores.logprobs.requires_grad
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_vocabulary_is_the_tokenizers_when_the_head_is_padded():
+    """vocab_size (the tokenizer's) is the one vocabulary: ids at or past it are refused, and
+    the padded head's extra ids are in no distribution."""
+    model = tiny_model()  # a head of 23
+    scores = score_tokens(model, [1, 2, 3, 4], top=40, vocab_size=20)
+    assert scores.top_ids.shape == (3, 20) and int(scores.top_ids.max()) < 20
+    torch.testing.assert_close(scores.top_logprobs.exp().sum(-1), torch.ones(3))
+    with pytest.raises(ConfigError, match="token ids in 0..19"):
+        score_tokens(model, [1, 21], vocab_size=20)

@@ -7,9 +7,9 @@ import argparse
 import json
 from dataclasses import asdict
 
-from model.cli.common import load_named_model, run_cli
+from model.cli.common import load_named_model, run_cli, use_threads
 from model.inference.chat_eval import held_out, report, score_chat
-from model.runtime import configure_threads, default_threads, pick_device
+from model.runtime import pick_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,13 +29,13 @@ def _run(argv: list[str] | None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.add_argument("--examples", type=int, default=0, help="print the first N replies")
     args = p.parse_args(argv)
-    configure_threads(default_threads())
+    use_threads(None)
     device = pick_device(args.device, setting="--device")
     records = held_out(args.limit)
     for name in args.models:
         loaded = load_named_model(name, device)
-        score = score_chat(loaded.model, loaded.tokenizer, records, name, args.max_new_tokens,
-                           args.examples)
+        score = score_chat(loaded.model, loaded.tokenizer, records, name=name,
+                           max_new_tokens=args.max_new_tokens, keep_examples=args.examples)
         if args.json:
             print(json.dumps({**asdict(score), "ended_share": score.ended_share,
                               "accuracy": score.accuracy, "chance": score.chance_accuracy,

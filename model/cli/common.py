@@ -1,5 +1,9 @@
 """Shared plumbing for the command-line fronts: user errors become one line and an exit code,
-and a model named on the command line is loaded with a note on what it is."""
+--threads is checked and applied, and a model named on the command line is loaded with a note on
+what it is.
+
+torch and the loaders are imported inside the functions that use them: `python -m model.data`
+needs neither, and starts without them."""
 
 from __future__ import annotations
 
@@ -7,12 +11,11 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
-from model.errors import SmallGPTError
+from model.errors import SamplingError, SmallGPTError
 
 if TYPE_CHECKING:
     import torch
 
-    from model.runtime import DtypeChoice
     from model.weights.loading import Pretrained
 
 
@@ -33,34 +36,53 @@ def run_cli(main: Callable[[], int | None]) -> int:
         return 0
 
 
-def load_named_model(name: str | None, device: str | torch.device,
-                     err: TextIO | None = None,
-                     precision: DtypeChoice | None = None, *, pack: bool = False) -> Pretrained:
+def use_threads(threads: int | None) -> None:
+    """--threads: torch's CPU threads, by default the cores no other process is busy on at
+    start (model.runtime.default_threads)."""
+    from model.runtime import configure_threads, default_threads
+
+    if threads is not None and threads < 1:
+        raise SamplingError(f"--threads must be >= 1, got {threads}")
+    configure_threads(threads or default_threads())
+
+
+def load_named_model(name: str | None, device: str | torch.device = "auto", *,
+                     dtype: str | None = None, pack: bool = False, compile: bool = False,
+                     err: TextIO | None = None) -> Pretrained:
     """The model `name` names (model.weights.loading: with no name, the newest checkpoint under
-    out/), saying on stderr what was loaded, since the user should know which one. With
-    `precision` the weights are converted to its dtype as they are read (bfloat16 halves the
-    memory each generated token reads) and the line says which dtype and why. `pack`: for
-    generation only, the linear layers are packed for oneDNN where the CPU can
-    (model/network/packed.py). The name is resolved once for all of it."""
+    out/), saying on stderr what was loaded, since the user should know which one.
+
+    `device` and `dtype` are as the user wrote them (--device auto, cpu, cuda:N or mps; --dtype
+    auto, float32, bfloat16 or float16), or a device already picked. With `dtype` the weights
+    are converted as they are read (bfloat16 halves the memory each generated token reads) and
+    the line says which dtype and why; without it they keep the dtype they were saved in.
+    `pack`: for generation only, the linear layers are packed for oneDNN where the CPU can
+    (model/network/packed.py). `compile`: torch.compile with dynamic shapes, one graph for
+    every cache length instead of a recompile per token (packing is then left out). The name
+    is resolved once for all of it."""
+    from model.runtime import choose_dtype, generation_precision, pick_device
     from model.weights.loading import load_model, locate, parameter_count
 
+    if isinstance(device, str):
+        device = pick_device(device, setting="--device")
+    precision = None if dtype is None else choose_dtype(dtype, device, setting="--dtype")
     located = locate(name)
-    dtype = None
     if precision is not None:
-        from model.runtime import generation_precision
-
         # Chosen before the weights are read, so that they are converted as they load.
         precision = generation_precision(precision, parameter_count(located))
-        dtype = precision.dtype
-    loaded = load_model(located, device, dtype=dtype)
+    loaded = load_model(located, device, dtype=None if precision is None else precision.dtype)
     which = "" if name else "the newest checkpoint under out/: "
     line = f"using {which}{loaded.description}"
     if precision is not None:
         line += f", in {precision.describe()}"
-    if pack:
+    if pack and not compile:
         from model.network.packed import pack_linears
 
         if pack_linears(loaded.model):
             line += "; linear layers packed for oneDNN (--no-pack: PyTorch's own kernels)"
     print(line, file=err or sys.stderr)
+    if compile:
+        import torch
+
+        loaded.model = torch.compile(loaded.model, dynamic=True)
     return loaded

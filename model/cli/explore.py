@@ -12,7 +12,7 @@ smallgpt run, gpt2 (and its larger sizes), or a Hugging Face GPT-2 directory.
 
 A word is looked up in its leading-space form (" king") when that is one token, as BPE models
 meet it mid-sentence; the output names the form used, and a word of several tokens is the mean
-of their vectors (see model.analysis).
+of their vectors (see model/inference/analysis.py).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from model.cli.common import load_named_model, run_cli
+from model.gpt import GPTConfig
 from model.inference.analysis import (
     Analogy,
     AttentionMap,
@@ -41,10 +42,8 @@ from model.inference.analysis import (
     next_token,
     to_jsonable,
 )
+from model.inference.plots import plot_attention, plot_next_token
 from model.inference.tally import TallyRow, parameter_tally
-
-if TYPE_CHECKING:
-    from model.weights.loading import Pretrained
 
 
 # -- text output ---------------------------------------------------------------------------------
@@ -181,19 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> Pretrained:
-    from model.runtime import pick_device
-
-    return load_named_model(args.checkpoint, pick_device(args.device, setting="--device"))
-
-
 def _params(args: argparse.Namespace) -> tuple[Any, str]:
-    from model.gpt import GPTConfig
-
     if args.preset:
         target = GPTConfig.from_preset(args.preset)  # tallied on the meta device: no memory
     else:
-        target = _load(args).model
+        target = load_named_model(args.checkpoint, args.device).model
     rows = parameter_tally(target)
     data = {"rows": [asdict(r) for r in rows], "total": sum(r.count for r in rows)}
     return data, format_tally(rows)
@@ -206,7 +197,7 @@ def run(argv: list[str] | None = None) -> int:
         data, text = _params(args)
         print(json.dumps(data, indent=2) if args.json else text)
         return 0
-    loaded = _load(args)
+    loaded = load_named_model(args.checkpoint, args.device)
     model, tok = loaded.model, loaded.tokenizer
     # Plots go beside a smallgpt run's checkpoints; GPT-2 weights have no run, so the cwd.
     run_dir = loaded.path.parent if loaded.kind == "smallgpt" else Path(".")
@@ -215,20 +206,16 @@ def run(argv: list[str] | None = None) -> int:
         result = neighbors(model, tok, args.word, args.k)
         text = format_neighbors(result)
     elif args.command == "analogy":
-        result = analogy(model, tok, args.a, args.b, args.c, args.k)
+        result = analogy(model, tok, args.a, args.b, args.c, k=args.k)
         text = format_analogy(result)
     elif args.command == "direction":
         result = direction(model, tok, args.positive, args.negative, args.words.split())
         text = format_direction(result)
     elif args.command == "next":
-        from model.inference.plots import plot_next_token
-
         result = next_token(model, tok, args.prompt, args.temperatures, args.k)
         text = format_next(result)
         png = plot_next_token(result, Path(args.out or run_dir / "next.png"))
     elif args.command == "attention":
-        from model.inference.plots import plot_attention
-
         result = attention(model, tok, args.prompt, args.layer, args.head)
         text = format_attention(result)
         png = plot_attention(result, Path(args.out or run_dir / "attention.png"))

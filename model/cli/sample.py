@@ -1,10 +1,11 @@
 """Generate text from a model: `python sample.py --prompt "ROMEO:" --temperature 0.8`.
 
-A thin front over model.sampling.generate: parse arguments, load the model --checkpoint names
-(a smallgpt run, gpt2, a Hugging Face GPT-2 directory; see model.pretrained), print the steps
-(streamed text, a probability table with --show-probs, or JSON lines with --json), or hold a
-conversation with --interactive, or a chat with a chat-tuned model with --chat (the chat
-template of model/chat.py; lines from stdin are the user's messages, piped input works too).
+A thin front over model.inference.sampling.generate: parse arguments, load the model
+--checkpoint names (a smallgpt run, gpt2, a Hugging Face GPT-2 directory; see
+model.weights.loading), print the steps (streamed text, a probability table with --show-probs,
+or JSON lines with --json), or hold a conversation with --interactive, or a chat with a
+chat-tuned model with --chat (the chat template of model/data/chat.py; lines from stdin are the
+user's messages, piped input works too).
 """
 
 from __future__ import annotations
@@ -18,13 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
-from model.cli.common import load_named_model, run_cli
+from model.cli.common import load_named_model, run_cli, use_threads
 from model.data.chat import TURN_STOPS, ChatHistory
 from model.errors import SamplingError
-from model.inference.sampling import Step, check_sampling_args, generate
-from model.runtime import choose_dtype, configure_threads, default_threads, pick_device
+from model.inference.sampling import SamplingParams, Step, generate
 from model.weights.loading import Pretrained
 
 VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
@@ -52,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per generated token")
     p.add_argument("--interactive", action="store_true", help="a prompt loop on stdin")
     p.add_argument("--chat", action="store_true",
-                   help="a multi-turn chat in the chat template (model/chat.py): each line on "
-                        "stdin is a user message, each reply ends at the end of its turn")
+                   help="a multi-turn chat in the chat template (model/data/chat.py): each "
+                        "line on stdin is a user message, each reply ends at the end of its turn")
     p.add_argument("--system", help="with --chat: the system message; with --interactive: "
                                     "text placed before the conversation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -61,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--no-pack", action="store_true",
                    help="keep PyTorch's own CPU matrix kernels instead of packing the linear "
-                        "layers for oneDNN (model/packed.py; about 1.6x faster decoding)")
+                        "layers for oneDNN (model/network/packed.py)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for generation (default: the cores no other process is "
                         "busy on at start, model.runtime.default_threads)")
@@ -74,20 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
                             "machine only)")
     serve.add_argument("--port", type=int, default=8000, help="with --serve: the port")
     return p
-
-
-def load_model(args: argparse.Namespace, err: TextIO) -> Pretrained:
-    """The model --checkpoint names (default: the newest checkpoint under out/), in --dtype on
-    --device, compiled with --compile; stderr says which model it is."""
-    device = pick_device(args.device, setting="--device")
-    precision = choose_dtype(args.dtype, device, setting="--dtype")
-    # errors list what exists; the weights are converted to `precision`'s dtype
-    loaded = load_named_model(args.checkpoint, device, err, precision,
-                              pack=not (args.compile or args.no_pack))
-    if args.compile:
-        # dynamic shapes: one graph for every cache length instead of a recompile per token
-        loaded.model = torch.compile(loaded.model, dynamic=True)
-    return loaded
 
 
 def read_prompt(args: argparse.Namespace, stdin: TextIO) -> str:
@@ -146,7 +130,7 @@ class Printer:
             self.texts[step.sample] += step.delta
             self.done[step.sample] = step.finished is not None
             if self.mode == "json":
-                self.write(json.dumps(step_record(step), ensure_ascii=False) + "\n")
+                self.write(json.dumps(step.to_dict(), ensure_ascii=False) + "\n")
             elif self.mode == "table":
                 self.write(self.table_row(step))
             else:
@@ -214,7 +198,7 @@ def reply_steps(steps: Iterable[Step]) -> Iterator[Step]:
 def chat(loaded: Pretrained, args: argparse.Namespace, run: Callable[..., str],
          stdin: TextIO, err: TextIO) -> None:
     """The --chat loop: a line in, a reply out, until end of input or 'exit'."""
-    trained = loaded.config is not None and loaded.config.data.format == "chat"
+    trained = loaded.chat_trained
     block_size = loaded.model.config.block_size
     history = ChatHistory(loaded.tokenizer, block_size,
                           min(args.max_new_tokens, block_size // 4), args.system)
@@ -247,25 +231,14 @@ def read_lines(stdin: TextIO, err: TextIO) -> Iterator[str]:
         yield line.rstrip("\n")
 
 
-def step_record(step: Step) -> dict:
-    return {"sample": step.sample, "index": step.index, "token": step.token, "text": step.text,
-            "prob": step.prob, "top": [{"token": t, "text": s, "prob": p} for t, s, p in step.top],
-            "delta": step.delta, "finished": step.finished}
-
-
-def main(argv: list[str] | None = None, stdin: TextIO | None = None,
-         stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    stdin, out, err = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-    if args.serve:
-        from model.cli.serve import run as serve  # FastAPI and uvicorn are loaded only here
-
-        return serve(args.checkpoint, args.host, args.port, args.device, dtype=args.dtype,
-                     threads=args.threads, err=err, pack=not args.no_pack)
+def checked_params(args: argparse.Namespace) -> SamplingParams:
+    """The sampling settings, checked with the options that go with them: before the (slow)
+    checkpoint load, so that a typo fails at once."""
     show = args.show_probs if args.show_probs is not None else 0
-    # Check the arguments before the (slow) checkpoint load.
-    check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
-                        args.num_samples, show, args.stop)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples,
+                            seed=args.seed, stop=args.stop,
+                            show_top=show or (5 if args.json else 0))
     if args.show_probs is not None and args.show_probs < 1:
         raise SamplingError(f"--show-probs must be >= 1, got {args.show_probs}")
     mode = "--chat" if args.chat else "--interactive"
@@ -280,30 +253,12 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None,
     if args.system is not None and not (args.interactive or args.chat):
         raise SamplingError("--system only applies with --chat or --interactive; put the text "
                             "in --prompt")
-    if args.threads is not None and args.threads < 1:
-        raise SamplingError(f"--threads must be >= 1, got {args.threads}")
-    configure_threads(args.threads or default_threads())
-    prompt = "" if args.interactive or args.chat else read_prompt(args, stdin)
-    loaded = load_model(args, err)
+    return params
 
-    def run(text: str | list[int], seed: int | None, stop: list[str]) -> str:
-        printer = Printer(out, text if isinstance(text, str) and not args.interactive else "",
-                          args.num_samples, args.show_probs, args.json)
-        steps = generate(loaded.model, loaded.tokenizer, text, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         seed=seed, stop=stop, num_samples=args.num_samples,
-                         show_top=show or (5 if args.json else 0),
-                         warn=lambda message: print(f"warning: {message}", file=err))
-        if args.chat:
-            steps = reply_steps(steps)
-        return "".join(step.delta for step in printer(steps) if step.sample == 0)
 
-    if args.chat:
-        chat(loaded, args, run, stdin, err)
-        return 0
-    if not args.interactive:
-        run(prompt, args.seed, args.stop)
-        return 0
+def interactive(args: argparse.Namespace, run: Callable[..., str], stdin: TextIO,
+                err: TextIO) -> None:
+    """The --interactive loop: each line continues the plain-text conversation so far."""
     conversation = Conversation(args.system or "")
     print("interactive: type a line and press Enter; 'exit' or end of input quits", file=err)
     for turn, line in enumerate(read_lines(stdin, err)):
@@ -312,6 +267,39 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None,
         seed = None if args.seed is None else args.seed + turn
         reply = run(conversation.prompt(line), seed, args.stop or ["\n\n"])
         conversation.add(line, reply)
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None,
+         stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stdin, out, err = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    if args.serve:
+        from model.cli.serve import run as serve  # FastAPI and uvicorn are loaded only here
+
+        return serve(args.checkpoint, host=args.host, port=args.port, device=args.device,
+                     dtype=args.dtype, threads=args.threads, err=err, pack=not args.no_pack)
+    params = checked_params(args)
+    use_threads(args.threads)
+    prompt = "" if args.interactive or args.chat else read_prompt(args, stdin)
+    loaded = load_named_model(args.checkpoint, args.device, dtype=args.dtype,
+                              pack=not args.no_pack, compile=args.compile, err=err)
+
+    def run(text: str | list[int], seed: int | None, stop: list[str]) -> str:
+        """Generate and print one reply (or --num-samples); sample 0's text."""
+        printer = Printer(out, text if isinstance(text, str) and not args.interactive else "",
+                          args.num_samples, args.show_probs, args.json)
+        steps = generate(loaded.model, loaded.tokenizer, text, params=params, seed=seed,
+                         stop=stop, warn=lambda message: print(f"warning: {message}", file=err))
+        if args.chat:
+            steps = reply_steps(steps)
+        return "".join(step.delta for step in printer(steps) if step.sample == 0)
+
+    if args.chat:
+        chat(loaded, args, run, stdin, err)
+    elif args.interactive:
+        interactive(args, run, stdin, err)
+    else:
+        run(prompt, args.seed, args.stop)
     return 0
 
 

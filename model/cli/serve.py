@@ -9,9 +9,9 @@ import socket
 import sys
 from typing import TextIO
 
-from model.cli.common import load_named_model, run_cli
+from model.cli.common import load_named_model, run_cli, use_threads
 from model.errors import ConfigError, SamplingError
-from model.runtime import choose_dtype, configure_threads, default_threads, pick_device
+from model.runtime import pick_device
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 GRACE_S = 2  # at Ctrl-C, open streams get this long to end before the server closes them
@@ -25,11 +25,13 @@ def bind_warning(host: str) -> str | None:
             "(there is no authentication); use --host 127.0.0.1 to keep it to this machine")
 
 
-def run(name: str | None, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-        dtype: str = "auto", threads: int | None = None, max_tokens: int | None = None,
-        err: TextIO | None = None, pack: bool = True) -> int:
+def run(name: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+        device: str = "auto", dtype: str = "auto", threads: int | None = None,
+        max_tokens: int | None = None, err: TextIO | None = None, pack: bool = True) -> int:
     """Load the model `name` and serve the playground and API on host:port until Ctrl-C.
-    `pack`: the linear layers packed for oneDNN where the CPU can (model/packed.py)."""
+    `device`, `dtype` and `threads` are as on the command line (see load_named_model);
+    `max_tokens` caps the new tokens of one request; `pack`: the linear layers packed for oneDNN
+    where the CPU can (model/network/packed.py)."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -41,19 +43,16 @@ def run(name: str | None, host: str = "127.0.0.1", port: int = 8000, device: str
     err = err or sys.stderr
     if not 0 <= port <= 65535:
         raise SamplingError(f"--port must be between 0 and 65535, got {port}")
-    if threads is not None and threads < 1:
-        raise SamplingError(f"--threads must be >= 1, got {threads}")
+    use_threads(threads)
     if max_tokens is not None and max_tokens < 1:
         raise SamplingError(f"--max-tokens must be >= 1, got {max_tokens}")
-    configure_threads(threads or default_threads())
-    dev = pick_device(device, setting="--device")
+    dev = pick_device(device, setting="--device")  # before the bind: a bad name fails at once
     warning = bind_warning(host)
     if warning:
         print(warning, file=err)
     sock = listen(host, port)  # before the (slow) load: a busy port fails at once
     try:
-        loaded = load_named_model(name, dev, err, choose_dtype(dtype, dev, setting="--dtype"),
-                                  pack=pack)
+        loaded = load_named_model(name, dev, dtype=dtype, pack=pack, err=err)
         app = create_app(loaded, name, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
         port = sock.getsockname()[1]  # the one the OS chose, for --port 0
         shown = f"[{host}]" if ":" in host else host
@@ -96,11 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most new tokens one request may ask for (default 1024)")
     p.add_argument("--no-pack", action="store_true",
                    help="keep PyTorch's own CPU matrix kernels instead of packing the linear "
-                        "layers for oneDNN (model/packed.py)")
+                        "layers for oneDNN (model/network/packed.py)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(args.checkpoint, args.host, args.port, args.device, args.dtype,
-                               args.threads, args.max_tokens, pack=not args.no_pack))
+    return run_cli(lambda: run(args.checkpoint, host=args.host, port=args.port,
+                               device=args.device, dtype=args.dtype, threads=args.threads,
+                               max_tokens=args.max_tokens, pack=not args.no_pack))

@@ -125,7 +125,7 @@ class Analogy:
     answers: list[Scored]  # score: cosine similarity to E(A) - E(B) + E(C)
 
 
-def analogy(model: GPT, tokenizer: Tokenizer, a: str, b: str, c: str, k: int = 5) -> Analogy:
+def analogy(model: GPT, tokenizer: Tokenizer, a: str, b: str, c: str, *, k: int = 5) -> Analogy:
     """A is to B as ? is to C: the tokens nearest to E(A) - E(B) + E(C), excluding the three
     words' own tokens (otherwise A or C usually wins: the offset B -> C is small)."""
     wa, wb, wc = (word_vector(model, tokenizer, w) for w in (a, b, c))

@@ -1,9 +1,9 @@
-"""Score a model on the held-out split of the offline chat demo set (the command line is in
-__main__.py):
+"""Score a model on the held-out split of the offline chat demo set (the command line is
+model/cli/chat_eval.py):
 
     python -m model.chat_eval out/small out/chat_small     # before and after
 
-For every assistant turn of the held-out conversations (model/chat_demo.py), the model is
+For every assistant turn of the held-out conversations (model/data/chat_demo.py), the model is
 prompted with the conversation up to that turn (earlier replies as the data has them) and
 answers greedily. Reported per model:
   - ended turn: the share of replies that end with end-of-text by themselves, within
@@ -13,7 +13,7 @@ answers greedily. Reported per model:
     questions, about 0 for continuing a speech;
   - choice accuracy, for the four-option questions: how often the expected answer is the
     option the model finds likeliest as its whole reply (" option" + end-of-text, scored with
-    model.scoring), against chance 1/4. This is how evaluation harnesses score multiple
+    model.inference.scoring), against chance 1/4. This is how evaluation harnesses score multiple
     choice, and it tells what a small model knows even when its free reply names something
     that is not among the options.
 """
@@ -29,6 +29,8 @@ from torch import nn
 from model.data.chat import render_chat
 from model.data.chat_demo import demo_records
 from model.data.tokenizer import Tokenizer
+from model.inference.sampling import generate
+from model.inference.scoring import score_tokens
 
 
 @dataclass
@@ -86,8 +88,6 @@ def option_logprobs(model: nn.Module, tokenizer: Tokenizer, prompt: list[int],
     option fits the context with its prompt, they go through the model together, each row
     padded on the right to the longest, which a causal model's earlier positions never see;
     longer ones are scored one by one, since padding would move their sliding windows."""
-    from model.inference.scoring import score_tokens
-
     end = tokenizer.eot_id
     replies = [tokenizer.encode(" " + option) + [end] for option in options]
     width = max(map(len, replies))
@@ -100,12 +100,11 @@ def option_logprobs(model: nn.Module, tokenizer: Tokenizer, prompt: list[int],
     return [float(scored[i, start:start + len(reply)].sum()) for i, reply in enumerate(replies)]
 
 
-def score_chat(model: nn.Module, tokenizer: Tokenizer, records: list[dict[str, Any]],
+def score_chat(model: nn.Module, tokenizer: Tokenizer, records: list[dict[str, Any]], *,
                name: str = "model", max_new_tokens: int = 48, keep_examples: int = 5
                ) -> ChatScore:
-    """Greedy replies to each assistant turn of `records`, scored as the module docstring says."""
-    from model.inference.sampling import generate
-
+    """Greedy replies to each assistant turn of `records`, scored as the module docstring says;
+    `name` labels the result, and the first `keep_examples` replies are kept in it."""
     score = ChatScore(name)
     for record in records:
         messages = record["messages"]

@@ -5,7 +5,8 @@
     the top alternatives, optionally the raw logits)
 
 `generate` yields a `Step` for every new token of every sample, so a caller can stream the text,
-print the distribution behind each choice, or collect the tokens for research. Research code can
+print the distribution behind each choice, or collect the tokens for research. How it samples is
+one frozen `SamplingParams`, or the same fields as keyword arguments. Research code can
 change the logits before the draw with a logits processor, `fn(ids, logits) -> logits`: it sees
 every token so far (the prompt and all generated tokens, also those the context window has moved
 past) and the logits (B, V) of the step; `repetition_penalty` is one.
@@ -23,10 +24,11 @@ give the same greedy tokens. `window_shift=1` is the classic sliding window (a r
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -57,6 +59,17 @@ class Step:
     # temperature or filtering; only with generate(..., with_logits=True), else None.
     logits: torch.Tensor | None = None
 
+    def to_dict(self, *, top_id: str = "token", with_sample: bool = True) -> dict[str, Any]:
+        """The step as JSON-ready data (the logits left out): sample, index, token, text, prob,
+        top as [{top_id: id, "text", "prob"}], delta, finished. sample.py --json writes the
+        default; the playground page's token events call it with top_id="id",
+        with_sample=False (one sample, its alternatives named by id)."""
+        record: dict[str, Any] = {"sample": self.sample} if with_sample else {}
+        record.update(index=self.index, token=self.token, text=self.text, prob=self.prob,
+                      top=[{top_id: t, "text": s, "prob": p} for t, s, p in self.top],
+                      delta=self.delta, finished=self.finished)
+        return record
+
 
 # A logits processor: fn(ids (B, t), logits (B, V)) -> logits (B, V). ids holds the prompt and
 # every token generated so far for each sample; the result replaces the logits of the step.
@@ -78,25 +91,50 @@ def repetition_penalty(penalty: float) -> LogitsProcessor:
     return apply
 
 
-def check_sampling_args(temperature: float = 1.0, top_k: int | None = None,
-                        top_p: float | None = None, max_new_tokens: int = 0,
-                        num_samples: int = 1, show_top: int = 0,
-                        stop: Sequence[str] = ()) -> None:
-    """Raise SamplingError (one line, naming the argument) for out-of-range values."""
-    if not temperature >= 0 or temperature == float("inf"):  # `not >=` also catches NaN
-        raise SamplingError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise SamplingError(f"top-k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise SamplingError(f"top-p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 0:
-        raise SamplingError(f"max-new-tokens must be >= 0, got {max_new_tokens}")
-    if num_samples < 1:
-        raise SamplingError(f"num-samples must be >= 1, got {num_samples}")
-    if show_top < 0:
-        raise SamplingError(f"the number of alternatives to show must be >= 0, got {show_top}")
-    if any(s == "" for s in stop):
-        raise SamplingError("a stop string must not be empty")
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How `generate` samples, checked on construction: a value out of range raises
+    SamplingError in one line that names it. window_shift is checked by `generate`, against the
+    model's block_size."""
+
+    max_new_tokens: int = 256  # per sample
+    temperature: float = 1.0  # 0 is greedy: the argmax
+    top_k: int | None = None  # draw from the k likeliest tokens only
+    top_p: float | None = None  # draw from the nucleus of mass top_p only, 0 < top_p <= 1
+    num_samples: int = 1  # continuations generated side by side, in one batch
+    seed: int | None = None  # the same seed gives the same text; None draws a fresh one
+    stop: tuple[str, ...] = ()  # a sample ends when its text contains one of these
+    show_top: int = 5  # alternatives reported per step (those with non-zero probability)
+    window_shift: int | None = None  # how far a full context window moves; block_size // 4
+    ignore_eot: bool = False  # keep going past end-of-text (for benchmarks)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))  # any sequence; kept immutable
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # `not >=`: NaN too
+            raise SamplingError(
+                f"temperature must be a number >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise SamplingError(f"top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise SamplingError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 0:
+            raise SamplingError(f"max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise SamplingError(f"num-samples must be >= 1, got {self.num_samples}")
+        if self.show_top < 0:
+            raise SamplingError(
+                f"the number of alternatives to show must be >= 0, got {self.show_top}")
+        if any(s == "" for s in self.stop):
+            raise SamplingError("a stop string must not be empty")
+
+    def shift(self, block_size: int) -> int:
+        """How many tokens the full context window moves on by (see the module docstring):
+        window_shift, by default a quarter of the context."""
+        shift = self.window_shift if self.window_shift is not None else max(1, block_size // 4)
+        if not 1 <= shift <= block_size:
+            raise SamplingError(
+                f"window shift must be in [1, block_size={block_size}], got {shift}")
+        return shift
 
 
 def without_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -227,23 +265,22 @@ def crop_prompt(ids: list[int], block_size: int, on_overflow: Literal["crop", "e
     return ids[-block_size:]
 
 
-def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int] = "",
-             max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
-             num_samples: int = 1, show_top: int = 5, use_cache: bool = True,
-             window_shift: int | None = None, ignore_eot: bool = False,
+def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int] = "", *,
+             params: SamplingParams | None = None, use_cache: bool = True,
              warn: Callable[[str], None] | None = None,
              logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
-             with_logits: bool = False) -> Iterator[Step]:
+             with_logits: bool = False, **sampling: Any) -> Iterator[Step]:
     """Generate `num_samples` continuations of `prompt` side by side (one batch), yielding a
     Step per new token per sample, in sample order within each position.
 
-    A sample ends at the end-of-text token (its Step has finished="eot"), when its text contains
-    a stop string ("stop"), or after max_new_tokens ("length"). The same seed gives the same
-    text; seed=None draws a fresh one. `show_top` alternatives (with non-zero probability) are
-    reported per step. `window_shift` (default block_size // 4) is how far the context window
-    moves when it is full; see the module docstring. `ignore_eot` keeps going past end-of-text
-    (for benchmarks). The model is in eval mode until the generator ends.
+    How to sample is `params`, or SamplingParams' fields as keyword arguments
+    (`generate(model, tokenizer, "ROMEO:", max_new_tokens=20, temperature=0)`); keyword
+    arguments given with `params` replace its fields. A sample ends at the end-of-text token
+    (its Step has finished="eot"), when its text contains a stop string ("stop"), or after
+    max_new_tokens ("length"). `use_cache=False` recomputes the whole window at every step (the
+    reference path). A prompt longer than the context keeps its last block_size tokens, with a
+    warning through `warn` (default: warnings.warn). The model is in eval mode until the
+    generator ends.
 
     `logits_processor` (one, or several applied in order) rewrites each step's logits before the
     temperature and the draw: it is called as fn(ids, logits) with ids (B, t), the prompt (all of
@@ -254,11 +291,11 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int]
 
     Arguments are checked here, before the first step, so bad values fail at the call.
     """
-    check_sampling_args(temperature, top_k, top_p, max_new_tokens, num_samples, show_top, stop)
-    block_size = model.config.block_size
-    shift = window_shift if window_shift is not None else max(1, block_size // 4)
-    if not 1 <= shift <= block_size:
-        raise SamplingError(f"window shift must be in [1, block_size={block_size}], got {shift}")
+    unknown = sorted(sampling.keys() - {f.name for f in dataclasses.fields(SamplingParams)})
+    if unknown:
+        raise TypeError(f"generate() got an unexpected keyword argument {unknown[0]!r}")
+    params = dataclasses.replace(params or SamplingParams(), **sampling)
+    params.shift(model.config.block_size)  # checked at the call, not at the first step
     if logits_processor is None:
         processors: tuple[LogitsProcessor, ...] = ()
     elif callable(logits_processor):
@@ -269,28 +306,28 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int]
         if not callable(fn):
             raise SamplingError(f"a logits processor must be callable, got {fn!r}")
     history = prompt_tokens(tokenizer, prompt)
-    ids = crop_prompt(history, block_size, warn=warn)
-    return _generate(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                     tuple(stop), num_samples, show_top, use_cache, block_size + 1 - shift,
-                     None if ignore_eot else tokenizer.eot_id, processors,
-                     history if processors else [], with_logits)
+    ids = crop_prompt(history, model.config.block_size, warn=warn)
+    return _generate(model, tokenizer, ids, params, use_cache=use_cache, processors=processors,
+                     history_ids=history if processors else [], with_logits=with_logits)
 
 
 @torch.inference_mode()  # as a decorator it is switched on only while the generator runs
-def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], max_new_tokens: int,
-              temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
-              stop: tuple[str, ...], num_samples: int, show_top: int, use_cache: bool,
-              keep: int, eot: int | None, processors: tuple[LogitsProcessor, ...],
+def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
+              *, use_cache: bool, processors: tuple[LogitsProcessor, ...],
               history_ids: list[int], with_logits: bool) -> Iterator[Step]:
+    max_new_tokens, num_samples, show_top = (params.max_new_tokens, params.num_samples,
+                                             params.show_top)
     if max_new_tokens == 0:
         return
     device = next(model.parameters()).device
     block_size = model.config.block_size
+    keep = block_size + 1 - params.shift(block_size)  # the tokens a full window keeps
+    eot = None if params.ignore_eot else tokenizer.eot_id
     generator = torch.Generator(device=device)
-    if seed is None:
+    if params.seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
+        generator.manual_seed(params.seed)
     was_training = model.training
     model.eval()
     cache = model.new_cache(num_samples) if use_cache else None
@@ -301,7 +338,7 @@ def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], max_new_to
                               device=device)
         history[:, :len(history_ids)] = torch.tensor(history_ids, device=device)
         seen = len(history_ids)
-    streams = [TextStream(tokenizer, stop) for _ in range(num_samples)]
+    streams = [TextStream(tokenizer, params.stop) for _ in range(num_samples)]
     alive = [True] * num_samples
     try:
         logits = model(window, cache=cache)[0][:, -1]  # prefill: the whole prompt at once
@@ -318,7 +355,8 @@ def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], max_new_to
                         raise SamplingError(f"the logits processor {fn!r} must return a tensor "
                                             f"of shape {tuple(raw_shape)}, got "
                                             f"{getattr(logits, 'shape', type(logits).__name__)}")
-            tokens, probs = sample_next(logits, temperature, top_k, top_p, generator)
+            tokens, probs = sample_next(logits, params.temperature, params.top_k,
+                                        params.top_p, generator)
             chosen = probs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
             if show_top:
                 top_probs, top_ids = probs.topk(min(show_top, probs.size(-1)), dim=-1)
@@ -362,10 +400,9 @@ def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], max_new_to
 def window_start(prompt_len: int, index: int, block_size: int, shift: int | None = None) -> int:
     """Where, in the prompt followed by the generated tokens, the context that `generate` used
     for its step `index` begins (generate's window policy, see the module docstring): the window
-    grows to block_size, then moves on by `shift` tokens at once (default block_size // 4). It
+    grows to block_size, then moves on by `shift` tokens at once (SamplingParams.shift). It
     ends just before the step's token, at prompt_len + index."""
-    shift = shift if shift is not None else max(1, block_size // 4)
-    keep = block_size + 1 - shift
+    keep = block_size + 1 - SamplingParams(window_shift=shift).shift(block_size)
     length = prompt_len
     for _ in range(index):
         length += 1

@@ -17,7 +17,7 @@ a full context (one forward pass per token).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ def windows(length: int, block_size: int, stride: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def score_tokens(model: nn.Module, ids: Sequence[int] | torch.Tensor, top: int = 0,
+def score_tokens(model: nn.Module, ids: Sequence[int] | torch.Tensor, *, top: int = 0,
                  stride: int | None = None, batch_size: int = 4,
                  vocab_size: int | None = None) -> TokenScores:
     """log p(ids[t] | ids[:t]) for t >= 1 of ids (T,) or of each row of ids (B, T).
@@ -71,65 +71,72 @@ def score_tokens(model: nn.Module, ids: Sequence[int] | torch.Tensor, top: int =
     context (model.config.block_size + 1 ids) are scored with a sliding window that starts a
     new window every `stride` tokens (default block_size // 2; see the module docstring).
     Up to `batch_size` windows go through the model together. The model runs in eval mode
-    (no dropout) without gradients; its mode is restored afterwards. `vocab_size` (the
-    tokenizer's) leaves a padded head's extra ids out of every distribution.
+    (no dropout) without gradients; its mode is restored afterwards. `vocab_size` is the
+    vocabulary (the tokenizer's; default the model's): ids must be below it, and the ids of a
+    head padded past it are left out of every distribution.
     """
     block_size = model.config.block_size
     stride = stride if stride is not None else max(1, block_size // 2)
+    vocab = vocab_size if vocab_size is not None else model.config.vocab_size
     if not 1 <= stride <= block_size:
         raise ConfigError(f"stride must be in [1, block_size={block_size}], got {stride}")
     if top < 0:
         raise ConfigError(f"top must be >= 0, got {top}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(ids, dtype=torch.long).to(device)
+    ids = torch.as_tensor(ids, dtype=torch.long).to(next(model.parameters()).device)
     if ids.dim() not in (1, 2):
         raise ConfigError(f"ids must be (T,) or (B, T), got shape {tuple(ids.shape)}")
-    rows = ids.view(-1, ids.size(-1))  # (B, T)
-    B, T = rows.shape
-    vocab = model.config.vocab_size
-    if rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < vocab:
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
         raise ConfigError(f"ids must be token ids in 0..{vocab - 1}")
-    top = min(top, vocab_size or vocab)
-    logprobs = torch.zeros(B, max(T - 1, 0), device=device)
-    top_ids = torch.zeros(B, max(T - 1, 0), top, dtype=torch.long, device=device)
-    top_logprobs = torch.zeros(B, max(T - 1, 0), top, device=device)
-    if T >= 2:
-        # Every (row, window) pair is one forward input of the same length, so any of them
-        # batch together.
-        plan = [(b, start, first) for b in range(B) for start, first in windows(T, block_size,
-                                                                                  stride)]
-        span = min(T - 1, block_size)
-        was_training = model.training
-        model.eval()
-        try:
-            for i in range(0, len(plan), batch_size):
-                chunk = plan[i:i + batch_size]
-                inputs = torch.stack([rows[b, s:s + span] for b, s, _ in chunk])  # (n, span)
-                logits = model(inputs)[0]  # (n, span, V)
-                for j, (b, start, first) in enumerate(chunk):
-                    new = logits[j, first - start:].float()  # unscored positions only
-                    if vocab_size is not None:
-                        new = without_padding(new, vocab_size)
-                    new = new.log_softmax(dim=-1)
-                    targets = rows[b, first + 1:start + span + 1]
-                    logprobs[b, first:first + len(targets)] = (
-                        new.gather(-1, targets[:, None]).squeeze(-1))
-                    if top:
-                        values, indices = new.topk(top, dim=-1)
-                        top_logprobs[b, first:first + len(targets)] = values
-                        top_ids[b, first:first + len(targets)] = indices
-        finally:
-            model.train(was_training)
-    shape = ids.shape[:-1] + (max(T - 1, 0),)
+    top = min(top, vocab)
+    rows = ids.view(-1, ids.size(-1))  # (B, T)
+    logprobs, top_logprobs, top_ids = _score_rows(model, rows, top=top, stride=stride,
+                                                  batch_size=batch_size, vocab=vocab)
+    shape = ids.shape[:-1] + (logprobs.size(-1),)
     return TokenScores(
         tokens=ids[..., 1:], logprobs=logprobs.view(shape),
         top_ids=top_ids.view(*shape, top) if top else None,
         top_logprobs=top_logprobs.view(*shape, top) if top else None)
 
 
-def score_text(model: nn.Module, tokenizer: Tokenizer, text: str, top: int = 0,
+def _score_rows(model: nn.Module, rows: torch.Tensor, *, top: int, stride: int,
+                batch_size: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The log-probabilities (B, T - 1) of rows (B, T) after their first token, and the `top`
+    likeliest (B, T - 1, top) as log-probabilities and ids, `batch_size` windows per pass."""
+    B, T = rows.shape
+    block_size = model.config.block_size
+    logprobs = torch.zeros(B, max(T - 1, 0), device=rows.device)
+    top_logprobs = torch.zeros(B, max(T - 1, 0), top, device=rows.device)
+    top_ids = torch.zeros(B, max(T - 1, 0), top, dtype=torch.long, device=rows.device)
+    if T < 2:
+        return logprobs, top_logprobs, top_ids
+    # Every (row, window) pair is one forward input of the same length, so any of them batch
+    # together.
+    plan = [(b, start, first) for b in range(B) for start, first in windows(T, block_size, stride)]
+    span = min(T - 1, block_size)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(plan), batch_size):
+            chunk = plan[i:i + batch_size]
+            inputs = torch.stack([rows[b, s:s + span] for b, s, _ in chunk])  # (n, span)
+            logits = model(inputs)[0]  # (n, span, V)
+            for window_logits, (b, start, first) in zip(logits, chunk):
+                # Only the positions no earlier window scored: they predict ids[first + 1:].
+                new = without_padding(window_logits[first - start:].float(), vocab)
+                new = new.log_softmax(dim=-1)
+                targets = rows[b, first + 1:start + span + 1]
+                scored = slice(first, first + len(targets))
+                logprobs[b, scored] = new.gather(-1, targets[:, None]).squeeze(-1)
+                if top:
+                    top_logprobs[b, scored], top_ids[b, scored] = new.topk(top, dim=-1)
+    finally:
+        model.train(was_training)
+    return logprobs, top_logprobs, top_ids
+
+
+def score_text(model: nn.Module, tokenizer: Tokenizer, text: str, *, top: int = 0,
                prepend_eot: bool = True, stride: int | None = None,
                batch_size: int = 4) -> TokenScores:
     """The log-probability of each token of `text` (see score_tokens).
@@ -141,9 +148,9 @@ def score_text(model: nn.Module, tokenizer: Tokenizer, text: str, top: int = 0,
     ids = tokenizer.encode(text)
     if prepend_eot:
         ids = [tokenizer.eot_id] + ids
-    scores = score_tokens(model, ids, top, stride, batch_size, tokenizer.vocab_size)
-    scores.texts = [tokenizer.token_text(t) for t in scores.tokens.tolist()]
-    return scores
+    scores = score_tokens(model, ids, top=top, stride=stride, batch_size=batch_size,
+                          vocab_size=tokenizer.vocab_size)
+    return replace(scores, texts=[tokenizer.token_text(t) for t in scores.tokens.tolist()])
 
 
 @dataclass

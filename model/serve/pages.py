@@ -88,12 +88,9 @@ async def generate_page(req: GenerateRequest,
             stop=stop, show_top=req.k))
         try:
             async for step in steps:
-                yield sse({"type": "token", "index": step.index, "token": step.token,
-                           "text": step.text, "prob": step.prob, "delta": step.delta,
-                           "finished": step.finished,
-                           "context_start": window_start(len(ids), step.index,
-                                                         served.block_size),
-                           "top": [{"id": i, "text": t, "prob": p} for i, t, p in step.top]})
+                start = window_start(len(ids), step.index, served.block_size)
+                yield sse({"type": "token", **step.to_dict(top_id="id", with_sample=False),
+                           "context_start": start})
         except Exception as exc:  # the 200 is out: say why the stream ends (stream_error logs)
             error = stream_error(exc, "/api/generate")
             yield sse({"type": "error", "message": error.message, "code": error.code})
@@ -138,7 +135,7 @@ async def analogy_page(req: AnalogyRequest,
                        served: ServedModel) -> dict[str, Any]:
     check(req, served)
     result = await on_model(served, lambda: analysis.analogy(
-        served.model, served.tokenizer, req.a, req.b, req.c, req.k), "a")
+        served.model, served.tokenizer, req.a, req.b, req.c, k=req.k), "a")
     return analysis.to_jsonable(result)
 
 
