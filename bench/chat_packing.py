@@ -3,11 +3,11 @@
     python bench/chat_packing.py [--tokenizer gpt2] [--block-size 256] [--batch-size 8]
                                  [--n-layer 4 --n-embd 256] [--steps 12]
 
-Trains a randomly initialised GPT on the offline demo set (model/chat_demo.py) three ways, the
+Trains a randomly initialised GPT on the offline demo set (model/data/chat_demo.py) three ways, the
 same batch of rows each step, and reports training throughput in tokens that carry loss
 (reply tokens) and in real (non-padding) tokens per second:
 
-  padded, grouped  what training does (model/chat_batches.py): one conversation per row,
+  padded, grouped  what training does (model/data/chat_batches.py): one conversation per row,
                    rows of similar length batched together, padded to the longest
   padded, random   the same without grouping by length
   packed           whole conversations back to back in rows of block_size tokens, attention

@@ -89,7 +89,7 @@ def worker(args: argparse.Namespace) -> None:
     figures = {"train": train, "generate": generate}
     from model import gpt as gpt_module
 
-    # Not `import model.hooks`: an editable install would find it in another tree.
+    # Not `import model.network.hooks`: an editable install would find it in another tree.
     HookPoint = getattr(gpt_module, "HookPoint", None)  # None: the tree before hook points
     if HookPoint is not None:
         figures["hook_share_of_a_decode_step"] = hook_share(model, HookPoint, clock, generate)

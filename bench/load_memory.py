@@ -6,7 +6,7 @@
 
 The directory is written by `transformers` from a randomly initialised GPT2LMHeadModel of the
 shape's sizes (real 50257 vocabulary, 1024 positions), in a temporary folder that is deleted at
-the end; nothing is downloaded. Loading then runs in a fresh process through model.pretrained
+the end; nothing is downloaded. Loading then runs in a fresh process through model.weights.loading
 (as `sample.py --checkpoint DIR` does), which reports its own peak RSS (getrusage). The figure
 to look at is peak RSS over the weights' size: about 1 means the weights are held once.
 

@@ -206,12 +206,12 @@ def main() -> int:
     print(machine_line())
     print(f"{len(os.sched_getaffinity(0))} CPUs usable, load average "
           f"{os.getloadavg()[0]:.2f} at start, tokenizer threads {args.workers}")
-    base = run(["import json, resource, model.prepare, model.tokenizer as t; "
+    base = run(["import json, resource, model.data.prepare, model.data.tokenizer as t; "
                 "t.train_tokenizer('gpt2', []); "
                 "print(json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))"],
                env)
-    print(f"a process that only imports model.prepare and loads gpt2: {base['rss'] / 1024:.0f} "
-          "MiB peak RSS")
+    print(f"a process that only imports model.data.prepare and loads gpt2: "
+          f"{base['rss'] / 1024:.0f} MiB peak RSS")
     print("MB/s: whole preparation; tokenizing: its write_tokens phase; raw: tiktoken's "
           "encode_ordinary_batch, 2 threads; per CPU-s: MB per CPU-second, which a busy machine "
           "disturbs less than wall time")

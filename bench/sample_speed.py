@@ -3,8 +3,8 @@
     python bench/sample_speed.py --repeats 3          # random 6x6x384 model, context 256, 65 chars
     python bench/sample_speed.py --checkpoint out/shakespeare_char --threads 0
 
-Both runs use the same seed and the same context-window policy (model.sampling), so they produce
-the same tokens; only the way the logits are computed differs. Numbers include the prompt's
+Both runs use the same seed and the same context-window policy (model.inference.sampling), so they
+produce the same tokens; only the way the logits are computed differs. Numbers include the prompt's
 prefill and the window refills past block_size. The CPU may be shared: run it a few times.
 
 Measured with `python bench/sample_speed.py --repeats 3` (2-core AMD EPYC VM shared with other

@@ -7,11 +7,11 @@ that each stream a completion at the same time, on a model of configs/small.yaml
 The server runs in its own process (as `python sample.py --serve` would), so the clients'
 parsing does not share its interpreter; each client is a thread streaming POST /v1/completions
 (temperature 1, its own seed, end-of-text allowed) and counting tokens from the usage chunk.
-Aggregate = all clients' tokens / wall time from the first request to the last [DONE]; the
-best of --repeats runs is reported. The "direct" line is model.sampling.generate in this process
+Aggregate = all clients' tokens / wall time from the first request to the last [DONE]; the best of
+--repeats runs is reported. The "direct" line is model.inference.sampling.generate in this process
 with no server, for the cost of HTTP and of taking turns. Without --checkpoint the weights are
-random (the speed does not depend on them; the text is noise) and the tokenizer is a 1024-token
-BPE trained on tiny-shakespeare, as small.yaml's is.
+random (the speed does not depend on them; the text is noise) and the tokenizer is a 1024-token BPE
+trained on tiny-shakespeare, as small.yaml's is.
 """
 
 from __future__ import annotations

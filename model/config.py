@@ -71,9 +71,10 @@ class TrainConfig:
     threads: int | None = None  # CPU threads; None: the cores not busy when the run starts
     resume: bool = False
     # "scratch" (random weights), or a model to fine-tune: gpt2, gpt2-medium, gpt2-large,
-    # gpt2-xl, a Hugging Face GPT-2 directory, or a smallgpt run/checkpoint (model/finetune.py)
+    # gpt2-xl, a Hugging Face GPT-2 directory, or a smallgpt run/checkpoint
+    # (model/training/finetune.py)
     init_from: str = "scratch"
-    # LoRA (model/lora.py): train low-rank adapters beside init_from's frozen weights.
+    # LoRA (model/network/lora.py): train low-rank adapters beside init_from's frozen weights.
     lora_rank: int | None = None  # None: fine-tune every weight; >= 1: adapters of this rank
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.05  # dropout on the adapters' input

@@ -1,5 +1,5 @@
-"""model.analysis: the mathematics on hand-set embeddings, and attention, the logit lens and the
-next-token distribution checked against the model's own forward pass."""
+"""model.inference.analysis: the mathematics on hand-set embeddings, and attention, the logit
+lens and the next-token distribution checked against the model's own forward pass."""
 
 from __future__ import annotations
 

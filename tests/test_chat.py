@@ -1,4 +1,4 @@
-"""model.chat: the template on every tokenizer, its loss mask, message validation, and the
+"""model.data.chat: the template on every tokenizer, its loss mask, message validation, and the
 sampler ending an assistant turn by itself."""
 
 import os

@@ -1,4 +1,4 @@
-"""Linear layers packed for oneDNN (model/packed.py): the same numbers as nn.Linear, for
+"""Linear layers packed for oneDNN (model/network/packed.py): the same numbers as nn.Linear, for
 generation, the hooks and sample.py; and nothing packed where the CPU cannot run it."""
 
 from __future__ import annotations

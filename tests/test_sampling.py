@@ -1,4 +1,4 @@
-"""model.sampling on tiny seeded models: the sampling rules, the KV cache against full
+"""model.inference.sampling on tiny seeded models: the sampling rules, the KV cache against full
 recomputation across the block_size boundary, stop strings, streaming text, and bad arguments."""
 
 import math

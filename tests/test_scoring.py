@@ -1,5 +1,6 @@
-"""model.scoring on tiny seeded models: per-token log-probabilities equal a manual forward pass
-and log_softmax, within one window and across the sliding window past the context size."""
+"""model.inference.scoring on tiny seeded models: per-token log-probabilities equal a manual
+forward pass and log_softmax, within one window and across the sliding window past the context
+size."""
 
 import pytest
 import torch

@@ -61,7 +61,7 @@ def client(server):
 
 
 def reference(pretrained, prompt, n_tokens, **kw) -> list[str]:
-    """model.sampling.generate's texts, one per sample."""
+    """model.inference.sampling.generate's texts, one per sample."""
     n = kw.get("num_samples", 1)
     texts = [""] * n
     for step in generate(pretrained.model, pretrained.tokenizer, prompt, max_new_tokens=n_tokens,
@@ -238,7 +238,7 @@ def test_echo_logprobs_for_token_id_prompts(client, pretrained):
 
 
 def test_echo_logprobs_equal_model_scoring(client, pretrained):
-    """The server's echo + logprobs and Python's model.scoring are one computation."""
+    """The server's echo + logprobs and Python's model.inference.scoring are one computation."""
     resp = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=0, echo=True,
                                      logprobs=2)
     lp = resp.choices[0].logprobs

@@ -1,7 +1,7 @@
-"""POST /v1/chat/completions through the official openai client (plain, streamed, logprobs)
-against model.chat's template and model.sampling.generate; end of turn; every bad chat request;
-and the protocol every endpoint shares: one validation path, seeds, the tokenizer endpoints,
-/openapi.json with each body, /docs offline, 405 with Allow."""
+"""POST /v1/chat/completions through the official openai client (plain, streamed, logprobs) against
+model.data.chat's template and model.inference.sampling.generate; end of turn; every bad chat
+request; and the protocol every endpoint shares: one validation path, seeds, the tokenizer
+endpoints, /openapi.json with each body, /docs offline, 405 with Allow."""
 
 from __future__ import annotations
 

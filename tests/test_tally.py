@@ -1,4 +1,5 @@
-"""model.tally: the parameter count per component sums to the true total, on the meta device too."""
+"""model.inference.tally: the parameter count per component sums to the true total, on the
+meta device too."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ class TrainingState:
     """What a callback sees. The loop updates it; a callback reads it and may ask to stop."""
 
     model: nn.Module  # the plain module being trained
-    optimizer: Any  # torch.optim.Optimizer, or model.optim.CombinedOptimizer for Muon
+    optimizer: Any  # torch.optim.Optimizer, or model.training.optim.CombinedOptimizer for Muon
     config: Config  # the run's resolved config (vocabulary, pretrained shape)
     run_dir: Path
     rank: int  # this process's rank in a torchrun job; 0 in a single process
