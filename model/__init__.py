@@ -49,6 +49,7 @@ _EXPORTS = {
     "Callback": "training.callbacks",
     "TrainingState": "training.callbacks",
     "generate": "inference.sampling",
+    "SamplingParams": "inference.sampling",
     "repetition_penalty": "inference.sampling",
     "score_tokens": "inference.scoring",
     "score_text": "inference.scoring",
