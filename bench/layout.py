@@ -32,37 +32,6 @@ def layout_rules():
     return module
 
 
-def modules(root: Path) -> dict[str, Path]:
-    found = {}
-    for path in sorted((root / "model").rglob("*.py")):
-        parts = path.relative_to(root).with_suffix("").parts
-        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return found
-
-
-def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([base] if base else []))
-            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
-                     for a in node.names]
-        else:
-            continue
-        for target in names:
-            while target and target not in known:
-                target = target.rpartition(".")[0]
-            if target and target not in (name, "model"):
-                out.add(target)
-    return out
-
-
 def functions(path: Path) -> list[tuple[str, int, int]]:
     """(name, lines, positional parameters) of every function."""
     out = []
@@ -80,8 +49,8 @@ def lines(path: Path) -> int:
 
 def measure(root: Path, renamed: dict[str, str]) -> dict:
     rules = layout_rules()
-    known = modules(root)
-    graph = {m: imports(m, p, known) for m, p in known.items()}
+    known = rules.modules_of(root)
+    graph = {m: rules.imports(m, known) for m in known}
 
     def wing(module: str) -> str:
         try:

@@ -36,12 +36,16 @@ MAX_POSITIONAL = 5
 MAX_TOP_LEVEL = 10
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def modules_of(root: Path) -> dict[str, Path]:
+    """Every module of the package under `root`, by dotted name."""
+    found = {}
+    for path in sorted((root / "model").rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
 
 
-MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+MODULES = modules_of(ROOT)
 
 
 def wing(module: str) -> str:
@@ -60,10 +64,10 @@ def wing(module: str) -> str:
     return second
 
 
-def imports(module: str) -> set[str]:
+def imports(module: str, modules: dict[str, Path] = MODULES) -> set[str]:
     """Every module of model/ that `module` imports: at the top, inside functions and under
     TYPE_CHECKING alike."""
-    path = MODULES[module]
+    path = modules[module]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -75,12 +79,12 @@ def imports(module: str) -> set[str]:
                 parts = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
             # `from package import submodule` imports the submodule; anything else, the module
-            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
                      for a in node.names]
         else:
             continue
         for name in names:
-            while name and name not in MODULES:
+            while name and name not in modules:
                 name = name.rpartition(".")[0]
             if name and name != module and name != "model":
                 found.add(name)

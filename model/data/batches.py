@@ -62,38 +62,21 @@ def _check_length(data: np.ndarray, block_size: int) -> None:
                         f"block_size + 1 = {block_size + 1}; use more text or a smaller block_size")
 
 
-class BatchSampler:
-    """Random windows of block_size + 1 tokens -> (x, y) with y = x shifted by one.
+class SeededSampler:
+    """What every training sampler shares: batch k is a pure function of (seed, k), so the
+    whole state is the count of batches drawn, and a restored sampler continues exactly where
+    the saved one stopped. Each rank keeps its slice of the global batch."""
 
-    Batch k is drawn from a generator seeded by (seed, k): it picks world_size * batch_size
-    windows, the global batch, and each rank keeps its own slice. So ranks see different
-    windows, and N ranks together see exactly what one process with N times the batch sees.
-    The whole state is the count of batches drawn: a restored sampler continues exactly where
-    the saved one stopped.
-    """
-
-    def __init__(self, tokens: TokenSource, block_size: int, batch_size: int, seed: int, *,
-                 rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(self, block_size: int, batch_size: int, seed: int, *, rank: int = 0,
+                 world_size: int = 1, device: str | torch.device = "cpu") -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
-        self.data = open_tokens(tokens)
-        _check_length(self.data, block_size)
         self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self.batches_drawn = 0
-
-    def next_batch(self) -> Batch:
-        """x, y: int64 (batch_size, block_size) on the sampler's device."""
-        rng = np.random.default_rng([self.seed % 2**63, self.batches_drawn])
-        self.batches_drawn += 1
-        global_starts = rng.integers(0, len(self.data) - self.block_size,
-                                     size=self.batch_size * self.world_size)
-        starts = global_starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return windows(self.data, starts, self.block_size, self.device)
 
     def state_dict(self) -> dict[str, int]:
         """JSON-serializable; the same on every rank except `rank`, so rank 0's restores all."""
@@ -107,6 +90,35 @@ class BatchSampler:
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError("sampler state is damaged: it needs 'seed' and 'batches_drawn'; "
                             "resume from another checkpoint or start afresh") from exc
+
+
+class BatchSampler(SeededSampler):
+    """Random windows of block_size + 1 tokens -> (x, y) with y = x shifted by one.
+
+    Batch k is drawn from a generator seeded by (seed, k): it picks world_size * batch_size
+    windows, the global batch, and each rank keeps its own slice. So ranks see different
+    windows, and N ranks together see exactly what one process with N times the batch sees.
+    The whole state is the count of batches drawn: a restored sampler continues exactly where
+    the saved one stopped.
+    """
+
+    def __init__(self, tokens: TokenSource, block_size: int, batch_size: int, seed: int, *,
+                 rank: int = 0, world_size: int = 1,
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__(block_size, batch_size, seed, rank=rank, world_size=world_size,
+                         device=device)
+        self.data = open_tokens(tokens)
+        _check_length(self.data, block_size)
+
+    def next_batch(self) -> Batch:
+        """x, y: int64 (batch_size, block_size) on the sampler's device."""
+        rng = np.random.default_rng([self.seed % 2**63, self.batches_drawn])
+        self.batches_drawn += 1
+        global_starts = rng.integers(0, len(self.data) - self.block_size,
+                                     size=self.batch_size * self.world_size)
+        starts = global_starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return windows(self.data, starts, self.block_size, self.device)
+
 
 
 def eval_windows(tokens: TokenSource, block_size: int, batch_size: int, num_batches: int,

@@ -17,12 +17,10 @@ The sampler is a pure function of (seed, batches drawn) like BatchSampler, so re
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
-from model.data.batches import Batch, to_device
+from model.data.batches import Batch, SeededSampler, to_device
 from model.data.chat_data import ChatData
 from model.errors import DataError
 
@@ -68,7 +66,7 @@ def conversation_rows(data: ChatData, split: str, chosen: np.ndarray, block_size
     return to_device(ids[:, :-1], device), to_device(targets[:, 1:], device)
 
 
-class ChatBatchSampler:
+class ChatBatchSampler(SeededSampler):
     """Random batches of conversations; the same interface and state as BatchSampler.
 
     Batch k belongs to group k // GROUP, whose GROUP * world_size * batch_size conversations
@@ -80,8 +78,8 @@ class ChatBatchSampler:
     def __init__(self, data: ChatData, block_size: int, batch_size: int, seed: int, *,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
                  split: str = "train") -> None:
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        super().__init__(block_size, batch_size, seed, rank=rank, world_size=world_size,
+                         device=device)
         self.data, self.split = data, split
         self.pool = usable(data, split, block_size)
         if not len(self.pool):
@@ -89,10 +87,6 @@ class ChatBatchSampler:
                             f"{block_size + 1} tokens; raise model.block_size or shorten the "
                             "conversations")
         self.lengths = data.index(split)[:, 1]
-        self.block_size, self.batch_size = block_size, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.device = torch.device(device)
-        self.batches_drawn = 0
 
     def next_batch(self) -> Batch:
         group, position = divmod(self.batches_drawn, GROUP)
@@ -106,18 +100,6 @@ class ChatBatchSampler:
         mine = drawn[batch * per_batch:(batch + 1) * per_batch]
         mine = mine[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         return conversation_rows(self.data, self.split, mine, self.block_size, self.device)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "batches_drawn": self.batches_drawn, "rank": self.rank,
-                "world_size": self.world_size, "block_size": self.block_size,
-                "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            self.seed, self.batches_drawn = int(state["seed"]), int(state["batches_drawn"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError("sampler state is damaged: it needs 'seed' and 'batches_drawn'; "
-                            "resume from another checkpoint or start afresh") from exc
 
 
 def chat_eval_batches(data: ChatData, block_size: int, batch_size: int, num_batches: int,
