@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.errors import ConfigError, check_choice, check_positive
-from model.network.activation_cache import ActivationCache
-from model.network.hooks import HookedModel, HookPoint, NameFilter, name_hook_points
+from model.network.hooks import HookedModel, HookPoint, name_hook_points
 from model.network.kv_cache import KVCache
+from model.network.text import TextModel
 from model.network.views import WeightViews
 
 POS_EMBS = ("learned", "rope")
@@ -261,7 +261,9 @@ class Block(nn.Module):
 TL_NAMES = {"norm1": "ln1", "norm2": "ln2", "norm_f": "ln_final"}
 
 
-class GPT(HookedModel, WeightViews, nn.Module):
+class GPT(HookedModel, WeightViews, TextModel, nn.Module):
+    hook_renames = TL_NAMES  # hook_dict finds every hook point again at each lookup
+
     def __init__(self, config: GPTConfig, device: torch.device | str | None = None) -> None:
         """A randomly initialised GPT with its parameters on `device` (None: the CPU). On
         "meta" the parameters are shapes only and nothing is drawn: a model whose weights are
@@ -298,7 +300,7 @@ class GPT(HookedModel, WeightViews, nn.Module):
         self.hook_embed = HookPoint()
         if config.pos_emb == "learned":
             self.hook_pos_embed = HookPoint()  # (B, T, C), broadcast over the batch as TL's
-        self.hook_dict = name_hook_points(self, TL_NAMES)
+        name_hook_points(self, TL_NAMES)  # each point knows its name from the start
         if not meta:
             self.reset_parameters()
 
@@ -338,13 +340,15 @@ class GPT(HookedModel, WeightViews, nn.Module):
         rope = self.rope[:, start:start + T] if self.rope is not None else None
         return self.drop(x), rope
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+    def forward(self, idx: torch.Tensor | str | list[str], targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for every position, and with targets the mean next-token
         cross-entropy in nats over every position whose target is not -1.
 
         With a cache, idx holds only the new tokens; their positions follow the cached ones.
+        A text (or list of texts) is tokenized first by the model's tokenizer (to_tokens).
         """
+        idx = self.as_tokens(idx)
         start = cache.length if cache is not None else 0
         x, rope = self.embed(idx, start)
         for block in self.blocks:
@@ -361,12 +365,6 @@ class GPT(HookedModel, WeightViews, nn.Module):
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) of a residual stream (..., C): the final norm, then W_U."""
         return self.lm_head(self.norm_f(resid))
-
-    def run_with_cache(self, idx: torch.Tensor, names_filter: NameFilter = None,
-                       detach: bool = True) -> tuple[torch.Tensor, ActivationCache]:
-        """HookedModel.run_with_cache, its activations wrapped in an ActivationCache."""
-        logits, store = super().run_with_cache(idx, names_filter, detach)
-        return logits, ActivationCache(store, self)
 
     def num_params(self) -> int:
         """Parameters, a tied W_E/W_U counted once."""

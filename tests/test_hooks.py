@@ -174,7 +174,7 @@ def test_residual_decomposition_sums_to_the_final_residual(shape):
 def test_direct_logit_attribution_adds_up_to_the_logits(shape):
     model = model_of(shape)
     logits, cache = model.run_with_cache(tokens())
-    stack = cache.apply_ln_to_stack(cache.decompose_resid())
+    stack = cache.decompose_resid(pos_slice=-1)  # (components, B, C)
     right, wrong = torch.tensor([3, 5]), torch.tensor([7, 7])
     attrs = cache.logit_attrs(stack, right, wrong, pos_slice=-1)  # (components, B)
     expected = logits[:, -1].gather(1, right[:, None]) - logits[:, -1].gather(1, wrong[:, None])

@@ -67,6 +67,18 @@ class Tokenizer:
         """The ids as a numpy array, for writing token files."""
         return np.asarray(self.encode(text), dtype=dtype)
 
+    def to_tokens(self, text: str | Sequence[str], *, prepend_bos: bool = False,
+                  padding_side: str = "right", return_mask: bool = False,
+                  device: Any = None) -> Any:
+        """(B, T) ids of a text or equally long texts (see to_tokens below); with return_mask
+        also the (B, T) attention mask, 1 for every token."""
+        ids = to_tokens(self, text, prepend_bos, device)
+        return (ids, ids.new_ones(ids.shape)) if return_mask else ids
+
+    def to_str_tokens(self, text_or_ids: Any, *, prepend_bos: bool = False) -> list[str]:
+        """Each token of a text (or of ids) as text, in order."""
+        return to_str_tokens(self, text_or_ids, prepend_bos)
+
     def _check_ids(self, ids: Sequence[int]) -> None:
         if len(ids) and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)

@@ -27,6 +27,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from model.errors import ConfigError
+from model.network.activation_cache import ActivationCache
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -84,15 +88,21 @@ class HookPoint:
 
 def name_hook_points(root: torch.nn.Module,
                      renames: dict[str, str]) -> dict[str, HookPoint]:
-    """Every HookPoint held by `root` or its submodules, by TransformerLens name. `renames` maps
-    our module names to theirs (norm1 -> ln1), so state_dict keys keep our names."""
-    found = {}
-    for path, module in root.named_modules():
-        parts = [renames.get(p, p) for p in path.split(".") if p]
+    """Every HookPoint held by `root` or its submodules now, by TransformerLens name, each
+    point's `name` set to it. `renames` maps our module names to theirs (norm1 -> ln1), so
+    state_dict keys keep our names."""
+    found: dict[str, HookPoint] = {}
+
+    def visit(module: torch.nn.Module, prefix: str) -> None:
         for attr, value in vars(module).items():
             if isinstance(value, HookPoint):
-                value.name = ".".join([*parts, attr])
+                value.name = prefix + attr
                 found[value.name] = value
+        for name, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{prefix}{renames.get(name, name)}.")
+
+    visit(root, "")
     return found
 
 
@@ -107,25 +117,43 @@ def _matcher(names: NameFilter) -> Callable[[str], bool]:
     return lambda name: name in wanted
 
 
+def _named(names: NameFilter) -> list[str]:
+    """The names a filter spells out (a name or a list of them); none for a predicate."""
+    if isinstance(names, str):
+        return [names]
+    return list(names) if isinstance(names, (list, tuple, set)) else []
+
+
+RETURN_TYPES = ("logits", "loss", "both", None)
+
+
 class HookedModel:
-    """run_with_cache, run_with_hooks, hooks(): mixed into a model that sets `hook_dict` and
-    whose forward returns (logits, ...)."""
+    """run_with_cache, run_with_hooks, hooks(): mixed into a model whose forward is
+    `forward(idx, targets=None, **kwargs) -> (logits, loss)`, that turns text into token ids
+    with `as_tokens` (model/network/text.py), and names our modules as TransformerLens does
+    through `hook_renames`."""
 
-    hook_dict: dict[str, HookPoint]
+    hook_renames: dict[str, str] = {}
 
-    def _points(self, names: NameFilter) -> list[HookPoint]:
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        """Every hook point of the model as it is now, by name. Found again at each lookup, so
+        that a module replaced after construction (`model.blocks[0].attn = MyAttention(...)`)
+        brings its own points under these names and the replaced module's are gone."""
+        return name_hook_points(self, self.hook_renames)  # type: ignore[arg-type]
+
+    def _points(self, names: NameFilter,
+                hook_dict: dict[str, HookPoint] | None = None) -> list[HookPoint]:
         """The hook points a name, list of names or predicate selects; an unknown name is an
         error (a typo would otherwise silently hook nothing)."""
-        if isinstance(names, str) and names not in self.hook_dict:
-            close = [n for n in self.hook_dict if n.endswith(names.split(".")[-1])][:3]
-            hint = f"; e.g. {', '.join(close)}" if close else ""
-            raise KeyError(f"no hook point named {names!r}{hint}")
-        if isinstance(names, (list, tuple, set)):
-            unknown = [n for n in names if n not in self.hook_dict]
-            if unknown:
-                raise KeyError(f"no hook point named {unknown[0]!r}")
+        hook_dict = self.hook_dict if hook_dict is None else hook_dict
+        for name in _named(names):
+            if name not in hook_dict:
+                close = [n for n in hook_dict if n.endswith(name.split(".")[-1])][:3]
+                hint = f"; e.g. {', '.join(close)}" if close else ""
+                raise KeyError(f"no hook point named {name!r}{hint}")
         match = _matcher(names)
-        return [hp for name, hp in self.hook_dict.items() if match(name)]
+        return [hp for name, hp in hook_dict.items() if match(name)]
 
     def add_hook(self, name: NameFilter, fn: HookFn, dir: str = "fwd") -> None:
         """Register fn at every point `name` selects (a name or a predicate on names). It stays
@@ -144,10 +172,11 @@ class HookedModel:
         (hooks added with add_hook stay). Run the backward pass inside the block for backward
         hooks to fire."""
         added: list[tuple[HookPoint, HookFn, str]] = []
+        hook_dict = self.hook_dict
         try:
             for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
                 for name, fn in pairs:
-                    for hp in self._points(name):
+                    for hp in self._points(name, hook_dict):
                         hp.add_hook(fn, direction)
                         added.append((hp, fn, direction))
             yield self
@@ -155,20 +184,30 @@ class HookedModel:
             for hp, fn, direction in added:
                 hp.remove_hook(fn, direction)
 
-    def run_with_hooks(self, idx: torch.Tensor,
-                       fwd_hooks: Sequence[tuple[NameFilter, HookFn]] = ()) -> torch.Tensor:
-        """The logits (B, T, V) of one forward pass with the given hooks, removed afterwards.
+    def run_with_hooks(self, input: Any, fwd_hooks: Sequence[tuple[NameFilter, HookFn]] = (),
+                       *, return_type: str | None = "logits", **forward_kwargs: Any) -> Any:
+        """One forward pass of `input` (token ids, a text or a list of texts) with the given
+        hooks, removed afterwards. return_type as TransformerLens's: "logits" (B, T, V),
+        "loss" (the mean next-token loss over the input), "both" (logits, loss), or None.
+        A point named in fwd_hooks that the pass never reaches is an error naming it.
         (Backward hooks fire during loss.backward(): register them with `hooks()`.)"""
-        with self.hooks(fwd_hooks):
-            return self(idx)[0]
+        fired: set[str] = set()
+        named = sorted({name for names, _ in fwd_hooks for name in _named(names)})
+        seen = [(named, lambda x, hook: fired.add(hook.name))] if named else []
+        with self.hooks([*fwd_hooks, *seen]):
+            out = self._forward_as(input, return_type, forward_kwargs)
+        _check_fired(named, fired)
+        return out
 
-    def run_with_cache(self, idx: torch.Tensor, names_filter: NameFilter = None,
-                       detach: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The logits and every activation `names_filter` selects, in a dict by name (GPT wraps
-        it in an ActivationCache). The default takes all but the per-head results
+    def run_with_cache(self, input: Any, names_filter: NameFilter = None, detach: bool = True,
+                       *, return_type: str | None = "logits", remove_batch_dim: bool = False,
+                       **forward_kwargs: Any) -> tuple[Any, ActivationCache]:
+        """The output (return_type as in run_with_hooks) and an ActivationCache of every
+        activation `names_filter` selects. The default takes all but the per-head results
         (`attn.hook_result`, n_head times the residual's size; the cache computes them from
         `hook_z` when asked). detach=False keeps the activations in the autograd graph, for
-        gradients with respect to them."""
+        gradients with respect to them. remove_batch_dim: the cache of a batch-1 input without
+        its batch axis."""
         if names_filter is None:
             names_filter = lambda name: not name.endswith("attn.hook_result")  # noqa: E731
 
@@ -177,8 +216,33 @@ class HookedModel:
         def save(x: torch.Tensor, hook: HookPoint) -> None:
             store[hook.name] = x.detach() if detach else x
 
-        points = self._points(names_filter)
-        with self.hooks([(lambda name, wanted={hp.name for hp in points}: name in wanted,
-                          save)]):
-            logits = self(idx)[0]
-        return logits, store
+        with self.hooks([(names_filter, save)]):
+            out = self._forward_as(input, return_type, forward_kwargs)
+        _check_fired(_named(names_filter), store)
+        cache = ActivationCache(store, self)  # type: ignore[arg-type]
+        return out, cache.remove_batch_dim() if remove_batch_dim else cache
+
+    def _forward_as(self, input: Any, return_type: str | None,
+                    forward_kwargs: dict[str, Any]) -> Any:
+        """The forward pass of run_with_hooks and run_with_cache, returning `return_type`."""
+        if return_type not in RETURN_TYPES:
+            raise ConfigError(f"return_type: {return_type!r} is not one of "
+                              "'logits', 'loss', 'both' or None")
+        idx = self.as_tokens(input)  # type: ignore[attr-defined]
+        targets = None
+        if return_type in ("loss", "both"):  # each position predicts the next token
+            targets = F.pad(idx[:, 1:], (0, 1), value=-1)
+            mask = forward_kwargs.get("attention_mask")
+            if mask is not None:  # padding is never a target
+                targets = targets.masked_fill(F.pad(mask[:, 1:], (0, 1)) == 0, -1)
+        logits, loss = self(idx, targets, **forward_kwargs)  # type: ignore[operator]
+        return {"logits": logits, "loss": loss, "both": (logits, loss), None: None}[return_type]
+
+
+def _check_fired(named: Sequence[str], fired: Any) -> None:
+    """A hook point asked for by name that the forward pass did not reach: its module holds it
+    but never calls it (a forward replaced without its hook points)."""
+    silent = [name for name in named if name not in fired]
+    if silent:
+        raise KeyError(f"hook point {silent[0]!r} did not fire in the forward pass: its module "
+                       "never calls it; hook a point that the module's forward calls")

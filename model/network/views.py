@@ -4,6 +4,7 @@ Mixed into model.gpt.GPT, so that other modules (the activation cache, analysis,
 export) read these instead of GPT's attribute names:
 
     W_E            [d_vocab, d_model]                    W_U     [d_model, d_vocab]
+    ln_final       the final norm (module norm_f)        b_U     [d_vocab], zeros
     W_pos          [n_ctx, d_model] (learned positions; for rotary ones an error)
     W_Q, W_K, W_V  [n_layers, n_heads, d_model, d_head]  b_Q, ...  [n_layers, n_heads, d_head]
     W_O            [n_layers, n_heads, d_head, d_model]  b_O     [n_layers, d_model]
@@ -62,12 +63,20 @@ class WeightViews:
         (B, T, H, D): what the forward pass's `attn.hook_result` holds."""
         return self.blocks[layer].attn.head_results(z)
 
-    def tokens_to_residual_directions(self, tokens: int | torch.Tensor) -> torch.Tensor:
-        """For each token the direction whose dot product with the normalized final stream is
-        that token's logit, less the final norm's bias term: W_U[:, token] times the final
-        norm's weight (TransformerLens folds that weight into W_U; we do not)."""
+    def tokens_to_residual_directions(self, tokens: Any) -> torch.Tensor:
+        """For each token (an id, ids, or a single-token string) the direction whose dot product
+        with the normalized final stream is that token's logit, less the final norm's bias
+        term: W_U[:, token] times the final norm's weight (TransformerLens folds that weight
+        into W_U; we do not)."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)  # type: ignore[attr-defined]
         tokens = torch.as_tensor(tokens, device=self.lm_head.weight.device)
         return self.lm_head.weight[tokens] * self.norm_f.weight
+
+    @property
+    def ln_final(self) -> nn.Module:
+        """The final norm (TransformerLens's name for it; ours is `norm_f`)."""
+        return self.norm_f
 
     @property
     def W_E(self) -> torch.Tensor:
@@ -84,6 +93,11 @@ class WeightViews:
     @property
     def W_U(self) -> torch.Tensor:
         return self.lm_head.weight.T
+
+    @property
+    def b_U(self) -> torch.Tensor:
+        """Zeros: W_U has no bias (TransformerLens's unembedding always has one)."""
+        return self.lm_head.weight.new_zeros(self.lm_head.weight.size(0))
 
     @property
     def W_Q(self) -> torch.Tensor:

@@ -131,8 +131,11 @@ def load_model(name: str | Path | Located | None = None, device: str | torch.dev
     float32 copy."""
     located = _located(name, root)
     if located.kind == "huggingface":
-        return _hf(located, device, dtype)
-    return _smallgpt(located, device, model_class, dtype)
+        loaded = _hf(located, device, dtype)
+    else:
+        loaded = _smallgpt(located, device, model_class, dtype)
+    loaded.model.tokenizer = loaded.tokenizer  # model.to_tokens(...), text in forward
+    return loaded
 
 
 def parameter_count(name: str | Path | Located | None = None, *,
