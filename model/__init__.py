@@ -11,7 +11,7 @@ model/inference/sampling.py (generation). The rest lives in wings, one job each:
     config     config.py: a whole run's settings, validated once
     weights    weights/: checkpoints, loading by name, Hugging Face files, export
     training   training/: train() and its parts
-    inference  inference/: generation, scoring, analysis
+    inference  inference/: generation, scoring, analysis; patching.py: patching sweeps
     serve      serve/: the playground page and the OpenAI-compatible API
     cli        cli/ (and the `python -m model.<command>` doors): every argparse and print
 

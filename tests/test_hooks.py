@@ -263,3 +263,160 @@ def test_compile_traces_through_unused_hook_points():
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: no breaks
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens())[0], model(tokens())[0])
+
+
+class DoubledAttention(gpt_module.CausalSelfAttention):
+    """A variant put in place after construction, as docs/library.md suggests."""
+
+    def forward(self, x, rope=None, cache=None):
+        return 2 * super().forward(x, rope, cache)
+
+
+class Unhooked(gpt_module.CausalSelfAttention):
+    """Holds the hook points it inherits but computes attention without calling any of them."""
+
+    def forward(self, x, rope=None, cache=None):
+        q, k, v = (t.view(*x.shape[:2], -1, self.head_dim).transpose(1, 2)
+                   for t in self.split_qkv(self.qkv(x)))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.proj(y.transpose(1, 2).reshape(x.shape))
+
+
+@MODELS
+def test_a_replaced_module_brings_its_hook_points(shape):
+    model = model_of(shape)
+    old = model.blocks[0].attn
+    model.blocks[0].attn = DoubledAttention(model.config, 0).eval()
+    model.blocks[0].attn.load_state_dict(old.state_dict())
+    new = model.blocks[0].attn
+    assert model.hook_dict["blocks.0.attn.hook_z"] is new.hook_z
+    assert not any(hp is old.hook_z for hp in model.hook_dict.values())
+    _, cache = model.run_with_cache(tokens(), names_filter=lambda name: True)
+    assert set(cache.keys()) == set(expected_shapes(model.config))  # nothing silently missing
+    # Zeroing the new module's z leaves only proj's bias (doubled) as attention's output.
+    def zero(z, hook):
+        return torch.zeros_like(z)
+
+    with model.hooks([("blocks.0.attn.hook_z", zero)]):
+        _, cache = model.run_with_cache(tokens(), names_filter="blocks.0.hook_attn_out")
+    bias = 0 if new.proj.bias is None else 2 * new.proj.bias
+    torch.testing.assert_close(cache["attn_out", 0], torch.zeros(B, T, model.config.n_embd) + bias)
+    zeroed = model.run_with_hooks(tokens(), fwd_hooks=[("blocks.0.attn.hook_z", zero)])
+    assert not torch.allclose(zeroed, model(tokens())[0], atol=1e-3)
+    # A module whose forward never calls a point it holds: asking for that point is an error.
+    model.blocks[1].attn = Unhooked(model.config, 1)
+    with pytest.raises(KeyError, match="'blocks.1.attn.hook_z' did not fire"):
+        model.run_with_hooks(tokens(), fwd_hooks=[("blocks.1.attn.hook_z", zero)])
+    with pytest.raises(KeyError, match="did not fire"):
+        model.run_with_cache(tokens(), names_filter=["blocks.1.attn.hook_q"])
+    # A replaced norm without hook points takes its names with it.
+    model.blocks[1].norm1 = torch.nn.Identity()
+    with pytest.raises(KeyError, match="no hook point named 'blocks.1.ln1.hook_scale'"):
+        model.run_with_hooks(tokens(), fwd_hooks=[("blocks.1.ln1.hook_scale", zero)])
+
+
+@MODELS
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pos_slice_selects_positions_for_every_helper(shape, batch):
+    """Slicing positions first equals slicing the full result (also the normalised ones)."""
+    model = model_of(shape)
+    _, cache = model.run_with_cache(tokens()[:1].repeat(batch, 1))
+    helpers = {
+        "accumulated_resid": lambda **kw: cache.accumulated_resid(incl_mid=True, **kw),
+        "accumulated_resid 1": lambda **kw: cache.accumulated_resid(1, mlp_input=True, **kw),
+        "decompose_resid": lambda **kw: cache.decompose_resid(**kw),
+        "decompose_resid 1": lambda **kw: cache.decompose_resid(1, mlp_input=True, **kw),
+        "stack_head_results": lambda **kw: cache.stack_head_results(incl_remainder=True, **kw),
+    }
+    for name, helper in helpers.items():
+        for apply_ln in (False, True):
+            whole = helper(apply_ln=apply_ln)
+            for pos_slice, index in ((-1, -1), (3, 3), ((2, 7), slice(2, 7)),
+                                     (slice(1, None, 3), slice(1, None, 3)), ([0, 4], [0, 4])):
+                part = helper(apply_ln=apply_ln, pos_slice=pos_slice)
+                torch.testing.assert_close(part, whole[:, :, index], rtol=1e-5, atol=1e-6,
+                                           msg=f"{name} {apply_ln} {pos_slice}")
+
+
+@MODELS
+def test_the_logit_lens_ends_at_the_logits(shape):
+    model = model_of(shape)
+    logits, cache = model.run_with_cache(tokens())
+    lens, labels = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=-1, apply_ln=True,
+                                           return_labels=True)
+    n = model.config.n_layer
+    assert labels == [f"{i}_{kind}" for i in range(n) for kind in ("pre", "mid")] + ["final_post"]
+    torch.testing.assert_close((lens @ model.W_U)[-1], logits[:, -1], rtol=0, atol=1e-5)
+    # cache.logit_lens() computes the same, one entry at a time.
+    result = cache.logit_lens(incl_mid=True)
+    assert result.labels == labels
+    torch.testing.assert_close(result.values, lens @ model.W_U, rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.values[-1], logits[:, -1], rtol=0, atol=1e-5)
+    top = cache.logit_lens(top_k=1, positions=None).top_ids[-1, ..., 0]
+    assert torch.equal(top, logits.argmax(-1))
+
+
+def test_a_cache_saves_loads_moves_and_drops_its_batch_axis(tmp_path):
+    from model.errors import SmallGPTError
+
+    model = model_of(GPT2_SHAPED)
+    logits, cache = model.run_with_cache(tokens()[:1])
+    torch.save(cache, tmp_path / "cache.pt")
+    loaded = torch.load(tmp_path / "cache.pt")  # the default: weights_only
+    assert list(loaded.keys()) == list(cache.keys())
+    assert all(torch.equal(loaded[name], cache[name]) for name in cache)
+    torch.testing.assert_close(loaded.accumulated_resid(), cache.accumulated_resid())
+    with pytest.raises(SmallGPTError, match="cache.model = model"):
+        loaded.accumulated_resid(apply_ln=True)
+    loaded.model = model
+    torch.testing.assert_close(loaded.accumulated_resid(apply_ln=True),
+                               cache.accumulated_resid(apply_ln=True))
+    assert cache.to("meta")["resid_pre", 0].device.type == "meta"
+    _, cache = model.run_with_cache(tokens()[:1], remove_batch_dim=True)
+    assert cache["resid_pre", 0].shape == (T, model.config.n_embd)
+    lens = cache.accumulated_resid(pos_slice=-1, apply_ln=True)
+    torch.testing.assert_close((lens @ model.W_U)[-1], logits[0, -1], rtol=0, atol=1e-5)
+    assert cache.stack_head_results(pos_slice=-1).shape == (3 * 4, model.config.n_embd)
+    with pytest.raises(SmallGPTError, match="batch size 1"):
+        model.run_with_cache(tokens(), remove_batch_dim=True)
+
+
+def test_return_type():
+    from model.errors import ConfigError
+
+    model = model_of(GPT2_SHAPED)
+    idx = tokens()
+    logits = model(idx)[0]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, 96), idx[:, 1:].reshape(-1))
+    torch.testing.assert_close(model.run_with_hooks(idx, return_type="loss"), loss)
+    both, _ = model.run_with_cache(idx, return_type="both")
+    torch.testing.assert_close(both[0], logits)
+    torch.testing.assert_close(both[1], loss)
+    assert model.run_with_hooks(idx, return_type=None) is None
+    with pytest.raises(ConfigError, match="return_type"):
+        model.run_with_hooks(idx, return_type="logprobs")
+
+
+def test_text_wherever_token_ids_go():
+    from model.data.tokenizer import CharTokenizer
+    from model.errors import TokenizerError
+
+    model = model_of(dict(GPT2_SHAPED, vocab_size=27))
+    with pytest.raises(TokenizerError, match="no tokenizer"):
+        model.to_tokens("abc")
+    model.tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
+    ids = model.to_tokens("hello")
+    assert ids.tolist() == [[7, 4, 11, 11, 14]]
+    assert model.to_tokens(["ab", "cd"]).shape == (2, 2)
+    assert model.to_str_tokens("hey") == ["h", "e", "y"]
+    assert model.to_str_tokens(ids) == list("hello")
+    assert model.to_string(ids) == ["hello"] and model.to_string(ids[0]) == "hello"
+    assert model.to_single_token("q") == 16
+    with pytest.raises(TokenizerError, match="2 tokens"):
+        model.to_single_token("qq")
+    torch.testing.assert_close(model("hello")[0], model(ids)[0])
+    torch.testing.assert_close(model.run_with_hooks("hello"), model(ids)[0])
+    assert torch.equal(model.run_with_cache("hello")[1]["hook_embed"],
+                       model.run_with_cache(ids)[1]["hook_embed"])
+    direction = model.tokens_to_residual_directions("q")
+    torch.testing.assert_close(direction, model.W_U[:, 16] * model.ln_final.weight)

@@ -4,6 +4,7 @@ transformers directory, booted by TransformerLens 4 (compatibility mode, no weig
 import pytest
 import torch
 
+from model.data.tokenizer import GPT2Tokenizer
 from model.gpt import GPT, GPTConfig
 from model.weights.hf import save_hf
 
@@ -50,6 +51,7 @@ def both(tmp_path_factory):
     ours.eval()
     save_hf(ours, directory)
     tokenizer = gpt2_tokenizer(directory)
+    ours.tokenizer = GPT2Tokenizer()  # as load_model would (single-token strings as targets)
     theirs = tl_bridge.TransformerBridge.boot_transformers(str(directory), tokenizer=tokenizer,
                                                            device="cpu")
     theirs.enable_compatibility_mode(no_processing=True)
@@ -75,7 +77,7 @@ def test_cached_activations_equal_transformer_lens(both):
         torch.testing.assert_close(ours_t, theirs_t, rtol=1e-4, atol=1e-5, msg=name)
 
 
-VIEWS = ("W_E", "W_pos", "W_U", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_out",
+VIEWS = ("W_E", "W_pos", "W_U", "b_U", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_out",
          "b_Q", "b_K", "b_V", "b_O", "b_in", "b_out")
 
 
@@ -108,4 +110,116 @@ def test_grouped_query_swiglu_views_equal_transformer_lens(tmp_path):
         torch.testing.assert_close(getattr(ours, name),
                                    theirs._expand_kv_heads(getattr(theirs, name)), rtol=0,
                                    atol=0, msg=name)
-    assert all(getattr(ours, name) is None for name in VIEWS if name.startswith("b_"))
+    assert all(getattr(ours, name) is None for name in VIEWS if name.startswith("b_")
+               and name != "b_U")  # b_U: zeros, as TransformerLens's unembedding
+
+
+PROMPTS = ["The cat sat on the mat and looked", "When Mary and John went to the store",
+           "A quick brown fox jumps over the dog"]
+
+
+def token_batch(tokenizer, batch):
+    """(batch, 8) ids: the prompts cut to the same length."""
+    return torch.tensor([tokenizer(p)["input_ids"][:8] for p in PROMPTS[:batch]])
+
+
+def caches(both, batch):
+    ours, theirs, tokenizer = both
+    idx = token_batch(tokenizer, batch)
+    with torch.no_grad():
+        return ours.run_with_cache(idx), theirs.run_with_cache(idx)
+
+
+def assert_same(ours, theirs, what):
+    """Equal labels (when both are (stack, labels)) and values within float rounding."""
+    if isinstance(ours, tuple):
+        assert ours[1] == theirs[1], what
+        ours, theirs = ours[0], theirs[0]
+    assert ours.shape == theirs.shape, what
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=what)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_residual_stacks_equal_transformer_lens(both, batch):
+    """accumulated_resid, decompose_resid and stack_head_results: the same labels and values
+    for every layer convention, position selection and normalisation, at batch 1 and 3."""
+    (_, ours), (_, theirs) = caches(both, batch)
+    for layer in (None, -1, 1):
+        for pos_slice in (None, -1, (1, 4), [0, 5]):
+            for apply_ln in (False, True):
+                args = dict(pos_slice=pos_slice, apply_ln=apply_ln, return_labels=True)
+                for incl_mid in (False, True):
+                    assert_same(ours.accumulated_resid(layer, incl_mid, **args),
+                                theirs.accumulated_resid(layer, incl_mid, **args),
+                                f"accumulated_resid {layer} {incl_mid} {args}")
+                assert_same(ours.stack_head_results(layer, incl_remainder=True, **args),
+                            theirs.stack_head_results(layer, incl_remainder=True, **args),
+                            f"stack_head_results {layer} {args}")
+                assert_same(ours.decompose_resid(layer, **args),
+                            theirs.decompose_resid(layer, **args), f"decompose_resid {args}")
+    args = dict(mlp_input=True, pos_slice=-1, apply_ln=True, return_labels=True)
+    assert_same(ours.accumulated_resid(1, **args), theirs.accumulated_resid(1, **args), "mlp")
+    assert_same(ours.decompose_resid(1, **args), theirs.decompose_resid(1, **args), "mlp")
+
+
+def test_logit_lens_equals_transformer_lens(both):
+    (logits, ours), (_, theirs) = caches(both, 3)
+    lens = ours.accumulated_resid(layer=-1, incl_mid=True, pos_slice=-1, apply_ln=True)
+    torch.testing.assert_close((lens @ both[0].W_U)[-1], logits[:, -1], rtol=0, atol=1e-5)
+    for kwargs in (dict(targets=[5, " the"], return_type="log_probs"),
+                   dict(top_k=3, positions=None, incl_mid=True),
+                   dict(vocab=[1, 2, 3], positions=(2, 6), return_type="probs", layers=[0, -1])):
+        mine = ours.logit_lens(**kwargs)
+        theirs_lens = theirs.logit_lens(**kwargs)
+        assert mine.labels == theirs_lens.labels
+        assert_same(mine.values, theirs_lens.values, str(kwargs))
+        assert_same(mine.entropy, theirs_lens.readout.entropy, str(kwargs))
+    assert torch.equal(mine_top := ours.logit_lens(top_k=3).top_ids,
+                       theirs.logit_lens(top_k=3).readout.top_ids), mine_top
+    ranks = ours.logit_lens(targets=" the").rank_trajectory(" the")
+    theirs_ranks = theirs.logit_lens(targets=" the").rank_trajectory(" the")
+    assert (ranks - theirs_ranks).abs().max() <= 1  # ties among 50257 logits: float rounding
+
+
+def test_patching_sweeps_equal_transformer_lens(both):
+    from transformer_lens import patching as their_patching
+
+    from model import patching
+
+    ours, theirs, tokenizer = both
+    clean = torch.tensor([tokenizer("Mary and John met; John thanked")["input_ids"]])
+    corrupted = clean.clone()
+    corrupted[0, 0] = tokenizer(" Alice")["input_ids"][0]
+
+    def metric(logits):
+        return logits[0, -1, 5] - logits[0, -1, 7]
+
+    with torch.no_grad():
+        _, our_cache = ours.run_with_cache(clean)
+        _, their_cache = theirs.run_with_cache(clean)
+    for name in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_all_pos",
+                 "get_act_patch_attn_head_out_by_pos"):
+        mine = getattr(patching, name)(ours, corrupted, our_cache, metric)
+        expected = getattr(their_patching, name)(theirs, corrupted, their_cache, metric)
+        assert_same(mine, expected, name)
+
+
+def test_a_loaded_model_tokenizes_as_transformer_lens(both, tmp_path_factory):
+    """load_model gives the model its tokenizer: to_tokens and friends, and text as input."""
+    from model import load_model
+
+    ours, theirs, tokenizer = both
+    directory = tmp_path_factory.mktemp("gpt2_loaded")
+    save_hf(ours, directory)
+    model = load_model(str(directory)).model
+    text = "When Mary and John went"
+    ids = model.to_tokens(text)
+    assert torch.equal(ids, theirs.to_tokens(text, prepend_bos=False))
+    assert torch.equal(model.to_tokens(text, prepend_bos=True), theirs.to_tokens(text))
+    assert model.to_str_tokens(text) == theirs.to_str_tokens(text, prepend_bos=False)
+    assert model.to_string(ids) == theirs.to_string(ids)
+    assert model.to_single_token(" Mary") == theirs.to_single_token(" Mary")
+    with torch.no_grad():
+        torch.testing.assert_close(model(text)[0], theirs(text, prepend_bos=False))
+        assert_same(model.run_with_hooks(text, return_type="loss"),
+                    theirs.run_with_hooks(text, return_type="loss", prepend_bos=False), "loss")

@@ -28,6 +28,8 @@ MAY_IMPORT = {
 }
 MAY_IMPORT["api"] = set(MAY_IMPORT)  # the public API: every wing's names (loaded lazily)
 BASE = {"model.errors", "model.files", "model.progress", "model.runtime"}
+# Modules directly in model/ that belong to a wing other than their name.
+INFERENCE = {"model.patching"}  # TransformerLens's patching sweeps, as `model.patching`
 # `python -m model.<command>` doors: they belong to the command lines, wherever they stand.
 DOORS = {"model.explore", "model.export", "model.chat_eval", "model.data.__main__",
          "model.serve.__main__"}
@@ -59,6 +61,8 @@ def wing(module: str) -> str:
         return "network"
     if module == "model.config":
         return "config"
+    if module in INFERENCE:
+        return "inference"
     second = module.split(".")[1]
     assert second in MAY_IMPORT, f"{module} stands in no wing; add it to the floor plan"
     return second
