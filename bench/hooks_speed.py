@@ -11,7 +11,10 @@ per-call overhead shows most). Time is the process's CPU time (one thread), whic
 jobs on a shared machine disturb far less than wall time (--wall for wall-clock time). Only the
 GPT's own API is used (new_cache, forward), which both trees share, so the figures compare the
 model code alone. The trees alternate A, B, B, A, ... so that load from other jobs falls on
-both; the median of the rounds is reported.
+both; the median of the rounds is reported. In this checkout's process it also times one
+`hook_dict` lookup (every hook point found again, so that replaced modules' points are named:
+once per run_with_hooks, run_with_cache or hooks() block, never per forward call) and the text
+check each forward call makes.
 
 Measured with `flock /tmp/bench.lock python bench/hooks_speed.py --base /tmp/base978 --rounds 7`
 (2-core AMD EPYC VM shared with 7 other jobs, load 2-3; torch 2.13 CPU, one thread; 6x6x384
@@ -93,6 +96,8 @@ def worker(args: argparse.Namespace) -> None:
     HookPoint = getattr(gpt_module, "HookPoint", None)  # None: the tree before hook points
     if HookPoint is not None:
         figures["hook_share_of_a_decode_step"] = hook_share(model, HookPoint, clock, generate)
+    if hasattr(model, "as_tokens"):  # the tree whose hook_dict is found at each lookup
+        figures.update(lookup_costs(model, clock))
 
     print(json.dumps({**figures, "tree": gpt_module.__file__}))
 
@@ -121,6 +126,28 @@ def hook_share(model, HookPoint, clock, generate: float) -> float:
         point(x)
     per_call = (clock() - start) / n
     return calls * per_call * generate  # (seconds of hook calls per step) / (seconds per step)
+
+
+def lookup_costs(model, clock) -> dict[str, float]:
+    """Microseconds of one `hook_dict` lookup (every hook point found again: once per
+    run_with_hooks, run_with_cache or hooks() block) for this model and for GPT-2 small's
+    shape, and of the text check every forward call makes (`as_tokens` on token ids)."""
+    import torch
+
+    from model.gpt import GPT, GPTConfig
+
+    gpt2 = GPT(GPTConfig.from_preset("gpt2"), device="meta")
+    ids, n = torch.zeros(1, 1, dtype=torch.long), 10_000
+    costs = {}
+    for name, fn in (("lookup_us", lambda: model.hook_dict),
+                     ("lookup_gpt2_us", lambda: gpt2.hook_dict),
+                     ("as_tokens_us", lambda: model.as_tokens(ids))):
+        reps = n if name == "as_tokens_us" else n // 100
+        start = clock()
+        for _ in range(reps):
+            fn()
+        costs[name] = (clock() - start) / reps * 1e6
+    return costs
 
 
 def run_in(tree: Path, argv: list[str]) -> dict[str, float]:
@@ -188,6 +215,12 @@ def main() -> None:
     share = ours["hook_share_of_a_decode_step"]
     print(f"unused hook points' calls take {100 * share:.2f}% of a decode step's CPU time "
           "(counted calls x the cost of one call, measured in the same process)")
+    if "lookup_us" in ours:
+        step_us = 1e6 / ours["generate"]
+        print(f"one hook_dict lookup: {ours['lookup_us']:.0f} us (GPT-2 small's shape: "
+              f"{ours['lookup_gpt2_us']:.0f} us), a decode step {step_us:,.0f} us; the text "
+              f"check in forward: {ours['as_tokens_us']:.2f} us a call "
+              f"({100 * ours['as_tokens_us'] / step_us:.3f}% of a decode step)")
 
 
 if __name__ == "__main__":
