@@ -17,6 +17,13 @@ kernels (fused attention) and `torch.compile` traces through them. A hooked atte
 score switches that layer alone to explicit attention; per-head outputs (`attn.hook_result`) are
 computed only while something is registered there. HookPoints hold no weights: checkpoints are
 unaffected.
+
+`hook_dict` finds the points again at each lookup (once per run_with_hooks, run_with_cache or
+hooks() block, never per forward call), so a module replaced after construction brings its own
+points under the same names and the replaced module's are gone; a point named in run_with_hooks
+or run_with_cache that the forward pass never reaches is an error naming it. A variant of the
+attention reaches its queries and keys the public way: `self.split_qkv(self.qkv(x))`, through
+`self.hook_q` / `hook_k` / `hook_v` (and `hook_rot_q` / `hook_rot_k` with rotary positions).
 """
 
 from __future__ import annotations
