@@ -256,9 +256,9 @@ def logit_lens(model: GPT, tokenizer: Tokenizer, prompt: str, k: int = 3) -> Len
     _check_k(k)
     idx = _prompt_ids(model, tokenizer, prompt)
     _, cache = model.run_with_cache(idx, names_filter=lambda name: "hook_resid_p" in name)
-    stream = cache.accumulated_resid()  # (L+1, 1, T, C): before each block, then the last
-    # One row at a time, as the forward pass computes it: the last row is bit-exact.
-    logits = torch.stack([model.unembed(x)[0] for x in stream])  # (L+1, T, V)
+    # Before each block, then the last: one entry at a time, as the forward pass computes it,
+    # so the last row is bit-exact.
+    logits = cache.logit_lens(positions=None).values[:, 0]  # (L+1, T, V)
     probs = without_padding(logits.float(), tokenizer.vocab_size).softmax(dim=-1)
     values, indices = probs.topk(min(k, tokenizer.vocab_size), dim=-1)  # (L+1, T, k)
     top = [[[Scored(i, tokenizer.token_text(i), v) for i, v in zip(ids, vals)]
