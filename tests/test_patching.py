@@ -55,14 +55,18 @@ def test_a_patched_piece_equals_the_patch_by_hand(setup):
     by_pos = patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric)
     resid = patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
 
-    def head_2_at_1(z, hook):
-        z[:, 1, 2] = cache["z", 1][:, 1, 2]
+    def head_2(pos):
+        def patch(z, hook):
+            z[:, pos, 2] = cache[hook.name][:, pos, 2]
+        return patch
 
     def resid_at_1(x, hook):
         x[:, 1] = cache["resid_pre", 1][:, 1]
 
-    by_hand = metric(model.run_with_hooks(corrupted, [("blocks.1.attn.hook_z", head_2_at_1)]))
-    assert by_pos[1, 1, 2].item() == pytest.approx(by_hand.item(), abs=1e-6)
+    for layer, pos in ((0, 1), (1, T - 1)):
+        hooked = model.run_with_hooks(corrupted, [(f"blocks.{layer}.attn.hook_z", head_2(pos))])
+        assert by_pos[layer, pos, 2].item() == pytest.approx(metric(hooked).item(), abs=1e-6)
+        assert by_pos[layer, pos, 2].item() != pytest.approx(by_pos[layer, pos, 1].item(), abs=1e-4)
     by_hand = metric(model.run_with_hooks(corrupted, [("blocks.1.hook_resid_pre", resid_at_1)]))
     assert resid[1, 1].item() == pytest.approx(by_hand.item(), abs=1e-6)
     # Before layer 0 only the corrupted position matters: elsewhere clean equals corrupted.
