@@ -15,9 +15,10 @@ reading it through the final norm and W_U shows each layer's prediction (the log
 Every method that shares a name with TransformerLens 4.3's ActivationCache takes the same
 arguments with the same meaning: `layer` None or -1 is the final residual stream, `pos_slice`
 is an int (that axis dropped), a slice, a (start, stop[, step]) tuple, a list or tensor of
-positions, or TransformerLens's own Slice. One difference: our weights are not folded (the final
-norm keeps its weight and bias). A TransformerLens helper that assumes folded weights says in its
-docstring here what we do instead.
+positions, or TransformerLens's own Slice. Arguments past the fifth are keyword-only here
+(return_labels, incl_embeds, has_batch_dim, recompute_ln). One difference: our weights are not
+folded (the final norm keeps its weight and bias); a TransformerLens helper that assumes folded
+weights says in its docstring here what we do instead.
 
 `torch.save(cache)` saves the activations without the model; `torch.load` gives back a cache
 whose helpers that need the model (apply_ln, head results, token directions) ask for it:
@@ -84,8 +85,8 @@ class ActivationCache:
         self.has_batch_dim = has_batch_dim
         config = model.config if model is not None else None
         self.n_layer: int = config.n_layer if config is not None else 0
-        self.center = config is not None and config.norm == "layernorm"  # LayerNorm subtracts
-        # the mean before it divides by the scale; RMSNorm only divides
+        # LayerNorm subtracts the mean before it divides by the scale; RMSNorm only divides.
+        self.center = config is not None and config.norm == "layernorm"
 
     # -- a dict of tensors -----------------------------------------------------------------------
 
@@ -144,9 +145,8 @@ class ActivationCache:
         if not self.has_batch_dim:
             raise SmallGPTError("this cache has no batch axis to select from")
         index = as_index(batch_slice)
-        out = ActivationCache({name: take(t, index, 0) for name, t in self.cache_dict.items()},
-                              self.model, has_batch_dim=not isinstance(index, int))
-        return out
+        return ActivationCache({name: take(t, index, 0) for name, t in self.cache_dict.items()},
+                               self.model, has_batch_dim=not isinstance(index, int))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "model": None}  # the activations, not the model's weights

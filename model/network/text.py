@@ -5,7 +5,7 @@ built by hand has none until you set it. The network never imports the data wing
 ask the tokenizer object for what they need (to_tokens, to_str_tokens, encode, decode).
 
     model.to_tokens("The cat sat")            # (1, T) ids on the model's device
-    model.to_tokens(["a b", "c"])             # (2, T), the shorter text padded
+    model.to_tokens(["a b", "c d"])           # (2, T): one row per text (Tokenizer.to_tokens)
     model.to_str_tokens("The cat sat")        # ["The", " cat", " sat"]
     model.to_string(ids)                      # text (a list of texts for (B, T) ids)
     model.to_single_token(" Paris")           # an id; a text of several tokens is an error
