@@ -354,6 +354,10 @@ def test_the_logit_lens_ends_at_the_logits(shape):
     torch.testing.assert_close(result.values[-1], logits[:, -1], rtol=0, atol=1e-5)
     top = cache.logit_lens(top_k=1, positions=None).top_ids[-1, ..., 0]
     assert torch.equal(top, logits.argmax(-1))
+    from model.errors import SmallGPTError
+
+    with pytest.raises(SmallGPTError, match="the stack has 4 entries"):
+        cache.logit_lens(layers=[4])
 
 
 def test_a_cache_saves_loads_moves_and_drops_its_batch_axis(tmp_path):

@@ -94,7 +94,10 @@ def logit_lens(cache: Any, *, layers: list[int] | None = None,
     model = cache._model()
     stack, labels = cache.accumulated_resid(None, incl_mid, pos_slice=positions,
                                             return_labels=True)
-    keep = list(range(len(labels))) if layers is None else [i % len(labels) for i in layers]
+    keep = list(range(len(labels))) if layers is None else list(layers)
+    if any(not -len(labels) <= i < len(labels) for i in keep):
+        raise SmallGPTError(f"layers {keep}: the stack has {len(labels)} entries, {labels}")
+    keep = [i % len(labels) for i in keep]
     stack, labels = stack[keep], [labels[i] for i in keep]
     if cache.has_batch_dim:
         stack = take(stack, as_index(batch_slice), 1)
