@@ -202,7 +202,8 @@ function drawAttentionStep(body, s, data) {
   select.dataset.testid = "walk-head";
   s.pattern.forEach((_, h) => select.append(new Option(`head ${h}`, h)));
   select.value = s.head;
-  const label = el("label", "", "where the last token looks: ");
+  const label = el("label", "", "where the last token looks" + (tokens.length > 16
+    ? ` (the 16 of ${tokens.length} tokens it weighs most): ` : ": "));
   label.append(select);
   const bars = el("div", "distribution");
   const draw = () => {
@@ -235,8 +236,9 @@ function drawUnembedding(body, s) {
   const left = el("div");
   left.append(strip(s.final, `the final vector after the norm (divided by ${s.scale.toFixed(2)})`));
   const right = el("div");
-  right.append(el("h4", "", "the highest logits: the vector · the token's row of W_U"),
-    table(s.top.map((t) => [visible(t.token), t.dot, t.bias, t.logit]), ["token", "dot", "+ bias", "= logit"]));
+  right.append(el("h4", "", "the highest logits: the vector · the token's row of W_U (times " +
+    "the norm's weights), plus the norm's bias · that row"),
+  table(s.top.map((t) => [visible(t.token), t.dot, t.bias, t.logit]), ["token", "vector · row", "+ bias", "= logit"]));
   body.append(left, right);
 }
 
