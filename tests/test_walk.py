@@ -247,6 +247,38 @@ def test_the_walk_is_json_and_takes_one_forward_pass(tok, monkeypatch):
     assert json.loads(json.dumps(data, allow_nan=False))["stages"][0]["stage"] == "tokens"
 
 
+@pytest.mark.parametrize("name", ["bpe", "gpt2"])
+def test_byte_level_tokenizers(name, request):
+    """BPE tokens can be pieces of a UTF-8 character: the walk shows them as token_text does."""
+    from model.data.tokenizer import train_tokenizer
+
+    if name == "gpt2":
+        request.getfixturevalue("gpt2_vocabulary")
+    text = "café ☕ and tea, the cat sat on the mat. " * 20
+    tokenizer = train_tokenizer(name, [text], vocab_size=300 if name == "bpe" else None)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16,
+                          block_size=32)).eval()
+    result = walk(model, tokenizer, "café ☕", seed=0)
+    ids = tokenizer.encode("café ☕")
+    assert [t.id for t in result.stages[0].tokens] == ids and result.stages[0].text == "café ☕"
+    assert [t.text for t in result.stages[0].tokens] == [tokenizer.token_text(i) for i in ids]
+    import json
+
+    json.dumps(to_jsonable(result), allow_nan=False)
+
+
+def test_a_model_in_training_mode_is_walked_as_it_predicts(tok):
+    model = make(tok, "learned")
+    model.config.dropout = 0.5
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    expected = to_jsonable(walk(model, tok, PROMPT, seed=1))
+    model.train()
+    assert to_jsonable(walk(model, tok, PROMPT, seed=1)) == expected and model.training
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(head=4), ConfigError, "heads 0 to 3"),
     (dict(k=0), ConfigError, "k must be >= 1"),

@@ -263,7 +263,7 @@ def walk(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int] = "", *,
     is the length of every list: nearest tokens, sources, neurons, promoted tokens, lens.
     Like the other analyses, a prompt longer than the context is an error, not cropped."""
     c = model.config
-    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)  # the checks
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     temperatures = list(temperatures) if temperatures is not None else sorted({temperature, 1.0})
     for t in temperatures:
         if not 0 <= t < float("inf"):
@@ -280,25 +280,30 @@ def walk(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int] = "", *,
         last_rows[hook.layer()] = pattern[0, :, -1].float()
 
     names = _hook_names(model)
-    with model.hooks([(lambda name: name.endswith("attn.hook_pattern"), keep_last_row)]):
-        logits, cache = model.run_with_cache(idx, names_filter=lambda name: name in names)
+    was_training = model.training
+    model.eval()  # as generation predicts: no dropout
+    try:
+        with model.hooks([(lambda name: name.endswith("attn.hook_pattern"), keep_last_row)]):
+            logits, cache = model.run_with_cache(idx, names_filter=lambda name: name in names)
+    finally:
+        model.train(was_training)
     logits = without_padding(logits[:, -1].float(), tokenizer.vocab_size)  # (1, V)
 
     rows = {r.component: r for r in parameter_tally(model)}
     text = [tokenizer.token_text(i) for i in ids]
     lens = _lens(model, tokenizer, cache, k)
-    attention, mlp = _blocks(model, tokenizer, cache, last_rows, (head, k, text, lens, rows))
+    attention, mlp = _blocks(model, tokenizer, cache, last_rows, head=head, k=k, text=text,
+                             lens=lens, rows=rows)
     stages: list[Any] = [_tokens(model, tokenizer, ids),
-                         _embedding(model, tokenizer, cache, (ids[-1], k, rows)),
+                         _embedding(model, tokenizer, cache, ids[-1], k=k, rows=rows),
                          _position(model, cache, attention[0].head, rows)]
     for pair in zip(attention, mlp):
         stages.extend(pair)
-    stages.append(_unembedding(model, tokenizer, cache, logits[0], (k, rows)))
+    stages.append(_unembedding(model, tokenizer, cache, logits[0], k=k, rows=rows))
     dist = distribution_from_logits(logits[0], tokenizer, temperatures=temperatures, k=k,
                                     top_k=top_k, top_p=top_p)
     stages.append(_softmax(dist, temperature, tokenizer.vocab_size))
-    stages.append(_sample(tokenizer, logits, SamplingParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)))
+    stages.append(_sample(tokenizer, logits, params))
     return Walk(stages, sum(r.count for r in rows.values()),
                 sum(r.count for r in _gpt3()[0].values()))
 
@@ -313,9 +318,8 @@ def _tokens(model: GPT, tokenizer: Tokenizer, ids: list[int]) -> TokensStage:
                        tokenizer.vocab_size, model.config.block_size)
 
 
-def _embedding(model: GPT, tokenizer: Tokenizer, cache: Any,
-               what: tuple[int, int, dict[str, TallyRow]]) -> EmbeddingStage:
-    token, k, rows = what
+def _embedding(model: GPT, tokenizer: Tokenizer, cache: Any, token: int, *, k: int,
+               rows: dict[str, TallyRow]) -> EmbeddingStage:
     table = embedding_matrix(model)[:tokenizer.vocab_size]  # (V, C): padding rows have no text
     row = cache["hook_embed"][0, -1].float()
     one_hot = F.one_hot(torch.tensor(token, device=table.device), table.size(0)).to(table.dtype)
@@ -369,9 +373,9 @@ def _lens(model: GPT, tokenizer: Tokenizer, cache: Any, k: int) -> list[list[Sco
     return [_top(p, k, tokenizer) for p in probs]
 
 
-def _blocks(model: GPT, tokenizer: Tokenizer, cache: Any, last_rows: dict[int, torch.Tensor],
-            what: tuple[Any, ...]) -> tuple[list[AttentionStage], list[MLPStage]]:
-    head, k, text, lens, rows = what
+def _blocks(model: GPT, tokenizer: Tokenizer, cache: Any, last_rows: dict[int, torch.Tensor], *,
+            head: int | None, k: int, text: list[str], lens: list[list[Scored]],
+            rows: dict[str, TallyRow]) -> tuple[list[AttentionStage], list[MLPStage]]:
     c = model.config
     names = ("W_Q, W_K, W_V, W_O", "W_gate, W_in, W_out" if c.activation == "swiglu"
              else "W_in, W_out")
@@ -429,9 +433,8 @@ def _promotions(model: GPT, tokenizer: Tokenizer, cache: Any, written: torch.Ten
     return [_top(row, k, tokenizer) for row in scaled @ directions.T]
 
 
-def _unembedding(model: GPT, tokenizer: Tokenizer, cache: Any, logits: torch.Tensor,
-                 what: tuple[int, dict[str, TallyRow]]) -> UnembeddingStage:
-    k, rows = what
+def _unembedding(model: GPT, tokenizer: Tokenizer, cache: Any, logits: torch.Tensor, *, k: int,
+                 rows: dict[str, TallyRow]) -> UnembeddingStage:
     c = model.config
     final = cache["ln_final.hook_normalized"][0, -1].float()  # (C,)
     scale = cache["ln_final.hook_scale"][0, -1, 0].item()
