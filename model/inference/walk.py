@@ -4,22 +4,19 @@ forward pass (`run_with_cache`):
     tokens -> embedding (a row of W_E) -> position -> per layer: attention, then MLP
            -> unembedding (final norm, W_U) -> softmax (temperature) -> sample
 
-`walk` returns a Walk: one dataclass per stage, in that order, each with `stage` (its name),
-`caption` (what the step does, in a sentence or two with this model's numbers) and, where the
-step uses weights, `params`: their shapes and counts beside the same part of GPT-3 (from
-model.inference.tally). `analysis.to_jsonable` turns it into JSON; the page
-(POST /api/walk) and `python -m model.explore walk` show the same numbers.
+`walk` returns a Walk: a dataclass per stage, in that order, each with `stage` (its name),
+`caption` (what the step does, with this model's numbers) and, where the step uses weights,
+`params`: their shapes and counts beside the same part of GPT-3 (model.inference.tally). The
+page (POST /api/walk) and `python -m model.explore walk` show the same data.
 
-How the numbers are read:
-- attention: head h's weights for the last token are the last row of `hook_pattern`. What a
-  source token wrote is exact: the layer's output at the last position is the sum, over sources
-  j and heads h, of pattern[h, j] * v[j, h] @ W_O[h], plus the output bias.
-- mlp: a neuron writes its activation times its row of W_out; the tokens it promotes are those
-  whose logits that vector raises most directly (the final norm held at its scale, then W_U).
-- the logit lens after a step reads the residual stream there as if it were the last: the final
-  norm, then W_U (as analysis.logit_lens does for every position).
-- unembedding: a token's logit is the normalized final vector's dot product with its row of W_U
-  scaled by the norm's weight, plus the norm's bias term (TransformerLens's folded form).
+How the numbers are read. Attention: head h's weights are the last row of `hook_pattern`; the
+layer's output at the last position is exactly the sum over sources j and heads h of
+pattern[h, j] * v[j, h] @ W_O[h], plus the output bias, so "what token j wrote" is that term.
+MLP: a neuron writes its activation times its row of W_out; the tokens it promotes are those
+whose logits that vector raises most directly (the final norm held at its scale, then W_U). The
+logit lens after a step reads the stream there as if it were the last (final norm, W_U). A
+logit is the normalized final vector's dot product with the token's row of W_U scaled by the
+norm's weight, plus the norm's bias term (TransformerLens's folded form).
 """
 
 from __future__ import annotations
@@ -49,9 +46,6 @@ if TYPE_CHECKING:
     from model.data.tokenizer import Tokenizer
     from model.gpt import GPT
 
-STAGES = ("tokens", "embedding", "position", "attention", "mlp", "unembedding", "softmax",
-          "sample")  # attention and mlp once per layer
-
 
 # -- what a stage holds ---------------------------------------------------------------------------
 @dataclass
@@ -61,9 +55,7 @@ class Token:
 
 
 @dataclass
-class Params:
-    """The weights a step uses, beside the same part of GPT-3 (the tally's rows)."""
-
+class Params:  # the weights a step uses, beside the same part of GPT-3 (the tally's rows)
     name: str  # by TransformerLens's names: "W_E", "W_Q, W_K, W_V, W_O", ...
     component: str  # the tally's row, e.g. "attention"
     shapes: list[list[int]]  # this model's tensors: one layer's, for a part of a block
@@ -82,9 +74,6 @@ class TokensStage:
     caption: str
     tokens: list[Token]
     text: str  # the tokens decoded: the prompt the next token continues
-    tokenizer: str
-    vocab_size: int
-    block_size: int
 
 
 @dataclass
@@ -93,16 +82,13 @@ class EmbeddingStage:
     caption: str
     token: Token
     row: list[float]  # W_E[token]: n_embd numbers
-    norm: float
     nearest: list[Scored]  # score: cosine similarity with the row
     one_hot_equals_row: bool  # one_hot(token) @ W_E, computed, equals the row looked up
     params: list[Params]
 
 
 @dataclass
-class Rotation:
-    """One pair of a query's numbers, turned by rotary positions."""
-
+class Rotation:  # one pair of a query's numbers, turned by rotary positions
     pair: int  # numbers pair and pair + head_dim / 2 turn together
     frequency: float  # radians per position
     angle: float  # radians: position * frequency
@@ -202,7 +188,7 @@ class SampleStage:
 
 @dataclass
 class Walk:
-    stages: list[Any]  # the *Stage dataclasses, in STAGES order
+    stages: list[Any]  # the *Stage dataclasses, in the order of the module docstring
     n_params: int
     gpt3_params: int
 
@@ -235,10 +221,9 @@ def _hook_names(model: GPT) -> set[str]:
     hook_pos_embed, learned ones no hook_rot_q)."""
     names = {"hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre",
              "blocks.0.attn.hook_rot_q", "ln_final.hook_scale", "ln_final.hook_normalized"}
-    for layer in range(model.config.n_layer):
-        names |= {f"blocks.{layer}.attn.hook_v", f"blocks.{layer}.hook_attn_out",
-                  f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.mlp.hook_post",
-                  f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.hook_resid_post"}
+    names |= {f"blocks.{layer}.{name}" for layer in range(model.config.n_layer) for name in (
+        "attn.hook_v", "hook_attn_out", "hook_resid_mid", "mlp.hook_post", "hook_mlp_out",
+        "hook_resid_post")}
     return names & set(model.hook_dict)
 
 
@@ -272,6 +257,16 @@ def walk(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int] = "", *,
     if head is not None:
         _check_index("head", head, c.n_head)
     ids = encode_prompt(tokenizer, prompt, c.block_size, on_overflow="error")
+    was_training = model.training
+    model.eval()  # as generation predicts: no dropout
+    try:
+        return _walk(model, tokenizer, ids, params, temperatures=temperatures, head=head, k=k)
+    finally:
+        model.train(was_training)
+
+
+def _walk(model: GPT, tokenizer: Tokenizer, ids: list[int], params: SamplingParams, *,
+          temperatures: list[float], head: int | None, k: int) -> Walk:
     idx = torch.tensor([ids], dtype=torch.long, device=model.W_E.device)
     last_rows: dict[int, torch.Tensor] = {}
 
@@ -280,13 +275,8 @@ def walk(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int] = "", *,
         last_rows[hook.layer()] = pattern[0, :, -1].float()
 
     names = _hook_names(model)
-    was_training = model.training
-    model.eval()  # as generation predicts: no dropout
-    try:
-        with model.hooks([(lambda name: name.endswith("attn.hook_pattern"), keep_last_row)]):
-            logits, cache = model.run_with_cache(idx, names_filter=lambda name: name in names)
-    finally:
-        model.train(was_training)
+    with model.hooks([(lambda name: name.endswith("attn.hook_pattern"), keep_last_row)]):
+        logits, cache = model.run_with_cache(idx, names_filter=lambda name: name in names)
     logits = without_padding(logits[:, -1].float(), tokenizer.vocab_size)  # (1, V)
 
     rows = {r.component: r for r in parameter_tally(model)}
@@ -301,8 +291,8 @@ def walk(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int] = "", *,
         stages.extend(pair)
     stages.append(_unembedding(model, tokenizer, cache, logits[0], k=k, rows=rows))
     dist = distribution_from_logits(logits[0], tokenizer, temperatures=temperatures, k=k,
-                                    top_k=top_k, top_p=top_p)
-    stages.append(_softmax(dist, temperature, tokenizer.vocab_size))
+                                    top_k=params.top_k, top_p=params.top_p)
+    stages.append(_softmax(dist, params.temperature, tokenizer.vocab_size))
     stages.append(_sample(tokenizer, logits, params))
     return Walk(stages, sum(r.count for r in rows.values()),
                 sum(r.count for r in _gpt3()[0].values()))
@@ -314,8 +304,7 @@ def _tokens(model: GPT, tokenizer: Tokenizer, ids: list[int]) -> TokensStage:
                f"of {tokenizer.vocab_size} ({tokenizer.name} tokenizer), at most "
                f"{model.config.block_size} at once. The model predicts a next token at every "
                f"position; this walk follows the last one, {tokens[-1].text!r} (id {ids[-1]}).")
-    return TokensStage(caption, tokens, tokenizer.decode(ids), tokenizer.name,
-                       tokenizer.vocab_size, model.config.block_size)
+    return TokensStage(caption, tokens, tokenizer.decode(ids))
 
 
 def _embedding(model: GPT, tokenizer: Tokenizer, cache: Any, token: int, *, k: int,
@@ -331,7 +320,7 @@ def _embedding(model: GPT, tokenizer: Tokenizer, cache: Any, token: int, *, k: i
                f"the same way are what the model treats as alike; here {found[0].token!r} "
                f"is nearest.")
     return EmbeddingStage(caption, Token(token, tokenizer.token_text(token)), row.tolist(),
-                          row.norm().item(), found, bool(torch.equal(one_hot @ table, row)),
+                          found, bool(torch.equal(one_hot @ table, row)),
                           [_uses(rows, "embed", "W_E", 1)])
 
 
@@ -380,7 +369,6 @@ def _blocks(model: GPT, tokenizer: Tokenizer, cache: Any, last_rows: dict[int, t
     names = ("W_Q, W_K, W_V, W_O", "W_gate, W_in, W_out" if c.activation == "swiglu"
              else "W_in, W_out")
     attention, mlp, neurons = [], [], []
-    w_out = model.W_out  # (L, d_mlp, C)
     for layer in range(c.n_layer):
         pattern = last_rows[layer]  # (H, T)
         v = cache["v", layer][0].float()  # (T, H_kv, D)
@@ -405,7 +393,7 @@ def _blocks(model: GPT, tokenizer: Tokenizer, cache: Any, last_rows: dict[int, t
             lens[2 * layer], [_uses(rows, "attn", names[0], c.n_layer)]))
         post = cache["post", layer][0, -1].float()  # (d_mlp,)
         active = post.abs().topk(min(k, post.numel())).indices
-        neurons.append((active, post[active, None] * w_out[layer, active].float()))
+        neurons.append((active, _neuron_writes(model, layer, post, active)))
     promotes = _promotions(model, tokenizer, cache, torch.cat([w for _, w in neurons]), k)
     for layer, (active, _) in enumerate(neurons):
         post = cache["post", layer][0, -1].float()
@@ -422,15 +410,39 @@ def _blocks(model: GPT, tokenizer: Tokenizer, cache: Any, last_rows: dict[int, t
     return attention, mlp
 
 
+def _neuron_writes(model: GPT, layer: int, post: torch.Tensor,
+                   neurons: torch.Tensor) -> torch.Tensor:
+    """(k, C): what each neuron writes on its own, its activation times its row of W_out. The
+    layer's MLP runs on k + 1 rows whose activations (hook_post) are replaced, row i by neuron
+    i's alone and the last by zeros, whose output (the bias) is taken away: this reads k rows
+    of W_out, where the W_out view would copy every layer's."""
+    acts = post.new_zeros(len(neurons) + 1, post.numel())
+    acts[torch.arange(len(neurons)), neurons] = post[neurons]
+    mlp = model.components()["mlp"][layer]
+    with model.hooks([(f"blocks.{layer}.mlp.hook_post", lambda x, hook: acts.to(x.dtype))]):
+        out = mlp(model.W_E.new_zeros(len(acts), model.config.n_embd)).float()
+    return out[:-1] - out[-1]
+
+
+def _after_final_norm(model: GPT, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits (N, V) that vectors (N, C) in the final norm's normalized space give through
+    the norm's weight and W_U, and the norm's bias term (V,): the final norm and W_U run with
+    their normalized stream (hook_normalized) replaced by the vectors and a row of zeros, whose
+    logits are the bias term's. (tokens_to_residual_directions would copy W_U for every token.)"""
+    rows = torch.cat([vectors, vectors.new_zeros(1, vectors.size(1))])
+    with model.hooks([("ln_final.hook_normalized", lambda x, hook: rows.to(x.dtype))]):
+        logits = model.unembed(rows.to(model.W_E.dtype)).float()  # the input sets the shape
+    return logits[:-1] - logits[-1], logits[-1]
+
+
 def _promotions(model: GPT, tokenizer: Tokenizer, cache: Any, written: torch.Tensor,
                 k: int) -> list[list[Scored]]:
     """For each vector written at the last position (N, C), the k tokens whose logits it
     raises most directly: through the final norm at its cached scale, then W_U."""
     scaled = cache.apply_ln_to_stack(written[:, None].to(cache["ln_final.hook_scale"].dtype),
                                      pos_slice=-1)[:, 0].float()  # (N, C)
-    every = torch.arange(tokenizer.vocab_size, device=written.device)
-    directions = model.tokens_to_residual_directions(every).float()  # (V, C)
-    return [_top(row, k, tokenizer) for row in scaled @ directions.T]
+    effect = _after_final_norm(model, scaled)[0][:, :tokenizer.vocab_size]
+    return [_top(row, k, tokenizer) for row in effect]
 
 
 def _unembedding(model: GPT, tokenizer: Tokenizer, cache: Any, logits: torch.Tensor, *, k: int,
@@ -439,9 +451,9 @@ def _unembedding(model: GPT, tokenizer: Tokenizer, cache: Any, logits: torch.Ten
     final = cache["ln_final.hook_normalized"][0, -1].float()  # (C,)
     scale = cache["ln_final.hook_scale"][0, -1, 0].item()
     top = logits.topk(min(k, tokenizer.vocab_size))
-    dots = (model.tokens_to_residual_directions(top.indices).float() @ final).tolist()
-    terms = [LogitTerm(i, tokenizer.token_text(i), z, d, z - d)
-             for i, z, d in zip(top.indices.tolist(), top.values.tolist(), dots)]
+    dots, bias = _after_final_norm(model, final[None])
+    terms = [LogitTerm(i, tokenizer.token_text(i), z, dots[0, i].item(), bias[i].item())
+             for i, z in zip(top.indices.tolist(), top.values.tolist())]
     tied = c.tie_embeddings
     how = "standard deviation" if c.norm == "layernorm" else "root mean square"
     caption = (f"The final norm divides the vector by its {how}, {scale:.2f}. Then each of the "
