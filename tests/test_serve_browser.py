@@ -364,6 +364,7 @@ def test_walk_a_prediction_step_by_step_and_append_the_token(server, browser, tm
     driver.find_element(*by_id("walk-next")).click()
     wait.until(lambda d: stage_of(d) == "sample")
     assert driver.find_element(*by_id("walk-next")).get_attribute("disabled")
+    assert "(T = 1, seed 4)" in current_step(driver).text  # drawn again at the slider's T
     drawn = current_step(driver).find_element(*by_id("walk-drawn"))
     api = httpx.post(f"{server}/v1/completions", timeout=30, json={
         "prompt": prompt, "max_tokens": 1, "temperature": 1, "seed": 4}).json()

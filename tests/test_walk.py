@@ -38,9 +38,9 @@ def make(tok: CharTokenizer, shape: str) -> GPT:
     vocab = tok.vocab_size + (3 if shape == "padded" else 0)
     model = GPT(GPTConfig(vocab_size=vocab, n_layer=2, n_head=4, n_embd=32, block_size=24,
                           **SHAPES[shape]))
-    with torch.no_grad():  # larger weights than GPT-2's init: distinct, confident numbers
-        for p in model.parameters():
-            p.mul_(8 if p.dim() > 1 else 1)
+    with torch.no_grad():  # larger weights than GPT-2's init: distinct, confident numbers;
+        for p in model.parameters():  # norms' weights off 1 and biases off 0, as after training
+            p.mul_(8) if p.dim() > 1 else p.add_(0.3 * torch.randn_like(p))
     return model.eval()
 
 
