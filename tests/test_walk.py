@@ -211,7 +211,20 @@ def test_temperature_zero_takes_the_likeliest_and_ids_are_a_prompt(tok):
     assert soft.distribution.temperatures == [0, 0.5, 2]
     assert [t.id for t in result.stages[0].tokens] == ids
     empty = walk(model, tok, "")  # an empty prompt starts a document, as generation does
-    assert [t.id for t in empty.stages[0].tokens] == [tok.eot_id]
+    assert [t.id for t in empty.stages[0].tokens] == [tok.eot_id] and empty.stages[0].text == ""
+    then = walk(model, tok, [tok.eot_id, *ids])
+    assert then.stages[0].text == PROMPT  # the text a prompt box holds: the start left out
+
+
+def test_a_bfloat16_model_is_walked(tok):
+    import json
+
+    model = make(tok, "gated")
+    expected = walk(model, tok, PROMPT, seed=1)
+    result = walk(model.to(torch.bfloat16), tok, PROMPT, seed=1)
+    assert [s.stage for s in result.stages] == [s.stage for s in expected.stages]
+    assert result.stages[-3].top[0].id == expected.stages[-3].top[0].id
+    json.dumps(to_jsonable(result), allow_nan=False)
 
 
 def test_parameters_beside_gpt3(case):

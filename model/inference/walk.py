@@ -73,7 +73,7 @@ class TokensStage:
     stage: str = field(default="tokens", init=False)
     caption: str
     tokens: list[Token]
-    text: str  # the tokens decoded: the prompt the next token continues
+    text: str  # the tokens decoded, a first end-of-text token (a document's start) left out
 
 
 @dataclass
@@ -304,7 +304,8 @@ def _tokens(model: GPT, tokenizer: Tokenizer, ids: list[int]) -> TokensStage:
                f"of {tokenizer.vocab_size} ({tokenizer.name} tokenizer), at most "
                f"{model.config.block_size} at once. The model predicts a next token at every "
                f"position; this walk follows the last one, {tokens[-1].text!r} (id {ids[-1]}).")
-    return TokensStage(caption, tokens, tokenizer.decode(ids))
+    start = 1 if ids[0] == tokenizer.eot_id else 0
+    return TokensStage(caption, tokens, tokenizer.decode(ids[start:]))
 
 
 def _embedding(model: GPT, tokenizer: Tokenizer, cache: Any, token: int, *, k: int,
