@@ -418,7 +418,7 @@ def _neuron_writes(model: GPT, layer: int, post: torch.Tensor,
     i's alone and the last by zeros, whose output (the bias) is taken away: this reads k rows
     of W_out, where the W_out view would copy every layer's."""
     acts = post.new_zeros(len(neurons) + 1, post.numel())
-    acts[torch.arange(len(neurons)), neurons] = post[neurons]
+    acts[torch.arange(len(neurons), device=post.device), neurons] = post[neurons]
     mlp = model.components()["mlp"][layer]
     with model.hooks([(f"blocks.{layer}.mlp.hook_post", lambda x, hook: acts.to(x.dtype))]):
         out = mlp(model.W_E.new_zeros(len(acts), model.config.n_embd)).float()
