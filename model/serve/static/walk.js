@@ -11,8 +11,10 @@ const walkState = { data: null, index: 0, ids: [], temperature: 1 };
 
 function walkRequest(extra) {
   return {
-    temperature: temperature(), temperatures: GRID, seed: optionalNumber("seed", (v) => parseInt(v, 10)),
-    top_k: optionalNumber("top-k", (v) => parseInt(v, 10)), top_p: optionalNumber("top-p", parseFloat),
+    temperature: temperature(), temperatures: GRID,
+    seed: optionalNumber("seed", (v) => parseInt(v, 10)),
+    top_k: optionalNumber("top-k", (v) => parseInt(v, 10)),
+    top_p: optionalNumber("top-p", parseFloat),
     ...extra,
   };
 }
@@ -32,15 +34,15 @@ async function runWalk(body, index) {
   }
 }
 
-function stageTitle(s) {
-  return (s.stage === "attention" || s.stage === "mlp") ? `${s.stage}, layer ${s.layer}` : s.stage;
-}
+function perLayer(s) { return s.stage === "attention" || s.stage === "mlp"; }
+
+function stageTitle(s) { return perLayer(s) ? `${s.stage}, layer ${s.layer}` : s.stage; }
 
 function drawWalk(data) {
   const rail = $("walk-rail");
   rail.replaceChildren(...data.stages.map((s, i) => {
     const li = document.createElement("li");
-    li.textContent = s.stage === "attention" || s.stage === "mlp" ? `${s.layer}·${s.stage}` : s.stage;
+    li.textContent = perLayer(s) ? `${s.layer}·${s.stage}` : s.stage;
     li.title = stageTitle(s);
     li.addEventListener("click", () => goTo(i));
     return li;
@@ -51,10 +53,10 @@ function drawWalk(data) {
 function showStep(index) {
   const steps = $("walk-steps").children;
   walkState.index = index;
-  [...steps].forEach((el, i) => {
-    el.hidden = i !== index;
-    if (i === index) el.setAttribute("aria-current", "step");
-    else el.removeAttribute("aria-current");
+  [...steps].forEach((step, i) => {
+    step.hidden = i !== index;
+    if (i === index) step.setAttribute("aria-current", "step");
+    else step.removeAttribute("aria-current");
   });
   [...$("walk-rail").children].forEach((li, i) => li.classList.toggle("current", i === index));
   $("walk-prev").disabled = index === 0;
@@ -68,7 +70,8 @@ async function goTo(index) {
   if (index < 0 || index >= stages.length) return;
   const t = parseFloat($("walk-temperature").value);
   if (stages[index].stage === "sample" && t !== walkState.temperature) {
-    await runWalk(walkRequest({ tokens: walkState.ids, temperature: t }), index); // draw at the slider's T
+    // The slider moved: draw the token at its temperature.
+    await runWalk(walkRequest({ tokens: walkState.ids, temperature: t }), index);
   } else showStep(index);
 }
 
@@ -97,8 +100,9 @@ function strip(values, label) {
   canvas.style.imageRendering = "pixelated";
   const norm = Math.sqrt(values.reduce((s, v) => s + v * v, 0));
   const box = el("div");
-  box.append(el("h4", "", `${label}: ${values.length} numbers, from ${Math.min(...values).toFixed(2)} ` +
-    `to ${Math.max(...values).toFixed(2)}, length ${norm.toFixed(2)} (blue > 0, orange < 0)`), canvas);
+  const range = `from ${Math.min(...values).toFixed(2)} to ${Math.max(...values).toFixed(2)}`;
+  box.append(el("h4", "", `${label}: ${values.length} numbers, ${range}, length ` +
+    `${norm.toFixed(2)} (blue > 0, orange < 0)`), canvas);
   return box;
 }
 
@@ -112,6 +116,8 @@ function lensBlock(lens) {
   box.append(el("h4", "", "if the model stopped here (logit lens: final norm, then W_U)"), ...rows);
   return box;
 }
+
+function pair(values) { return `(${values.map((v) => v.toFixed(2)).join(", ")})`; }
 
 function shapes(list) {
   return list.length ? list.map((s) => s.join("×")).join(", ") : "none";
@@ -187,8 +193,8 @@ function drawPosition(body, s) {
   else {
     left.append(el("h4", "", `a query of layer 0 at position ${s.position}, pair by pair: ` +
       "each pair turns by position × its frequency"),
-    table(s.rotations.map((r) => [`pair ${r.pair}`, r.frequency.toPrecision(3), `${(r.angle * 180 / Math.PI).toFixed(1)}°`,
-      `(${r.before.map((v) => v.toFixed(2)).join(", ")})`, `(${r.after.map((v) => v.toFixed(2)).join(", ")})`]),
+    table(s.rotations.map((r) => [`pair ${r.pair}`, r.frequency.toPrecision(3),
+      `${(r.angle * 180 / Math.PI).toFixed(1)}°`, pair(r.before), pair(r.after)]),
     ["", "radians / position", "angle", "before", "after"]));
   }
   left.append(strip(s.entering, "the vector entering block 0"));
@@ -210,7 +216,8 @@ function drawAttentionStep(body, s, data) {
     const h = parseInt(select.value, 10);
     const order = tokens.map((_, j) => j);
     if (order.length > 16) order.sort((a, b) => s.pattern[h][b] - s.pattern[h][a]).splice(16);
-    bars.replaceChildren(...order.map((j) => barRow(`${visible(tokens[j].text)} @${j}`, s.pattern[h][j], "",
+    bars.replaceChildren(...order.map((j) => barRow(`${visible(tokens[j].text)} @${j}`,
+      s.pattern[h][j], "",
       `head ${h} takes ${(100 * s.pattern[h][j]).toFixed(1)}% of this token's value; it wrote ` +
       `a vector of length ${s.written[h][j].toFixed(3)}`)));
   };
@@ -218,8 +225,9 @@ function drawAttentionStep(body, s, data) {
   draw();
   left.append(label, bars);
   const right = el("div");
-  right.append(el("h4", "", "the tokens that wrote the most into it (all heads, length of the vector)"),
-    table(s.sources.map((src) => [`${visible(src.token)} @${src.position}`, src.size]), ["token", "size"]),
+  right.append(el("h4", "", "the tokens that wrote the most into it (all heads, length of the " +
+    "vector)"), table(s.sources.map((src) => [`${visible(src.token)} @${src.position}`, src.size]),
+    ["token", "size"]),
     lensBlock(s.lens));
   body.append(left, right);
 }
@@ -238,7 +246,8 @@ function drawUnembedding(body, s) {
   const right = el("div");
   right.append(el("h4", "", "the highest logits: the vector · the token's row of W_U (times " +
     "the norm's weights), plus the norm's bias · that row"),
-  table(s.top.map((t) => [visible(t.token), t.dot, t.bias, t.logit]), ["token", "vector · row", "+ bias", "= logit"]));
+  table(s.top.map((t) => [visible(t.token), t.dot, t.bias, t.logit]),
+    ["token", "vector · row", "+ bias", "= logit"]));
   body.append(left, right);
 }
 
@@ -259,7 +268,8 @@ function drawSoftmax(body, s) {
     const j = Math.max(0, dist.temperatures.findIndex((x) => Math.abs(x - t) < 1e-6));
     bars.dataset.temperature = dist.temperatures[j];
     const rows = dist.tokens.map((c, i) => {
-      const row = barRow(visible(c.text), dist.probs[j][i], "", `token ${c.id}, logit ${c.logit.toFixed(3)}`);
+      const row = barRow(visible(c.text), dist.probs[j][i], "",
+        `token ${c.id}, logit ${c.logit.toFixed(3)}`);
       row.dataset.testid = "walk-top";
       row.dataset.token = c.text;
       row.dataset.id = c.id;
@@ -288,7 +298,8 @@ function drawSample(body, s) {
       temperature: s.temperature }), 0);
     if (walkState.data) $("prompt").value = walkState.data.stages[0].text;
   });
-  box.append(drawn, el("p", "hint", `token ${s.token.id}, probability ${(100 * s.prob).toFixed(1)}%`), append);
+  const p = `token ${s.token.id}, probability ${(100 * s.prob).toFixed(1)}%`;
+  box.append(drawn, el("p", "hint", p), append);
   body.append(box);
 }
 
