@@ -260,3 +260,171 @@ def test_a_failure_mid_stream_shows_in_the_page(server, browser, monkeypatch):
     assert "error" in status.get_attribute("class")
     assert len(driver.find_element(*by_id("output")).find_elements(*by_id("token"))) == 3
     assert driver.find_element(*by_id("generate")).is_enabled()
+
+
+# -- the walk: one prediction, step by step ---------------------------------------------------
+def walk_steps(driver) -> list:
+    return driver.find_element(*by_id("walk")).find_elements(*by_id("walk-step"))
+
+
+def current_step(driver):
+    """The one step shown, which is also the one marked aria-current."""
+    steps = walk_steps(driver)
+    shown = [s for s in steps if s.is_displayed()]
+    marked = [s for s in steps if s.get_attribute("aria-current") == "step"]
+    assert len(shown) == 1 and shown == marked
+    return shown[0]
+
+
+def stage_of(driver) -> str:
+    return current_step(driver).get_attribute("data-stage")
+
+
+def expected_stages(n_layer: int) -> list[str]:
+    return ["tokens", "embedding", "position", *["attention", "mlp"] * n_layer, "unembedding",
+            "softmax", "sample"]
+
+
+def start_walk(driver, server: str, prompt: str, context: int, **fields: str) -> WebDriverWait:
+    """Load the page, fill the prompt (and fields by test id), press Walk the prompt. The wait
+    it returns looks again when a walk redraws its steps under it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    wait = WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException])
+    driver.get(server + "/")
+    wait.until(lambda d: f"context {context} tokens" in d.find_element(*by_id("model-info")).text)
+    for testid, value in (("prompt", prompt), *fields.items()):
+        box = driver.find_element(*by_id(testid))
+        box.clear()
+        box.send_keys(value)
+    driver.find_element(*by_id("walk-start")).click()
+    wait.until(lambda d: walk_steps(d) and stage_of(d) == "tokens")
+    return wait
+
+
+def step_forward_to(driver, wait: WebDriverWait, stage: str) -> None:
+    while stage_of(driver) != stage:
+        index = walk_steps(driver).index(current_step(driver))
+        driver.find_element(*by_id("walk-next")).click()
+        wait.until(lambda d, after=index + 1: walk_steps(d).index(current_step(d)) == after)
+
+
+def walk_top_at_temperature_1(driver, wait: WebDriverWait, start: float) -> list[tuple]:
+    """The softmax step's five walk-top rows after moving its slider from `start` to 1."""
+    slider = driver.find_element(*by_id("walk-temperature"))
+    for _ in range(round((1 - start) / 0.05)):
+        slider.send_keys(Keys.ARROW_RIGHT)
+    wait.until(lambda d: current_step(d).find_element(By.CLASS_NAME, "distribution")
+               .get_attribute("data-temperature") == "1")
+    rows = current_step(driver).find_elements(*by_id("walk-top"))
+    return [(r.get_attribute("data-token"), float(r.get_attribute("data-prob"))) for r in rows]
+
+
+def api_top(server: str, prompt: str) -> list[tuple]:
+    """The five likeliest next tokens and their probabilities from /v1/completions."""
+    import math
+
+    reply = httpx.post(f"{server}/v1/completions", timeout=30, json={
+        "prompt": prompt, "max_tokens": 1, "logprobs": 5, "temperature": 1}).json()
+    top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
+    return [(t, math.exp(lp)) for t, lp in sorted(top.items(), key=lambda kv: -kv[1])[:5]]
+
+
+def assert_same_top(page: list[tuple], api: list[tuple]) -> None:
+    assert [t for t, _ in page] == [t for t, _ in api]
+    assert [p for _, p in page] == pytest.approx([p for _, p in api], rel=1e-4, abs=1e-6)
+
+
+def test_walk_a_prediction_step_by_step_and_append_the_token(server, browser, tmp_path: Path):
+    driver = browser
+    prompt = "to be or not"
+    wait = start_walk(driver, server, prompt, 32, seed="4")
+    assert [s.get_attribute("data-stage") for s in walk_steps(driver)] == expected_stages(2)
+    chips = current_step(driver).find_element(By.CLASS_NAME, "walk-tokens")
+    assert chips.get_attribute("data-count") == str(len(prompt))
+    assert driver.find_element(*by_id("walk-prev")).get_attribute("disabled")
+
+    driver.find_element(*by_id("walk-next")).click()
+    wait.until(lambda d: stage_of(d) == "embedding")
+    assert "one-hot" in current_step(driver).text and "GPT-3" in current_step(driver).text
+    driver.find_element(*by_id("walk-prev")).click()
+    wait.until(lambda d: stage_of(d) == "tokens")
+    shots = {}
+    for stage in ("embedding", "attention", "softmax"):
+        step_forward_to(driver, wait, stage)
+        step = current_step(driver)
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", step)
+        shots[stage] = step.screenshot_as_png
+
+    # The softmax step at temperature 1 lists what /v1/completions gives for the same prompt.
+    assert_same_top(walk_top_at_temperature_1(driver, wait, 0.8), api_top(server, prompt))
+
+    # The sample step draws at the slider's temperature with the page's seed: the token
+    # /v1/completions draws with the same seed and temperature.
+    driver.find_element(*by_id("walk-next")).click()
+    wait.until(lambda d: stage_of(d) == "sample")
+    assert driver.find_element(*by_id("walk-next")).get_attribute("disabled")
+    assert "(T = 1, seed 4)" in current_step(driver).text  # drawn again at the slider's T
+    drawn = current_step(driver).find_element(*by_id("walk-drawn"))
+    api = httpx.post(f"{server}/v1/completions", timeout=30, json={
+        "prompt": prompt, "max_tokens": 1, "temperature": 1, "seed": 4}).json()
+    assert drawn.text.replace("·", " ") == api["choices"][0]["text"]
+
+    driver.find_element(*by_id("walk-append")).click()
+    wait.until(lambda d: stage_of(d) == "tokens" and current_step(d).find_element(
+        By.CLASS_NAME, "walk-tokens").get_attribute("data-count") == str(len(prompt) + 1))
+    assert driver.find_element(*by_id("prompt")).get_attribute("value") == (
+        prompt + api["choices"][0]["text"])
+    save_walk_screenshot(shots, tmp_path / "walk.png")
+
+
+def save_walk_screenshot(shots: dict[str, bytes], path: Path) -> None:
+    """Three steps, one above the other, in one small PNG (SERVE_WALK_SCREENSHOT=path keeps a
+    copy: docs/walk.png is made this way)."""
+    import io
+
+    from PIL import Image
+
+    images = [Image.open(io.BytesIO(png)).convert("RGB") for png in shots.values()]
+    width = max(i.width for i in images)
+    sheet = Image.new("RGB", (width, sum(i.height for i in images) + 8 * len(images)), "#d9e2ec")
+    y = 0
+    for image in images:
+        sheet.paste(image, (0, y))
+        y += image.height + 8
+    sheet.quantize(colors=64).save(path, optimize=True)
+    assert path.stat().st_size > 10_000
+    if os.environ.get("SERVE_WALK_SCREENSHOT"):
+        shutil.copy(path, os.environ["SERVE_WALK_SCREENSHOT"])
+
+
+@pytest.fixture(scope="module")
+def rotary_server():
+    """An untrained rotary model with RMSNorm, an untied head and SwiGLU: the walk's other
+    branches (the stages do not need a trained model)."""
+    import torch
+
+    from model.data.tokenizer import CharTokenizer
+    from model.gpt import GPT, GPTConfig
+    from model.weights.loading import Pretrained
+
+    chars = " abcdefghijklmnopqrstuvwxyz"
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=len(chars) + 1, block_size=24, n_layer=3, n_head=2,
+                       n_embd=16, pos_emb="rope", norm="rmsnorm", tie_embeddings=False,
+                       activation="swiglu")
+    pretrained = Pretrained(model=GPT(config).eval(), tokenizer=CharTokenizer(chars),
+                            kind="smallgpt", path=Path("rotary"), description="a rotary model")
+    with running_server(pretrained, "rotary") as (url, _):
+        yield url
+
+
+def test_walk_a_rotary_model(rotary_server, browser):
+    driver = browser
+    prompt = "the cat"
+    wait = start_walk(driver, rotary_server, prompt, 24)
+    assert [s.get_attribute("data-stage") for s in walk_steps(driver)] == expected_stages(3)
+    step_forward_to(driver, wait, "position")
+    assert "pair 0" in current_step(driver).text and "none: rotary" in current_step(driver).text
+    step_forward_to(driver, wait, "softmax")
+    assert_same_top(walk_top_at_temperature_1(driver, wait, 0.8), api_top(rotary_server, prompt))

@@ -9,6 +9,7 @@ smallgpt run, gpt2 (and its larger sizes), or a Hugging Face GPT-2 directory.
     python -m model.explore next "The cat sat on the" --temperatures 0.5 1 2
     python -m model.explore attention "The cat sat on the mat" --layer 0 --head 1
     python -m model.explore lens "The cat sat on the" --checkpoint gpt2
+    python -m model.explore walk "The cat sat on the" --temperature 0.8 --seed 1
 
 A word is looked up in its leading-space form (" king") when that is one token, as BPE models
 meet it mid-sentence; the output names the form used, and a word of several tokens is the mean
@@ -44,6 +45,7 @@ from model.inference.analysis import (
 )
 from model.inference.plots import plot_attention, plot_next_token
 from model.inference.tally import TallyRow, parameter_tally
+from model.inference.walk import Params, Walk, walk
 
 
 # -- text output ---------------------------------------------------------------------------------
@@ -135,6 +137,98 @@ def format_tally(rows: list[TallyRow]) -> str:
     return "\n".join(lines)
 
 
+def _vector(values: list[float], shown: int = 8) -> str:
+    """The first numbers of a vector, and its size and length."""
+    head = " ".join(f"{v:+.3f}" for v in values[:shown])
+    more = " ..." if len(values) > shown else ""
+    length = sum(v * v for v in values) ** 0.5
+    return f"[{head}{more}] ({len(values)} numbers, length {length:.3f})"
+
+
+def _scored(rows: list[Scored], digits: int = 3) -> str:
+    return ", ".join(f"{s.token!r} {s.score:.{digits}f}" for s in rows)
+
+
+def _shapes(shapes: list[list[int]]) -> str:
+    return ", ".join("x".join(str(d) for d in s) for s in shapes) or "none"
+
+
+def _uses(p: Params) -> list[str]:
+    """What a step's parameters are here and in GPT-3."""
+    def side(count: int, shapes: list[list[int]], layers: int, tied: str | None) -> str:
+        if tied:
+            return f"tied to its {tied} ({_shapes(shapes)})"
+        if not count:
+            return "none (rotary positions are computed, not learned)"
+        return f"{_shapes(shapes)} = {count:,}" + (f" per layer x {layers}" if layers > 1 else "")
+    label = p.component if p.name in p.component else f"{p.name} ({p.component})"
+    return [f"  uses {label}",
+            f"    this model: {side(p.count, p.shapes, p.layers, p.tied_to)}",
+            f"    GPT-3:      {side(p.gpt3_count, p.gpt3_shapes, p.gpt3_layers, p.gpt3_tied_to)}"]
+
+
+def _stage_lines(s: Any, tokens: list[str]) -> list[str]:
+    """The numbers of one stage, below its caption."""
+    if s.stage == "tokens":
+        return ["  " + " ".join(f"{t.text!r}={t.id}" for t in s.tokens)]
+    if s.stage == "embedding":
+        V, C = s.params[0].shapes[0][0], len(s.row)  # W_E: (V, C)
+        check = "equal, computed" if s.one_hot_equals_row else "NOT equal"
+        return [f"  one_hot({s.token.id}) [1 x {V}] @ W_E [{V} x {C}] = W_E[{s.token.id}]: {check}",
+                f"  W_E[{s.token.id}] = {_vector(s.row)}",
+                f"  nearest rows (cosine): {_scored(s.nearest)}"]
+    if s.stage == "position":
+        lines = [f"  W_pos[{s.position}] = {_vector(s.row)}"] if s.kind == "learned" else [
+            f"  layer 0's query at position {s.position}, pair by pair:",
+            f"    {'pair':>6}{'rad/position':>14}{'angle':>10}  before -> after"]
+        for r in s.rotations:
+            lines.append(f"    {r.pair:>6}{r.frequency:>14.4g}{r.angle:>10.3f}  "
+                         f"({r.before[0]:+.3f}, {r.before[1]:+.3f}) -> "
+                         f"({r.after[0]:+.3f}, {r.after[1]:+.3f})")
+        return [*lines, f"  entering block 0: {_vector(s.entering)}"]
+    if s.stage == "attention":
+        row = s.pattern[s.head]
+        order = sorted(range(len(row)), key=lambda j: row[j], reverse=True)[:8]
+        return [f"  head {s.head}'s weights: " + ", ".join(
+                    f"{tokens[j]!r}@{j} {row[j]:.2f}" for j in order),
+                "  wrote the most (all heads): " + ", ".join(
+                    f"{src.token!r}@{src.position} {src.size:.3f}" for src in s.sources),
+                f"  logit lens after it: {_scored(s.lens, 2)}"]
+    if s.stage == "mlp":
+        lines = [f"  {'neuron':>8}{'activation':>12}  promotes"]
+        for n in s.neurons:
+            lines.append(f"  {n.index:>8}{n.activation:>+12.3f}  " +
+                         " ".join(repr(p.token) for p in n.promotes))
+        return [*lines, f"  logit lens after it: {_scored(s.lens, 2)}"]
+    if s.stage == "unembedding":
+        lines = [f"  final vector / {s.scale:.3f} = {_vector(s.final)}",
+                 f"  {'token':<16}{'dot':>10}{'+ bias':>10}{'= logit':>10}"]
+        return lines + [f"  {t.token!r:<16}{t.dot:>10.3f}{t.bias:>10.3f}{t.logit:>10.3f}"
+                        for t in s.top]
+    if s.stage == "softmax":
+        d = s.distribution
+        temps = "".join(f"{'p@T=' + format(t, 'g'):>10}" for t in d.temperatures)
+        lines = [f"  {'token':<16}{'logit':>10}{temps}"]
+        for i, c in enumerate(d.tokens):
+            lines.append(f"  {c.text!r:<16}{c.logit:>10.3f}" +
+                         "".join(f"{p[i]:>10.4f}" for p in d.probs))
+        return lines + [f"  {'(all others)':<26}" + "".join(f"{r:>10.4f}" for r in d.rest)]
+    return [f"  drawn: {s.token.text!r} (id {s.token.id}), probability {s.prob:.4f}"]
+
+
+def format_walk(r: Walk) -> str:
+    tokens = [t.text for t in r.stages[0].tokens]
+    lines = [f"one prediction, step by step ({r.n_params:,} parameters; GPT-3 has "
+             f"{r.gpt3_params:,})"]
+    for i, s in enumerate(r.stages, 1):
+        where = f", layer {s.layer}" if s.stage in ("attention", "mlp") else ""
+        lines += ["", f"[{i}/{len(r.stages)}] {s.stage}{where}", f"  {s.caption}",
+                  *_stage_lines(s, tokens)]
+        for p in getattr(s, "params", []):
+            lines += _uses(p)
+    return "\n".join(lines)
+
+
 # -- command line --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -177,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lens", parents=[common], help="the logit lens")
     p.add_argument("prompt")
     p.add_argument("-k", type=int, default=3)
+    p = sub.add_parser("walk", parents=[common],
+                       help="one prediction, step by step through the network")
+    p.add_argument("prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="the sample's; 0 is greedy")
+    p.add_argument("--seed", type=int, help="the same seed draws the same token")
+    p.add_argument("--head", type=int, help="default: in each layer the head that wrote most")
+    p.add_argument("-k", type=int, default=5, help="tokens, sources and neurons per step")
     return parser
 
 
@@ -219,6 +320,10 @@ def run(argv: list[str] | None = None) -> int:
         result = attention(model, tok, args.prompt, args.layer, args.head)
         text = format_attention(result)
         png = plot_attention(result, Path(args.out or run_dir / "attention.png"))
+    elif args.command == "walk":
+        result = walk(model, tok, args.prompt, temperature=args.temperature, seed=args.seed,
+                      head=args.head, k=args.k)
+        text = format_walk(result)
     else:
         result = logit_lens(model, tok, args.prompt, args.k)
         text = format_lens(result)

@@ -442,8 +442,17 @@ def distribution(model: nn.Module, tokenizer: Tokenizer, ids: Sequence[int], *,
     context; ids past the tokenizer's vocabulary are never listed."""
     device = next(model.parameters()).device
     idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    logits = model(idx)[0][0, -1].float()  # (V,): the last position predicts the next token
-    logits = without_padding(logits, tokenizer.vocab_size)
+    logits = model(idx)[0][0, -1]  # (V,): the last position predicts the next token
+    return distribution_from_logits(logits, tokenizer, temperatures=temperatures, k=k,
+                                    top_k=top_k, top_p=top_p, include=include)
+
+
+def distribution_from_logits(logits: torch.Tensor, tokenizer: Tokenizer, *,
+                             temperatures: Sequence[float], k: int, top_k: int | None = None,
+                             top_p: float | None = None,
+                             include: Sequence[int] = ()) -> Distribution:
+    """`distribution` of logits (V,) already computed (the walk's, from its one forward pass)."""
+    logits = without_padding(logits.float(), tokenizer.vocab_size)
     shown = logits.topk(min(k, tokenizer.vocab_size)).indices.tolist()
     shown += [i for i in include if i not in shown]
     probs, rest = [], []

@@ -9,6 +9,7 @@
                             temperatures (the page's live temperature slider)
     POST /api/attention     one layer's attention over a prompt, for a head or the mean of heads
     POST /api/neighbors, /api/analogy, /api/direction: the embedding explorations
+    POST /api/walk          one prediction walked through the network, stage by stage
 
 All model work runs on the engine thread, between the steps of other requests. Requests are
 checked as the OpenAI endpoints' are (model.serve.protocol: pydantic, then check()).
@@ -26,6 +27,7 @@ from model.data.chat import TURN_STOPS
 from model.errors import SmallGPTError
 from model.inference import analysis  # the explorations, as in python -m model.explore
 from model.inference.sampling import distribution, generate, window_start
+from model.inference.walk import walk
 from model.serve.http_errors import from_library, stream_error
 from model.serve.prompts import chat_prompt, encode
 from model.serve.protocol import (
@@ -37,6 +39,7 @@ from model.serve.protocol import (
     DistributionRequest,
     GenerateRequest,
     NeighborsRequest,
+    WalkRequest,
     check,
     event_stream,
     sse,
@@ -146,4 +149,20 @@ async def direction_page(req: DirectionRequest,
     words = req.words.split() if isinstance(req.words, str) else req.words
     result = await on_model(served, lambda: analysis.direction(
         served.model, served.tokenizer, req.positive, req.negative, words), "words")
+    return analysis.to_jsonable(result)
+
+
+@router.post("/walk")
+async def walk_page(req: WalkRequest, served: ServedModel) -> dict[str, Any]:
+    """The stages of one prediction, from `tokens` if given, else from `prompt`."""
+    check(req, served)
+    if req.tokens is not None:
+        served.check_context(req.tokens, "tokens")
+        ids, param = req.tokens, "tokens"
+    else:
+        ids, param = await encode(served, req.prompt, "prompt"), "prompt"
+    result = await on_model(served, lambda: walk(
+        served.model, served.tokenizer, ids, temperature=req.temperature,
+        temperatures=req.temperatures, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+        head=req.head, k=req.k), param)
     return analysis.to_jsonable(result)

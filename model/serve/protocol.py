@@ -38,6 +38,7 @@ MAX_MESSAGES = 256
 MAX_K = 100  # alternatives or neighbours in one answer of the page's endpoints
 MAX_TEMPERATURES = 64
 MAX_WORDS = 200
+MAX_WALK_K = 20  # tokens per list in a walk: each MLP step ranks k neurons over the vocabulary
 SEEDS = 1 << 64  # torch.Generator.manual_seed takes [-2**63, 2**64): a seed is taken modulo this
 
 # What a field must be, for the fields whose pydantic errors (one per branch of a union) say
@@ -245,6 +246,26 @@ class DirectionRequest(Body):
         description="a list, or one string split on whitespace")
 
 
+class WalkRequest(Body):
+    """One prediction walked through the network (model.inference.walk)."""
+
+    prompt: PromptText = Field("", description="the text whose next token is walked; empty: "
+                               "the end-of-text token")
+    tokens: Annotated[list[TokenId], Field(json_schema_extra=limit("ids"))] | None = Field(
+        None, description="token ids instead of the prompt")
+    temperature: Temperature = Field(1.0, description="the sample's; 0 takes the likeliest")
+    temperatures: Annotated[list[Temperature], Field(min_length=1,
+                                                     max_length=MAX_TEMPERATURES)] | None = Field(
+        None, description="the softmax step's distribution at each; default: temperature, 1")
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    head: integer(ge=0, json_schema_extra=limit("head")) | None = Field(
+        None, description="the head each attention step shows; null: the one that wrote most")
+    k: integer(ge=1, le=MAX_WALK_K) = Field(5, description="tokens, sources and neurons "
+                                            "listed per step")
+
+
 def check(req: Body, served: Served) -> None:
     """The rules that depend on the served model, for any request, after pydantic's: each
     failure is an APIError naming its field."""
@@ -266,9 +287,10 @@ def check(req: Body, served: Served) -> None:
     for name in ("tokens", "include"):
         if isinstance(getattr(req, name, None), list):
             served.check_ids(getattr(req, name), name)
-    if isinstance(req, AttentionRequest):
+    if isinstance(req, (AttentionRequest, WalkRequest)):
         c = served.model.config
-        for name, value, count in (("layer", req.layer, c.n_layer), ("head", req.head, c.n_head)):
+        for name, count in (("layer", c.n_layer), ("head", c.n_head)):
+            value = getattr(req, name, None)
             if value is not None and value >= count:
                 raise APIError(f"'{name}' must be between 0 and {count - 1}, got {value}", name,
                                "invalid_value")
