@@ -4,6 +4,9 @@ Each place in the forward pass that TransformerLens names (`blocks.0.attn.hook_p
 `blocks.3.hook_resid_post`, ...) holds a HookPoint. A hook is `fn(tensor, hook)`: it returns
 None to leave the activation as it is, or a tensor that replaces it for the rest of the pass.
 `hook.name` says where it fired. A backward hook receives the activation's gradient instead.
+`hook.positions` (batch, pos) is each token's index in its text during the pass (a GPT sets it
+on every hooked point: it counts past the KV cache and generation's moving window; -1 marks
+padding).
 
     logits, cache = model.run_with_cache(idx)                 # every activation, by name
     cache["blocks.0.attn.hook_pattern"]                       # (batch, head, query, key)
@@ -40,6 +43,7 @@ class HookPoint:
         self.fwd: list[HookFn] = []
         self.bwd: list[HookFn] = []
         self.active = False  # fwd or bwd: the one flag the forward pass checks
+        self.positions: torch.Tensor | None = None  # (B, T) set by the model while hooked
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -156,19 +160,22 @@ class HookedModel:
                 hp.remove_hook(fn, direction)
 
     def run_with_hooks(self, idx: torch.Tensor,
-                       fwd_hooks: Sequence[tuple[NameFilter, HookFn]] = ()) -> torch.Tensor:
+                       fwd_hooks: Sequence[tuple[NameFilter, HookFn]] = (), *,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The logits (B, T, V) of one forward pass with the given hooks, removed afterwards.
-        (Backward hooks fire during loss.backward(): register them with `hooks()`.)"""
+        (Backward hooks fire during loss.backward(): register them with `hooks()`.)
+        attention_mask (1 = token, 0 = padding) goes to the model's forward."""
         with self.hooks(fwd_hooks):
-            return self(idx)[0]
+            return self(idx, attention_mask=attention_mask)[0]
 
     def run_with_cache(self, idx: torch.Tensor, names_filter: NameFilter = None,
-                       detach: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       detach: bool = True, *, attention_mask: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The logits and every activation `names_filter` selects, in a dict by name (GPT wraps
         it in an ActivationCache). The default takes all but the per-head results
         (`attn.hook_result`, n_head times the residual's size; the cache computes them from
         `hook_z` when asked). detach=False keeps the activations in the autograd graph, for
-        gradients with respect to them."""
+        gradients with respect to them. attention_mask goes to the model's forward."""
         if names_filter is None:
             names_filter = lambda name: not name.endswith("attn.hook_result")  # noqa: E731
 
@@ -180,5 +187,5 @@ class HookedModel:
         points = self._points(names_filter)
         with self.hooks([(lambda name, wanted={hp.name for hp in points}: name in wanted,
                           save)]):
-            logits = self(idx)[0]
+            logits = self(idx, attention_mask=attention_mask)[0]
         return logits, store
