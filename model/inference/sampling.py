@@ -305,7 +305,7 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt | Sequence[P
     for ids in histories:  # a loop, not a comprehension: the warning names generate's caller
         windows.append(crop_prompt(ids, model.config.block_size, warn=warn))
     return _generate(model, tokenizer, windows, params, use_cache=use_cache,
-                     processors=processors, histories=histories if processors else [],
+                     processors=processors, histories=histories,
                      with_logits=with_logits, fwd_hooks=tuple(fwd_hooks))
 
 
@@ -341,13 +341,12 @@ def _generate(model: nn.Module, tokenizer: Tokenizer, prompts: list[list[int]],
     was_training = model.training
     model.eval()
     rows = [ids for ids in prompts for _ in range(n)]  # row p * n + s: sample s of prompt p
-    windows = Windows(model, rows, [0] * len(rows), keep=block_size + 1 - params.shift(block_size),
+    cropped = [len(full) - len(ids) for ids, full in zip(prompts, histories) for _ in range(n)]
+    windows = Windows(model, rows, cropped, keep=block_size + 1 - params.shift(block_size),
                       use_cache=use_cache, fwd_hooks=fwd_hooks)
-    for p, (window, history) in enumerate(zip(prompts, histories)):
-        windows.starts[p * n:(p + 1) * n] = [len(history) - len(window)] * n
     # Every token so far per prompt, for the processors: unlike the window it never drops any.
     history = [torch.empty(n, len(h) + max_new_tokens, dtype=torch.long, device=device)
-               for h in histories]
+               for h in (histories if processors else [])]
     for h, ids in zip(history, histories):
         h[:, :len(ids)] = torch.tensor(ids, device=device)
     streams = [TextStream(tokenizer, params.stop) for _ in rows]
