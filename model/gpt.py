@@ -396,8 +396,10 @@ class GPT(HookedModel, WeightViews, nn.Module):
                         window_start: int | torch.Tensor | None) -> None:
         """Every hooked point's `positions` for this pass (HookPoint.positions)."""
         if cache is not None:
-            if window_start is not None:  # a copy: the cache edits it when rows move on
-                cache.window_start = torch.as_tensor(window_start, device=idx.device).clone()
+            if isinstance(window_start, torch.Tensor):  # a copy: the cache edits it later
+                cache.window_start = window_start.to(idx.device, copy=True)
+            elif window_start is not None:
+                cache.window_start = window_start
             window_start = cache.window_start
         hooked = [hp for hp in self.hook_dict.values() if hp.active]
         if hooked:

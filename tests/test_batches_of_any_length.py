@@ -143,6 +143,15 @@ def test_hooks_read_each_tokens_position_in_its_text(chars):
     model.run_with_hooks(idx, fwd_hooks=[
         ("hook_embed", lambda x, hook: seen.update(p=hook.positions.tolist()))])
     assert seen["p"] == [[0, 1, 2], [0, 1, 2]]
+    # Under the cache, counting what a window has moved past (window_start, a number or a row's)
+    cache = model.new_cache(2)
+    with model.hooks([("hook_embed", lambda x, hook: seen.update(p=hook.positions.tolist()))]):
+        model(idx, cache=cache, attention_mask=mask, window_start=5)
+        assert seen["p"] == [[5, 6, 7], [-1, -1, 5]]
+        model(torch.tensor([[7], [8]]), cache=cache)
+        assert seen["p"] == [[8], [6]]
+        model(idx, window_start=torch.tensor([10, 20]))
+        assert seen["p"] == [[10, 11, 12], [20, 21, 22]]
 
 
 # -- to_tokens --------------------------------------------------------------------------------

@@ -85,8 +85,8 @@ def text_positions(placement: Placement, idx: torch.Tensor, window_start: Any) -
         positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
     else:
         positions = placement.positions
-    if isinstance(window_start, torch.Tensor):
-        window_start = window_start.to(positions.device)[:, None]
+    if isinstance(window_start, torch.Tensor) and window_start.dim() == 1:
+        window_start = window_start.to(positions.device)[:, None]  # one per row
     positions = positions + window_start
     if placement.real is not None:
         positions = positions.masked_fill(~placement.real, -1)
