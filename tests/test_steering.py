@@ -237,3 +237,39 @@ def test_the_page_shows_a_notice_when_steering_is_on():
     assert 'id="steering-notice"' in (static / "index.html").read_text()
     script = (static / "app.js").read_text()
     assert "info.steering" in script and '$("steering-notice").hidden = false' in script
+
+
+def test_a_browser_sees_the_notice_only_when_steering_is_on(saved):
+    """The page in headless chromium (skipped as tests/test_serve_browser.py skips)."""
+    browser = pytest.importorskip("test_serve_browser")
+    if browser.MISSING:
+        browser.unavailable(browser.MISSING)
+    from selenium.webdriver.support.ui import WebDriverWait
+    from serve_server import running_server
+
+    from model.weights.loading import load_model
+
+    options = browser.webdriver.ChromeOptions()
+    options.binary_location = browser.CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    driver = browser.webdriver.Chrome(service=browser.webdriver.ChromeService(
+        browser.CHROMEDRIVER), options=options)
+    try:
+        for scale in (None, 2.0):
+            pretrained = load_model(str(saved[0]), "cpu")
+            steering = None if scale is None else load_steering(saved[3], pretrained.model, 1,
+                                                                scale)
+            with running_server(pretrained, "t", steering=steering) as (url, _):
+                driver.get(url + "/")
+                wait = WebDriverWait(driver, 30)
+                wait.until(lambda d: "context" in d.find_element(*browser.by_id("model-info")).text)
+                shown = lambda d: d.find_element(*browser.by_id("steering-notice"))  # noqa: E731
+                if scale is None:
+                    assert not shown(driver).is_displayed()  # /api/info came back: no notice
+                else:
+                    wait.until(lambda d: shown(d).is_displayed())
+                    assert "Steering vector on" in shown(driver).text
+                    assert "blocks.1.hook_resid_post" in shown(driver).text
+    finally:
+        driver.quit()
