@@ -255,6 +255,10 @@ def test_a_browser_sees_the_notice_only_when_steering_is_on(saved):
         options.add_argument(arg)
     driver = browser.webdriver.Chrome(service=browser.webdriver.ChromeService(
         browser.CHROMEDRIVER), options=options)
+
+    def shown(d):
+        return d.find_element(*browser.by_id("steering-notice"))
+
     try:
         for scale in (None, 2.0):
             pretrained = load_model(str(saved[0]), "cpu")
@@ -264,7 +268,6 @@ def test_a_browser_sees_the_notice_only_when_steering_is_on(saved):
                 driver.get(url + "/")
                 wait = WebDriverWait(driver, 30)
                 wait.until(lambda d: "context" in d.find_element(*browser.by_id("model-info")).text)
-                shown = lambda d: d.find_element(*browser.by_id("steering-notice"))  # noqa: E731
                 if scale is None:
                     assert not shown(driver).is_displayed()  # /api/info came back: no notice
                 else:
