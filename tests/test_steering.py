@@ -276,3 +276,25 @@ def test_a_browser_sees_the_notice_only_when_steering_is_on(saved):
                     assert "blocks.1.hook_resid_post" in shown(driver).text
     finally:
         driver.quit()
+
+
+def test_the_server_command_lines_take_the_steer_options(saved, monkeypatch, capsys):
+    """sample.py --serve and python -m model.serve hand --steer to the app (uvicorn's run is
+    replaced by a stand-in that keeps the app)."""
+    uvicorn = pytest.importorskip("uvicorn")
+    from model.cli import serve
+
+    apps = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: apps.append(self.config.app))
+    run, file = str(saved[0]), str(saved[3])
+    steer = ["--steer", file, "--steer-layer", "1", "--steer-scale", "0.5"]
+    assert sample.cli(["--serve", "--checkpoint", run, "--port", "0", *steer]) == 0
+    assert serve.main(["--checkpoint", run, "--port", "0", *steer]) == 0
+    assert serve.main(["--checkpoint", run, "--port", "0"]) == 0
+    described = [app.state.served.steering and app.state.served.steering.describe()
+                 for app in apps]
+    assert [d and (d["layer"], d["scale"], d["file"]) for d in described] == [
+        (1, 0.5, file), (1, 0.5, file), None]
+    capsys.readouterr()
+    assert serve.main(["--checkpoint", run, "--port", "0", "--steer", file]) == 2
+    assert "--steer needs --steer-layer" in capsys.readouterr().err
