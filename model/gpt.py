@@ -7,9 +7,10 @@
                -> final norm -> W_U                          logits (B, T, vocab_size)
 
 Training scores the logits at every position against the next token (cross-entropy).
-GPTConfig, the network's shape, is defined first; small helpers (norms, rotary positions) follow
-the GPT at the end of the file. Attention goes through `scaled_dot_product_attention`, which
-picks a flash kernel on CUDA; generation passes a KVCache (model/network/kv_cache.py).
+GPTConfig, the network's shape, is defined first. The norms and non-linearities live in
+model/network/layers.py, positions (rotary tables, a padded batch's masks) in
+model/network/positions.py. Attention goes through `scaled_dot_product_attention`, which picks a
+flash kernel on CUDA; generation passes a KVCache (model/network/kv_cache.py).
 
 GPT also describes itself, so that no other module needs its attribute names: weight views by
 TransformerLens's names (W_E, W_Q, ..., W_U) and the parts each parameter belongs to
@@ -30,6 +31,15 @@ from torch import nn
 from model.errors import ConfigError, check_choice, check_positive
 from model.network.hooks import HookedModel, HookPoint, name_hook_points
 from model.network.kv_cache import KVCache
+from model.network.layers import ACTIVATION_FNS, LayerNorm, RMSNorm
+from model.network.positions import (
+    Placement,
+    apply_rope,
+    causal_mask,
+    place,
+    rope_tables,
+    text_positions,
+)
 from model.network.text import TextModel
 from model.network.views import WeightViews
 
@@ -146,13 +156,19 @@ class CausalSelfAttention(nn.Module):
         self.hook_z, self.hook_result = HookPoint(), HookPoint()  # result: (B, T, H, C)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: (B, 1, T, S) booleans, the keys each query sees, for a padded batch
+        (model/network/positions.py); None is causal attention over every key."""
         B, T, C = x.shape
         past = cache.length if cache is not None else 0
         q, k, v = self._heads(x, rope, cache)
         dropout = self.dropout if self.training else 0.0
         if self.hook_attn_scores.active or self.hook_pattern.active:
-            y = self._explicit(q, k, v, past, dropout)  # a hook wants the (T, S) matrix
+            # A hook wants the (T, S) matrix.
+            y = self._explicit(q, k, v, causal_mask(T, past, x.device) if mask is None else mask,
+                               dropout)
+        elif mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         elif T == 1:  # one new token may attend to everything before it: no mask needed
@@ -172,12 +188,11 @@ class CausalSelfAttention(nn.Module):
         w = self.proj.weight.to(z.dtype).view(-1, self.n_head, self.head_dim)  # (C, H, D)
         return torch.einsum("bthd,chd->bthc", z, w)
 
-    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
+    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                   dropout: float) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d) + causal mask) v, forming the (T, S) matrix that the fused
-        kernel never stores, so that hooks can read or edit scores and pattern."""
+        """softmax(q k^T / sqrt(d) + mask) v, forming the (T, S) matrix that the fused kernel
+        never stores, so that hooks can read or edit scores and pattern."""
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
-        mask = causal_mask(q.size(2), past, q.device)
         scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
         pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype))
         return F.dropout(pattern, dropout) @ v
@@ -250,9 +265,13 @@ class Block(nn.Module):
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        x = x + self.hook_attn_out(self.resid_dropout(self.attn(self.norm1(x), rope, cache)))
+        # The mask only for a padded batch: an attention variant written as (x, rope, cache)
+        # keeps working for everything else.
+        masked = () if mask is None else (mask,)
+        attended = self.attn(self.norm1(x), rope, cache, *masked)
+        x = x + self.hook_attn_out(self.resid_dropout(attended))
         x = self.hook_resid_mid(x)
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.norm2(x))))
 
@@ -324,35 +343,54 @@ class GPT(HookedModel, WeightViews, TextModel, nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def embed(self, idx: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W_E[idx] plus positions start.. (learned), and the rotary table for those positions."""
+    def embed(self, idx: torch.Tensor, start: int | torch.Tensor = 0
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W_E[idx] plus positions (learned), and the rotary table for those positions: start..
+        in every row, or with `start` (B, T) each token's own (a padded batch)."""
         T = idx.size(1)
-        if start + T > self.config.block_size:
+        per_row = isinstance(start, torch.Tensor)
+        if not per_row and start + T > self.config.block_size:
             raise ConfigError(
                 f"input of {start + T} tokens is longer than the context size "
                 f"model.block_size={self.config.block_size}; crop it to the last "
                 f"{self.config.block_size} tokens"
             )
         x = self.hook_embed(self.tok_emb(idx))
+        positions = start if per_row else torch.arange(start, start + T, device=idx.device)
         if self.pos_emb is not None:
-            pos = self.pos_emb(torch.arange(start, start + T, device=idx.device))  # (T, C)
+            pos = self.pos_emb(positions)  # (T, C), or (B, T, C) per row
             x = x + self.hook_pos_embed(pos.expand_as(x) if self.hook_pos_embed.active else pos)
-        rope = self.rope[:, start:start + T] if self.rope is not None else None
+        if self.rope is None:
+            rope = None
+        elif per_row:
+            rope = self.rope[:, positions].unsqueeze(2)  # (2, B, 1, T, D/2): broadcast over heads
+        else:
+            rope = self.rope[:, start:start + T]
         return self.drop(x), rope
 
     def forward(self, idx: torch.Tensor | str | list[str], targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: KVCache | None = None, *, attention_mask: torch.Tensor | None = None,
+                window_start: int | torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for every position, and with targets the mean next-token
         cross-entropy in nats over every position whose target is not -1.
 
         With a cache, idx holds only the new tokens; their positions follow the cached ones.
+        `attention_mask` (B, T), 1 = token and 0 = padding as in transformers, runs a batch of
+        texts of different lengths, padded left or right: each row's tokens take positions
+        from its first token and never see padding, so their logits are the text's own (within
+        float rounding; model/network/positions.py). With a cache it describes the new tokens;
+        the cache remembers earlier ones. `window_start` (a number or (B,)) counts the tokens of
+        each row's text before idx (generation's moving window): hooks read each token's index
+        in the whole text as `hook.positions`; with a cache it holds until named again.
         A text (or list of texts) is tokenized first by the model's tokenizer (to_tokens).
         """
         idx = self.as_tokens(idx)
-        start = cache.length if cache is not None else 0
-        x, rope = self.embed(idx, start)
+        where = place(idx, cache, attention_mask, self.config.block_size)
+        self._show_positions(idx, where, cache, window_start)
+        x, rope = self.embed(idx, where.start if where.positions is None else where.positions)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, where.mask)
         if cache is not None:
             cache.length += idx.size(1)
         logits = self.unembed(x)
@@ -361,6 +399,21 @@ class GPT(HookedModel, WeightViews, TextModel, nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
         return logits, loss
+
+    def _show_positions(self, idx: torch.Tensor, where: Placement, cache: KVCache | None,
+                        window_start: int | torch.Tensor | None) -> None:
+        """Every hooked point's `positions` for this pass (HookPoint.positions)."""
+        if cache is not None:
+            if isinstance(window_start, torch.Tensor):  # a copy: the cache edits it later
+                cache.window_start = window_start.to(idx.device, copy=True)
+            elif window_start is not None:
+                cache.window_start = window_start
+            window_start = cache.window_start
+        hooked = [hp for hp in self.hook_dict.values() if hp.active]
+        if hooked:
+            positions = text_positions(where, idx, 0 if window_start is None else window_start)
+            for hp in hooked:
+                hp.positions = positions
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) of a residual stream (..., C): the final norm, then W_U."""
@@ -396,89 +449,8 @@ def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-# -- building blocks used above ------------------------------------------------------------------
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight: LayerNorm without centring or bias (Zhang & Sennrich, 2019)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.hook_scale, self.hook_normalized = HookPoint(), HookPoint()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hook_scale.active or self.hook_normalized.active:
-            return hooked_norm(self, x, center=False)
-        if x.dtype == self.weight.dtype:
-            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
-        # Mixed dtypes (autocast's bfloat16 queries and keys, a float32 weight): the fused kernel
-        # takes one dtype, so compute in the wider of the two and return the input's.
-        wide = torch.promote_types(x.dtype, self.weight.dtype)
-        return F.rms_norm(x.to(wide), (x.size(-1),), self.weight.to(wide), self.eps).to(x.dtype)
-
-
-class LayerNorm(nn.LayerNorm):
-    """torch's LayerNorm with hook points for its scale and its normalized input."""
-
-    def __init__(self, dim: int, eps: float, bias: bool) -> None:
-        super().__init__(dim, eps=eps, bias=bias)
-        self.hook_scale, self.hook_normalized = HookPoint(), HookPoint()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hook_scale.active or self.hook_normalized.active:
-            return hooked_norm(self, x, center=True)
-        return super().forward(x)
-
-
-def hooked_norm(norm: LayerNorm | RMSNorm, x: torch.Tensor, center: bool) -> torch.Tensor:
-    """The norm spelled out so hooks see scale (B, T, 1) and (x - mean) / scale, before the
-    weight and bias, as TransformerLens defines them."""
-    if center:
-        x = x - x.mean(dim=-1, keepdim=True)
-    scale = norm.hook_scale((x.pow(2).mean(dim=-1, keepdim=True) + norm.eps).sqrt())
-    x = norm.hook_normalized(x / scale) * norm.weight
-    return x + norm.bias if getattr(norm, "bias", None) is not None else x
-
-
 def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
     dim = dim or config.n_embd
     if config.norm == "rmsnorm":
         return RMSNorm(dim, config.norm_eps)
     return LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
-
-
-def _swiglu(h: torch.Tensor) -> torch.Tensor:
-    gate, value = h.chunk(2, dim=-1)
-    return F.silu(gate) * value
-
-
-ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,  # exact (erf) form
-    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),  # GPT-2's approximation
-    "relu2": lambda h: F.relu(h).square(),  # ReLU squared (So et al., 2021)
-    "swiglu": _swiglu,  # Shazeer, 2020
-}
-
-
-def causal_mask(T: int, past: int, device: Any) -> torch.Tensor:
-    """(T, past + T) booleans: query i (at position past + i) sees keys 0 .. past + i."""
-    rows = torch.arange(T, device=device)[:, None] + past
-    return torch.arange(past + T, device=device)[None, :] <= rows
-
-
-def rope_tables(head_dim: int, length: int, base: float, device: Any = None) -> torch.Tensor:
-    """cos and sin of position * frequency, stacked: (2, length, head_dim // 2), float32."""
-    freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), freqs)
-    return torch.stack((angles.cos(), angles.sin()))
-
-
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head's vector by its position's angle.
-
-    x: (B, H, T, D); table: (2, T, D/2) for the positions of x.
-    """
-    cos, sin = table[0].to(x.dtype), table[1].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)

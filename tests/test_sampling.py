@@ -19,6 +19,7 @@ from model.inference.sampling import (
     generate,
     repetition_penalty,
     sample_next,
+    scaled,
 )
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak.\n"
@@ -570,8 +571,14 @@ def test_a_temperature_so_small_that_dividing_overflows_samples_the_argmax():
     """1e-45 is a float a client may send: logits / T overflows to infinities, whose softmax
     would be NaN; the draw must still be the most likely token, with probability 1."""
     logits = torch.tensor([[1.0, 3.0, -2.0, 2.5]])
-    for temperature in (1.401298464324817e-45, 1e-40):
+    for temperature in (1.401298464324817e-45, 1e-40, 5e-324):  # the last is 0 in float32
         tokens, probs = sample_next(logits, temperature, top_p=0.9,
                                     generator=torch.Generator().manual_seed(0))
         assert tokens.tolist() == [1]
         assert probs[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_padding_ids_do_not_change_how_the_logits_are_scaled():
+    """-inf logits (ids past the tokenizer) take the plain division, as the other logits do."""
+    logits = torch.tensor([[1.0, 3.0, -2.0, float("-inf")]])
+    assert torch.equal(scaled(logits, 0.7), logits / 0.7)

@@ -1,12 +1,14 @@
 """Shared plumbing for the command-line fronts: user errors become one line and an exit code,
---threads is checked and applied, and a model named on the command line is loaded with a note on
-what it is.
+--threads is checked and applied, a model named on the command line is loaded with a note on
+what it is, and --steer FILE --steer-layer N --steer-scale X (sample.py and the server) become a
+steering vector.
 
 torch and the loaders are imported inside the functions that use them: `python -m model.data`
 needs neither, and starts without them."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from model.weights.loading import Pretrained
+    from model.weights.steering import Steering
 
 
 def run_cli(main: Callable[[], int | None]) -> int:
@@ -86,3 +89,43 @@ def load_named_model(name: str | None, device: str | torch.device = "auto", *,
 
         loaded.model = torch.compile(loaded.model, dynamic=True)
     return loaded
+
+
+def add_steering_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("steering (model/weights/steering.py)")
+    group.add_argument("--steer", metavar="FILE",
+                       help="add the vector in FILE (.pt or .safetensors, one vector of the "
+                            "model's width) to the residual stream at every position")
+    group.add_argument("--steer-layer", type=int, metavar="N",
+                       help="with --steer: add it after block N (blocks.N.hook_resid_post)")
+    group.add_argument("--steer-scale", type=float, metavar="X",
+                       help="with --steer: times X (default 1)")
+
+
+def check_steering(path: str | None, layer: int | None, scale: float | None) -> None:
+    """The --steer options, checked before the (slow) model load: they go together, and the
+    file holds one vector (its width and the layer are checked against the model later)."""
+    if path is None:
+        if layer is not None or scale is not None:
+            raise SamplingError("--steer-layer and --steer-scale only apply with --steer FILE")
+        return
+    if layer is None:
+        raise SamplingError("--steer needs --steer-layer N: the block after which the vector is "
+                            "added")
+    from model.weights.steering import read_vector
+
+    read_vector(path)
+
+
+def load_steering_option(path: str | None, model: torch.nn.Module, layer: int | None,
+                         scale: float | None, err: TextIO | None = None) -> Steering | None:
+    """The steering vector the --steer options name, checked against `model`, with a line on
+    stderr saying it is on (None without --steer)."""
+    if path is None or layer is None:
+        return None
+    from model.weights.steering import load_steering
+
+    steering = load_steering(path, model, layer, 1.0 if scale is None else scale)
+    print(f"steering: {path} x {steering.scale} added to {steering.hook_name} at every "
+          "position", file=err or sys.stderr)
+    return steering

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from model.cli.common import load_named_model, run_cli, use_threads
+from model.cli.common import (
+    add_steering_arguments,
+    check_steering,
+    load_named_model,
+    load_steering_option,
+    run_cli,
+    use_threads,
+)
 from model.data.chat import TURN_STOPS, ChatHistory
 from model.errors import SamplingError
 from model.inference.sampling import SamplingParams, Step, generate
@@ -63,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for generation (default: the cores no other process is "
                         "busy on at start, model.runtime.default_threads)")
+    add_steering_arguments(p)
     serve = p.add_argument_group("web playground and OpenAI-compatible API")
     serve.add_argument("--serve", action="store_true",
                        help="serve the playground page and the /v1 API instead of sampling "
@@ -277,19 +285,25 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None,
         from model.cli.serve import run as serve  # FastAPI and uvicorn are loaded only here
 
         return serve(args.checkpoint, host=args.host, port=args.port, device=args.device,
-                     dtype=args.dtype, threads=args.threads, err=err, pack=not args.no_pack)
+                     dtype=args.dtype, threads=args.threads, err=err, pack=not args.no_pack,
+                     steer=args.steer, steer_layer=args.steer_layer,
+                     steer_scale=args.steer_scale)
     params = checked_params(args)
+    check_steering(args.steer, args.steer_layer, args.steer_scale)
     use_threads(args.threads)
     prompt = "" if args.interactive or args.chat else read_prompt(args, stdin)
     loaded = load_named_model(args.checkpoint, args.device, dtype=args.dtype,
                               pack=not args.no_pack, compile=args.compile, err=err)
+    steering = load_steering_option(args.steer, loaded.model, args.steer_layer,
+                                    args.steer_scale, err)
 
     def run(text: str | list[int], seed: int | None, stop: list[str]) -> str:
         """Generate and print one reply (or --num-samples); sample 0's text."""
         printer = Printer(out, text if isinstance(text, str) and not args.interactive else "",
                           args.num_samples, args.show_probs, args.json)
         steps = generate(loaded.model, loaded.tokenizer, text, params=params, seed=seed,
-                         stop=stop, warn=lambda message: print(f"warning: {message}", file=err))
+                         stop=stop, warn=lambda message: print(f"warning: {message}", file=err),
+                         fwd_hooks=steering.hooks() if steering else ())
         if args.chat:
             steps = reply_steps(steps)
         return "".join(step.delta for step in printer(steps) if step.sample == 0)

@@ -9,7 +9,14 @@ import socket
 import sys
 from typing import TextIO
 
-from model.cli.common import load_named_model, run_cli, use_threads
+from model.cli.common import (
+    add_steering_arguments,
+    check_steering,
+    load_named_model,
+    load_steering_option,
+    run_cli,
+    use_threads,
+)
 from model.errors import ConfigError, SamplingError
 from model.runtime import pick_device
 
@@ -27,11 +34,14 @@ def bind_warning(host: str) -> str | None:
 
 def run(name: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
         device: str = "auto", dtype: str = "auto", threads: int | None = None,
-        max_tokens: int | None = None, err: TextIO | None = None, pack: bool = True) -> int:
+        max_tokens: int | None = None, err: TextIO | None = None, pack: bool = True,
+        steer: str | None = None, steer_layer: int | None = None,
+        steer_scale: float | None = None) -> int:
     """Load the model `name` and serve the playground and API on host:port until Ctrl-C.
     `device`, `dtype` and `threads` are as on the command line (see load_named_model);
     `max_tokens` caps the new tokens of one request; `pack`: the linear layers packed for oneDNN
-    where the CPU can (model/network/packed.py)."""
+    where the CPU can (model/network/packed.py); `steer`, `steer_layer`, `steer_scale`: a
+    steering vector on every forward pass (--steer FILE --steer-layer N --steer-scale X)."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -46,6 +56,7 @@ def run(name: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
     use_threads(threads)
     if max_tokens is not None and max_tokens < 1:
         raise SamplingError(f"--max-tokens must be >= 1, got {max_tokens}")
+    check_steering(steer, steer_layer, steer_scale)
     dev = pick_device(device, setting="--device")  # before the bind: a bad name fails at once
     warning = bind_warning(host)
     if warning:
@@ -53,7 +64,9 @@ def run(name: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
     sock = listen(host, port)  # before the (slow) load: a busy port fails at once
     try:
         loaded = load_named_model(name, dev, dtype=dtype, pack=pack, err=err)
-        app = create_app(loaded, name, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
+        steering = load_steering_option(steer, loaded.model, steer_layer, steer_scale, err)
+        app = create_app(loaded, name, max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+                         steering=steering)
         port = sock.getsockname()[1]  # the one the OS chose, for --port 0
         shown = f"[{host}]" if ":" in host else host
         print(f"playground: http://{shown}:{port}/   API: http://{shown}:{port}/v1 "
@@ -96,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pack", action="store_true",
                    help="keep PyTorch's own CPU matrix kernels instead of packing the linear "
                         "layers for oneDNN (model/network/packed.py)")
+    add_steering_arguments(p)
     return p
 
 
@@ -103,4 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_cli(lambda: run(args.checkpoint, host=args.host, port=args.port,
                                device=args.device, dtype=args.dtype, threads=args.threads,
-                               max_tokens=args.max_tokens, pack=not args.no_pack))
+                               max_tokens=args.max_tokens, pack=not args.no_pack,
+                               steer=args.steer, steer_layer=args.steer_layer,
+                               steer_scale=args.steer_scale))

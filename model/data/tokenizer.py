@@ -68,16 +68,41 @@ class Tokenizer:
         return np.asarray(self.encode(text), dtype=dtype)
 
     def to_tokens(self, text: str | Sequence[str], *, prepend_bos: bool = False,
-                  padding_side: str = "right", return_mask: bool = False,
-                  device: Any = None) -> Any:
-        """(B, T) ids of a text or equally long texts (see to_tokens below); with return_mask
-        also the (B, T) attention mask, 1 for every token."""
-        ids = to_tokens(self, text, prepend_bos, device)
-        return (ids, ids.new_ones(ids.shape)) if return_mask else ids
+                  padding_side: str = "right", return_mask: bool = False, device: Any = None
+                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) token ids of a text or a list of texts. Texts of different lengths are padded
+        with end-of-text on `padding_side` ("right" or "left"); return_mask=True also returns
+        the (B, T) attention mask, 1 = token and 0 = padding, which GPT's forward takes. Left
+        padding puts every text's last token in the last column (as generation wants).
+        prepend_bos puts end-of-text first, as TransformerLens does for GPT-2 (our models were
+        trained without it)."""
+        import torch
 
-    def to_str_tokens(self, text_or_ids: Any, *, prepend_bos: bool = False) -> list[str]:
+        if padding_side not in ("right", "left"):
+            raise TokenizerError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        texts = [text] if isinstance(text, str) else list(text)
+        rows = [[self.eot_id] * prepend_bos + ids for ids in self.encode_batch(texts)]
+        width = max((len(row) for row in rows), default=0)
+        tokens = torch.full((len(rows), width), self.eot_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, row in enumerate(rows):
+            start = width - len(row) if padding_side == "left" else 0
+            tokens[b, start:start + len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[b, start:start + len(row)] = 1
+        if return_mask:
+            return tokens.to(device), mask.to(device)
+        return tokens.to(device)
+
+    def to_str_tokens(self, text_or_ids: str | Sequence[int] | torch.Tensor, *,
+                      prepend_bos: bool = False) -> list[str]:
         """Each token of a text (or of ids) as text, in order."""
-        return to_str_tokens(self, text_or_ids, prepend_bos)
+        import torch
+
+        if isinstance(text_or_ids, str):
+            ids = self.to_tokens(text_or_ids, prepend_bos=prepend_bos)[0].tolist()
+        else:
+            ids = torch.as_tensor(text_or_ids).flatten().tolist()
+        return [self.token_text(i) for i in ids]
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         if len(ids) and (min(ids) < 0 or max(ids) >= self.vocab_size):
@@ -410,26 +435,14 @@ def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
 
 
 def to_tokens(tokenizer: Tokenizer, text: str | Sequence[str], prepend_bos: bool = False,
-              device: Any = None) -> torch.Tensor:
-    """(B, T) token ids for a text or equally long texts; prepend_bos puts end-of-text first,
-    as TransformerLens does for GPT-2 (our models were trained without it)."""
-    import torch
-
-    texts = [text] if isinstance(text, str) else list(text)
-    ids = [([tokenizer.eot_id] if prepend_bos else []) + tokenizer.encode(t) for t in texts]
-    if len({len(row) for row in ids}) > 1:
-        raise ValueError(f"the texts encode to different lengths {[len(r) for r in ids]}; "
-                         "pass texts of equal token length (or one text)")
-    return torch.tensor(ids, dtype=torch.long, device=device)
+              device: Any = None, *, padding_side: str = "right",
+              return_mask: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """tokenizer.to_tokens(text, ...): see Tokenizer.to_tokens."""
+    return tokenizer.to_tokens(text, prepend_bos=prepend_bos, padding_side=padding_side,
+                               return_mask=return_mask, device=device)
 
 
 def to_str_tokens(tokenizer: Tokenizer, text: str | Sequence[int] | torch.Tensor,
                   prepend_bos: bool = False) -> list[str]:
-    """Each token of a text (or of ids) as text, in order."""
-    import torch
-
-    if isinstance(text, str):
-        ids = to_tokens(tokenizer, text, prepend_bos)[0].tolist()
-    else:
-        ids = torch.as_tensor(text).flatten().tolist()
-    return [tokenizer.token_text(i) for i in ids]
+    """tokenizer.to_str_tokens(text, ...): see Tokenizer.to_str_tokens."""
+    return tokenizer.to_str_tokens(text, prepend_bos=prepend_bos)

@@ -19,11 +19,16 @@ tokens again cost one cached position each until the window is full again. The m
 always sees between `block_size + 1 - shift` and `block_size` of the latest tokens. The reference
 path (`use_cache=False`) recomputes exactly the same window from scratch at every step, so both
 give the same greedy tokens. `window_shift=1` is the classic sliding window (a refill per token).
+
+Several prompts of different lengths are one batch (model/inference/decoding.py: left padding,
+an attention mask, one forward pass per step); each prompt's window follows this policy on its
+own, so its samples are those it would get alone. Hooks passed as `fwd_hooks` (steering) are
+registered around the generation's forward passes only, so that a generator consumed lazily is
+steered exactly as one consumed at once.
 """
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +40,9 @@ from torch import nn
 
 from model.data.tokenizer import Tokenizer
 from model.errors import ConfigError, SamplingError
+from model.inference.decoding import Windows
+from model.inference.text_stream import TextStream
+from model.network.hooks import HookFn, NameFilter
 
 
 @dataclass
@@ -58,6 +66,7 @@ class Step:
     # The model's logits (V,) that this token was chosen from, before any logits processor,
     # temperature or filtering; only with generate(..., with_logits=True), else None.
     logits: torch.Tensor | None = None
+    prompt: int = 0  # which of generate's prompts (0 when it was given one)
 
     def to_dict(self, *, top_id: str = "token", with_sample: bool = True) -> dict[str, Any]:
         """The step as JSON-ready data (the logits left out): sample, index, token, text, prob,
@@ -70,6 +79,9 @@ class Step:
                       delta=self.delta, finished=self.finished)
         return record
 
+
+# A prompt: a text, or token ids. generate also takes a list of them.
+Prompt = str | Sequence[int]
 
 # A logits processor: fn(ids (B, t), logits (B, V)) -> logits (B, V). ids holds the prompt and
 # every token generated so far for each sample; the result replaces the logits of the step.
@@ -170,13 +182,15 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None,
 
 
 def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits / temperature (> 0). A temperature so small that the division overflows (1e-45
-    is a valid float) is as good as greedy: the logits are then shifted so that the largest is
-    0 first, which gives the same softmax without infinities that would make it NaN."""
+    """logits / temperature (> 0). A temperature so small that the division overflows, or that
+    is 0 in the logits' dtype (1e-45 and 5e-324 are valid floats), is as good as greedy: then
+    the largest logits become 0 and the others -inf, which gives that softmax without the
+    infinities that would make it NaN. Logits already -inf (padding ids) stay so."""
     out = logits / temperature
-    if torch.isfinite(out).all():
+    if torch.isfinite(out).all() or (torch.isfinite(out) | torch.isneginf(logits)).all():
         return out
-    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    return torch.where(shifted == 0, 0.0, shifted / temperature)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -190,44 +204,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         return logits.argmax(dim=-1), logits.softmax(dim=-1)
     probs = filter_logits(scaled(logits, temperature), top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
-
-
-class TextStream:
-    """Turns one sample's tokens into printable text as they arrive.
-
-    Holds back the bytes of an incomplete UTF-8 character (a byte-level BPE token can end in the
-    middle of one) and any tail that could be the start of a stop string, so no stop string is
-    ever printed. Stop strings are looked for in the generated text only, not in the prompt.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(stop)
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.pending = ""  # decoded but not yet handed out
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Text now safe to show, and whether a stop string has appeared (it is not shown)."""
-        self.pending += self.decoder.decode(self.tokenizer.decode_bytes([token]))
-        found = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if found:
-            out, self.pending = self.pending[:min(found)], ""
-            return out, True
-        hold = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        """Everything held back, at the end of the sample."""
-        out = self.pending + self.decoder.decode(b"", final=True)
-        self.pending = ""
-        return out
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size: int,
@@ -265,13 +241,22 @@ def crop_prompt(ids: list[int], block_size: int, on_overflow: Literal["crop", "e
     return ids[-block_size:]
 
 
-def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int] = "", *,
+def generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt | Sequence[Prompt] = "", *,
              params: SamplingParams | None = None, use_cache: bool = True,
              warn: Callable[[str], None] | None = None,
              logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
-             with_logits: bool = False, **sampling: Any) -> Iterator[Step]:
+             with_logits: bool = False,
+             fwd_hooks: Sequence[tuple[NameFilter, HookFn]] = (), **sampling: Any
+             ) -> Iterator[Step]:
     """Generate `num_samples` continuations of `prompt` side by side (one batch), yielding a
     Step per new token per sample, in sample order within each position.
+
+    `prompt` is a text or token ids, or a list of them: several prompts, of any lengths, are
+    decoded in one batch (one forward pass per step; model/inference/decoding.py), each with its
+    num_samples samples; a Step's `prompt` names its prompt and `sample` its sample of that
+    prompt, and within a position the steps come prompt by prompt. Each prompt's samples are
+    what generating it alone gives: a seed seeds every prompt's own draws, and greedy tokens
+    agree (the logits within float rounding).
 
     How to sample is `params`, or SamplingParams' fields as keyword arguments
     (`generate(model, tokenizer, "ROMEO:", max_new_tokens=20, temperature=0)`); keyword
@@ -285,9 +270,15 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int]
     `logits_processor` (one, or several applied in order) rewrites each step's logits before the
     temperature and the draw: it is called as fn(ids, logits) with ids (B, t), the prompt (all of
     it, even if longer than the context) and every token generated so far, and the float32
-    logits (B, V), its own copy; finished samples ride along in the batch. `prob` and `top` then
-    describe the processed distribution. `with_logits` puts the model's raw logits of each step
-    on its Step (before processors, temperature and filtering; in the model's dtype).
+    logits (B, V), its own copy; finished samples ride along in the batch. With several prompts
+    it is called once per prompt, with that prompt's samples. `prob` and `top` then describe the
+    processed distribution. `with_logits` puts the model's raw logits of each step on its Step
+    (before processors, temperature and filtering; in the model's dtype).
+
+    `fwd_hooks`, [(name, fn)] as in model.run_with_hooks, steer the generation: they are
+    registered around each of its forward passes (however lazily the generator is consumed, and
+    never while it waits), so they neither leak into other work nor get lost. A hook reads each
+    token's index in its text, prompt and generated tokens together, as `hook.positions`.
 
     Arguments are checked here, before the first step, so bad values fail at the call.
     """
@@ -305,58 +296,77 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int]
     for fn in processors:
         if not callable(fn):
             raise SamplingError(f"a logits processor must be callable, got {fn!r}")
-    history = prompt_tokens(tokenizer, prompt)
-    ids = crop_prompt(history, model.config.block_size, warn=warn)
-    return _generate(model, tokenizer, ids, params, use_cache=use_cache, processors=processors,
-                     history_ids=history if processors else [], with_logits=with_logits)
+    if fwd_hooks:
+        if not hasattr(model, "hooks"):
+            raise SamplingError(f"fwd_hooks need a model with hook points, such as GPT; "
+                                f"{type(model).__name__} has none")
+        with model.hooks(fwd_hooks):  # an unknown hook name fails here, at the call
+            pass
+    histories = [prompt_tokens(tokenizer, p) for p in prompt_list(prompt) or [prompt]]
+    windows = []
+    for ids in histories:  # a loop, not a comprehension: the warning names generate's caller
+        windows.append(crop_prompt(ids, model.config.block_size, warn=warn))
+    return _generate(model, tokenizer, windows, params, use_cache=use_cache,
+                     processors=processors, histories=histories,
+                     with_logits=with_logits, fwd_hooks=tuple(fwd_hooks))
+
+
+def prompt_list(prompt: Any) -> list[Any] | None:
+    """The prompts of a list of prompts (texts, or token ids each), or None for one prompt (a
+    text, or token ids)."""
+    if isinstance(prompt, torch.Tensor) and prompt.dim() == 2:
+        return list(prompt)
+    if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], int):
+        if isinstance(prompt[0], (str, list, tuple)) or getattr(prompt[0], "ndim", 0) == 1:
+            return list(prompt)
+    return None
 
 
 @torch.inference_mode()  # as a decorator it is switched on only while the generator runs
-def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
-              *, use_cache: bool, processors: tuple[LogitsProcessor, ...],
-              history_ids: list[int], with_logits: bool) -> Iterator[Step]:
-    max_new_tokens, num_samples, show_top = (params.max_new_tokens, params.num_samples,
-                                             params.show_top)
+def _generate(model: nn.Module, tokenizer: Tokenizer, prompts: list[list[int]],
+              params: SamplingParams, *, use_cache: bool,
+              processors: tuple[LogitsProcessor, ...], histories: list[list[int]],
+              with_logits: bool, fwd_hooks: tuple[tuple[NameFilter, HookFn], ...]
+              ) -> Iterator[Step]:
+    max_new_tokens, n, show_top = params.max_new_tokens, params.num_samples, params.show_top
     if max_new_tokens == 0:
         return
     device = next(model.parameters()).device
     block_size = model.config.block_size
-    keep = block_size + 1 - params.shift(block_size)  # the tokens a full window keeps
     eot = None if params.ignore_eot else tokenizer.eot_id
-    generator = torch.Generator(device=device)
-    if params.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(params.seed)
+    generators = [torch.Generator(device=device) for _ in prompts]  # one per prompt: as alone
+    for generator in generators:
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
     was_training = model.training
     model.eval()
-    cache = model.new_cache(num_samples) if use_cache else None
-    window = torch.tensor([ids] * num_samples, device=device)  # (B, T): what the model sees
-    if processors:
-        # Every token so far, for the processors: unlike the window it never drops any.
-        history = torch.empty(num_samples, len(history_ids) + max_new_tokens, dtype=torch.long,
-                              device=device)
-        history[:, :len(history_ids)] = torch.tensor(history_ids, device=device)
-        seen = len(history_ids)
-    streams = [TextStream(tokenizer, params.stop) for _ in range(num_samples)]
-    alive = [True] * num_samples
+    rows = [ids for ids in prompts for _ in range(n)]  # row p * n + s: sample s of prompt p
+    cropped = [len(full) - len(ids) for ids, full in zip(prompts, histories) for _ in range(n)]
+    windows = Windows(model, rows, cropped, keep=block_size + 1 - params.shift(block_size),
+                      use_cache=use_cache, fwd_hooks=fwd_hooks)
+    # Every token so far per prompt, for the processors: unlike the window it never drops any.
+    history = [torch.empty(n, len(h) + max_new_tokens, dtype=torch.long, device=device)
+               for h in (histories if processors else [])]
+    for h, ids in zip(history, histories):
+        h[:, :len(ids)] = torch.tensor(ids, device=device)
+    streams = [TextStream(tokenizer, params.stop) for _ in rows]
+    alive = [True] * len(rows)
     try:
-        logits = model(window, cache=cache)[0][:, -1]  # prefill: the whole prompt at once
-        raw_shape = logits.shape
+        logits = windows.first()  # prefill: the whole prompts at once
         for index in range(max_new_tokens):
             # Its own copy: a view would keep the whole forward pass's (B, T, V) logits alive.
             raw = logits.clone() if with_logits else None
             logits = without_padding(logits, tokenizer.vocab_size)
             if processors:
                 logits = logits.to(torch.float32, copy=True)  # the processors' own copy
-                for fn in processors:
-                    logits = fn(history[:, :seen], logits)
-                    if not isinstance(logits, torch.Tensor) or logits.shape != raw_shape:
-                        raise SamplingError(f"the logits processor {fn!r} must return a tensor "
-                                            f"of shape {tuple(raw_shape)}, got "
-                                            f"{getattr(logits, 'shape', type(logits).__name__)}")
-            tokens, probs = sample_next(logits, params.temperature, params.top_k,
-                                        params.top_p, generator)
+                logits = torch.cat([process(processors, h[:, :len(ids) + index],
+                                            logits[p * n:(p + 1) * n])
+                                    for p, (h, ids) in enumerate(zip(history, histories))])
+            drawn = [sample_next(logits[p * n:(p + 1) * n], params.temperature, params.top_k,
+                                 params.top_p, generator) for p, generator in enumerate(generators)]
+            tokens, probs = (torch.cat(parts) for parts in zip(*drawn))
             chosen = probs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
             if show_top:
                 top_probs, top_ids = probs.topk(min(show_top, probs.size(-1)), dim=-1)
@@ -374,27 +384,28 @@ def _generate(model: nn.Module, tokenizer: Tokenizer, ids: list[int], params: Sa
                 alive[b] = finished is None
                 top = ([(t, tokenizer.token_text(t), p) for t, p in zip(top_ids[b], top_probs[b])
                         if p > 0] if show_top else [])
-                yield Step(b, index, token, tokenizer.token_text(token), chosen[b], top, delta,
-                           finished, raw[b] if raw is not None else None)
+                yield Step(b % n, index, token, tokenizer.token_text(token), chosen[b], top, delta,
+                           finished, raw[b] if raw is not None else None, b // n)
             if not any(alive):
                 return
-            if processors:
-                history[:, seen] = tokens
-                seen += 1
-            window = torch.cat((window, tokens[:, None]), dim=1)
-            if window.size(1) > block_size:
-                # The window is full: move it on by `shift` tokens, refilling the cache in one pass.
-                window = window[:, -keep:]
-                if cache is not None:
-                    cache.reset()
-                    logits = model(window, cache=cache)[0][:, -1]
-                    continue
-            if cache is not None:
-                logits = model(tokens[:, None], cache=cache)[0][:, -1]  # one position's compute
-            else:
-                logits = model(window)[0][:, -1]  # the reference: the whole window from scratch
+            for p, (h, ids) in enumerate(zip(history, histories)):
+                h[:, len(ids) + index] = tokens[p * n:(p + 1) * n]
+            logits = windows.advance(tokens)
     finally:
         model.train(was_training)
+
+
+def process(processors: tuple[LogitsProcessor, ...], ids: torch.Tensor,
+            logits: torch.Tensor) -> torch.Tensor:
+    """One prompt's logits (n, V) through the processors, each result checked."""
+    shape = logits.shape
+    for fn in processors:
+        logits = fn(ids, logits)
+        if not isinstance(logits, torch.Tensor) or logits.shape != shape:
+            raise SamplingError(f"the logits processor {fn!r} must return a tensor of shape "
+                                f"{tuple(shape)}, got "
+                                f"{getattr(logits, 'shape', type(logits).__name__)}")
+    return logits
 
 
 def window_start(prompt_len: int, index: int, block_size: int, shift: int | None = None) -> int:

@@ -4,6 +4,9 @@ Each place in the forward pass that TransformerLens names (`blocks.0.attn.hook_p
 `blocks.3.hook_resid_post`, ...) holds a HookPoint. A hook is `fn(tensor, hook)`: it returns
 None to leave the activation as it is, or a tensor that replaces it for the rest of the pass.
 `hook.name` says where it fired. A backward hook receives the activation's gradient instead.
+`hook.positions` (batch, pos) is each token's index in its text during the pass (a GPT sets it
+on every hooked point: it counts past the KV cache and generation's moving window; -1 marks
+padding).
 
     logits, cache = model.run_with_cache(idx)                 # every activation, by name
     cache["blocks.0.attn.hook_pattern"]                       # (batch, head, query, key)
@@ -51,6 +54,7 @@ class HookPoint:
         self.fwd: list[HookFn] = []
         self.bwd: list[HookFn] = []
         self.active = False  # fwd or bwd: the one flag the forward pass checks
+        self.positions: torch.Tensor | None = None  # (B, T) set by the model while hooked
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:

@@ -1,17 +1,19 @@
 """The ASGI application: the OpenAI-compatible API, the page's JSON endpoints and the page.
 
 `create_app(pretrained)` builds it around one model, chosen when the server starts; no request
-can name a file or load anything else. The engine's worker thread lives as long as the app
-(FastAPI's lifespan), so an app can be served by uvicorn or driven in-process by a test client.
-/openapi.json describes every endpoint with the served model's limits; /docs shows it (Swagger
-UI from the swagger-ui-bundle package, so the page works offline).
-"""
+can name a file or load anything else. With a steering vector (model.weights.steering) every
+forward pass the app runs is steered, generation, scoring and the page's views alike, so that
+what the page shows is the model that generates; /api/info says so. The engine's worker thread
+lives as long as the app (FastAPI's lifespan), so an app can be served by uvicorn or driven
+in-process by a test client. /openapi.json describes every endpoint with the served model's
+limits; /docs shows it (Swagger UI from the swagger-ui-bundle package, so the page works
+offline)."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from model.serve.http_errors import install_handlers
 from model.serve.protocol import FIELD_HELP, openapi_for
 from model.serve.state import DEFAULT_MAX_TOKENS, Served
 from model.weights.loading import Pretrained
+from model.weights.steering import Steering
 
 STATIC = Path(__file__).parent / "static"
 
@@ -35,20 +38,25 @@ def model_id(pretrained: Pretrained, name: str | None = None) -> str:
 
 
 def create_app(pretrained: Pretrained, name: str | None = None,
-               max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+               max_tokens: int = DEFAULT_MAX_TOKENS, *,
+               steering: Steering | None = None) -> FastAPI:
     """The app serving `pretrained` (from model.weights.loading.load_model) under the id
-    `name`."""
+    `name`, steered by `steering` (model.weights.steering.load_steering) if given: its hook is
+    on the model while the app runs (its lifespan) and removed when it stops."""
     served = Served(model=pretrained.model.eval(), tokenizer=pretrained.tokenizer,
                     model_id=model_id(pretrained, name), description=pretrained.description,
-                    max_tokens=max_tokens, chat_trained=pretrained.chat_trained)
+                    max_tokens=max_tokens, chat_trained=pretrained.chat_trained,
+                    steering=steering)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        served.engine.start()
-        try:
-            yield
-        finally:
-            served.engine.stop()
+        steered = served.model.hooks(steering.hooks()) if steering else nullcontext()
+        with steered:
+            served.engine.start()
+            try:
+                yield
+            finally:
+                served.engine.stop()
 
     # FastAPI's own /docs loads Swagger UI from a CDN; this server serves a local copy instead.
     # A JSON body sent without a Content-Type (curl -d) is read too, as FastAPI did before it

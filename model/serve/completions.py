@@ -3,12 +3,15 @@
 and in how a choice looks in JSON; each supplies those in a subclass of `CompletionJob`.
 
 A job holds one or more prompts (token ids) and `n` choices per prompt: choice `p * n + s` is
-sample s of prompt p, as in OpenAI's API, and the n samples of a prompt are generated side by
-side in one batch. Run whole, the job fills its choices and `body()` is the answer. Streamed,
-`events()` sends OpenAI's server-sent events: per prompt the endpoint's opening chunk (if any),
-a chunk per generated token (its text may be empty while a UTF-8 character or a possible stop
-string is incomplete) with the finish_reason on the last, and a "length" chunk for choices
-that generated nothing (max_tokens 0); then the usage if asked for, then `data: [DONE]`.
+sample s of prompt p, as in OpenAI's API. All of them are generated side by side in one batch
+(`generate` with a list of prompts: one forward pass per step), each prompt's choices what it
+alone would get. Run whole, the job fills its choices and `body()` is the answer. Streamed,
+`events()` sends OpenAI's server-sent events: each prompt's opening chunk (if the endpoint has
+one), a chunk per generated token (its text may be empty while a UTF-8 character or a possible
+stop string is incomplete) with the finish_reason on the last, and per prompt a "length" chunk
+for choices that generated nothing (max_tokens 0); then the usage if asked for, then
+`data: [DONE]`. Token chunks of different prompts interleave, position by position; every
+chunk names its choice's `index`, as OpenAI's streams do.
 """
 
 from __future__ import annotations
@@ -104,20 +107,21 @@ class CompletionJob(ABC):
         """The choice's logprobs from entry `start` on, or None when they were not asked for."""
         return self.logprobs_json(choice, start) if self.logprobs else None
 
-    def steps(self, p: int) -> AsyncIterator[Step]:
+    def steps(self) -> AsyncIterator[Step]:
+        """Every prompt's steps, from one batch."""
         req, served = self.req, self.served
         return served.engine.stream(lambda: generate(
-            served.model, served.tokenizer, self.prompts[p],
+            served.model, served.tokenizer, self.prompts,
             max_new_tokens=req.new_tokens(served),
             temperature=1.0 if req.temperature is None else req.temperature,  # OpenAI's default
             top_k=req.top_k_or_none(), top_p=req.top_p, seed=req.seed, stop=self.stop,
             num_samples=req.n, show_top=self.show_top))
 
-    def take(self, p: int, step: Step) -> tuple[Choice, int]:
+    def take(self, step: Step) -> tuple[Choice, int]:
         """Add a generated token to its choice: the choice, and where the token's logprobs
         entries start. The end-of-text token ends the text and is not part of it, so it is
         not listed either."""
-        choice = self.choices[p * self.req.n + step.sample]
+        choice = self.choices[step.prompt * self.req.n + step.sample]
         start = len(choice.logprobs)
         choice.text += step.delta
         choice.generated += 1
@@ -161,16 +165,18 @@ class CompletionJob(ABC):
     async def run(self, request: Request) -> None:
         """Every prompt's choices, whole. A client that goes away stops the job: nobody is
         waiting for the answer."""
+        if await request.is_disconnected():  # before any work: short jobs never check later
+            return
         for p in range(len(self.prompts)):
-            if await request.is_disconnected():  # between prompts too: short ones never check
-                return
             await self.begin(p)
-            async with aclosing(self.steps(p)) as steps:
-                async for step in steps:
-                    self.take(p, step)
-                    if (step.index % DISCONNECT_CHECK == DISCONNECT_CHECK - 1
-                            and await request.is_disconnected()):
-                        return
+        async with aclosing(self.steps()) as steps:
+            taken = 0
+            async for step in steps:
+                self.take(step)
+                taken += 1
+                if taken % DISCONNECT_CHECK == 0 and await request.is_disconnected():
+                    return
+        for p in range(len(self.prompts)):
             self.finish(p)
 
     async def events(self) -> AsyncIterator[str]:
@@ -181,11 +187,12 @@ class CompletionJob(ABC):
                 opening = await self.begin(p)
                 if opening:
                     yield self.chunk(opening)
-                async for step in self.steps(p):
-                    choice, start = self.take(p, step)
-                    if step.delta or step.finished or self.logprobs:
-                        yield self.chunk([self.delta_json(choice, step.delta,
-                                                          self.listed(choice, start))])
+            async for step in self.steps():
+                choice, start = self.take(step)
+                if step.delta or step.finished or self.logprobs:
+                    yield self.chunk([self.delta_json(choice, step.delta,
+                                                      self.listed(choice, start))])
+            for p in range(len(self.prompts)):
                 unfinished = self.finish(p)
                 if unfinished:
                     yield self.chunk([self.delta_json(c, "", None) for c in unfinished])

@@ -1,6 +1,7 @@
 """The JSON endpoints the page uses (documented in the README, usable by any client):
 
-    GET  /api/info          the model: name, context size, layers, heads, vocabulary, limits
+    GET  /api/info          the model: name, context size, layers, heads, vocabulary, limits,
+                            and the steering vector when one is on (else null)
     POST /api/generate      server-sent events: the prompt's tokens (or, given messages, the
                             conversation through the chat template), then every generated token
                             with its probability, the alternatives and where its context began,
@@ -66,7 +67,8 @@ async def info(served: ServedModel) -> dict[str, Any]:
             "block_size": c.block_size, "n_layer": c.n_layer, "n_head": c.n_head,
             "n_embd": c.n_embd, "vocab_size": served.tokenizer.vocab_size,
             "tokenizer": served.tokenizer.name, "max_tokens": served.max_tokens,
-            "chat_trained": served.chat_trained}
+            "chat_trained": served.chat_trained,
+            "steering": served.steering.describe() if served.steering else None}
 
 
 @router.post("/generate", response_class=StreamingResponse, responses=STREAMED)

@@ -16,6 +16,7 @@ from model.data.tokenizer import Tokenizer
 from model.gpt import GPT
 from model.serve.engine import Engine
 from model.serve.http_errors import APIError
+from model.weights.steering import Steering
 
 DEFAULT_MAX_TOKENS = 1024  # the most new tokens one request may ask for
 
@@ -30,6 +31,7 @@ class Served:
     description: str
     max_tokens: int = DEFAULT_MAX_TOKENS
     chat_trained: bool = False  # fine-tuned on conversations (Pretrained.chat_trained)
+    steering: Steering | None = None  # added to every forward pass while the app runs
     engine: Engine = field(default_factory=Engine)
     created: int = field(default_factory=lambda: int(time.time()))
 

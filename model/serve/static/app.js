@@ -475,6 +475,12 @@ async function start() {
     modelNote = info.chat_trained ? "" : "This model was not fine-tuned on conversations: " +
       "it still answers (the chat template is plain text to it), but may not end its turn.";
     $("chat-note").textContent = modelNote;
+    if (info.steering) {  // every forward pass adds a steering vector: say so on the page
+      const s = info.steering;
+      $("steering-notice").textContent = `Steering vector on: ${s.file} × ${s.scale} added ` +
+        `to ${s.hook} at every position; every output of this server is steered.`;
+      $("steering-notice").hidden = false;
+    }
     document.querySelectorAll(".model-id").forEach((e) => { e.textContent = info.model; });
     $("max-tokens").max = info.max_tokens;
     for (let i = 0; i < info.n_layer; i++) $("attention-layer").append(new Option(`${i}`, i));
