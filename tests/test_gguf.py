@@ -215,13 +215,18 @@ def test_smaller_types_load_and_stay_close(tmp_path, llama, outtype, bound):
     (dict(activation="swiglu", qk_norm=True, n_kv_head=1, norm_eps=1e-6), "qwen3"),
     (dict(activation="relu2", n_kv_head=2, tie_embeddings=False), "arcee"),
     (dict(activation="relu2", qk_norm=True, n_kv_head=2, rope_base=321.0), "apertus"),
+    # shakespeare_char.yaml with the tanh GELU: no biases (zeros are written), norm eps 1e-3
+    (dict(pos_emb="learned", norm="layernorm", activation="gelu_tanh", norm_eps=1e-3,
+          tie_embeddings=False), "gpt2"),
 ])
-def test_every_rotary_option_runs_exactly(tmp_path, llama, settings, architecture):
-    """Grouped-query heads, biases, untied heads, rotary bases and norm eps reach llama.cpp,
-    and the q/k rows of the adjacent-pair rope (llama, arcee) are interleaved right."""
+def test_every_option_runs_exactly(tmp_path, llama, settings, architecture):
+    """Grouped-query heads, biases or none, untied heads, rotary bases and norm eps reach
+    llama.cpp, and the q/k rows of the adjacent-pair rope (llama, arcee) are interleaved
+    right."""
     tokenizer = tokenizer_for("char")
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=48, n_layer=2, n_head=4,
-                       n_embd=64, pos_emb="rope", norm="rmsnorm", **{"bias": False, **settings})
+                       n_embd=64, **{"pos_emb": "rope", "norm": "rmsnorm", "bias": False,
+                                     **settings})
     torch.manual_seed(1)
     model = GPT(config).eval()
     with torch.no_grad():

@@ -69,7 +69,11 @@ def export(name: str, out_dir: str | Path, format: str = "hf",
         raise CheckpointError(f"{str(out)!r} already exists and is not empty; choose a new "
                               "directory, or remove it first")
     if format == "gguf":
-        from model.weights import gguf  # the gguf package is needed for this format only
+        try:  # the gguf package is needed for this format only
+            from model.weights import gguf
+        except ImportError as exc:
+            raise ConfigError(f"--format gguf needs the gguf package ({exc}); pip install "
+                              "gguf") from exc
 
         outtype = outtype or gguf.DEFAULT_OUTTYPE
         if outtype not in gguf.OUTTYPES:  # before the model is loaded

@@ -196,9 +196,10 @@ def tokenizer_fields(tokenizer: Tokenizer, n_vocab: int) -> tuple[list[str], lis
     return tokens, [int(t) for t in types], merges
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int,
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer,
+                   fields: tuple[list[str], list[int], list[str]],
                    chat_template: str | None) -> None:
-    tokens, types, merges = tokenizer_fields(tokenizer, n_vocab)
+    tokens, types, merges = fields
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")  # GPT-2's split pattern, which ours uses too
     writer.add_token_list(tokens)
@@ -246,19 +247,22 @@ def save_gguf(model: GPT, path: str | Path, tokenizer: Tokenizer, outtype: str =
     if outtype not in OUTTYPES:
         raise ConfigError(f"GGUF outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     family = gguf_architecture(model.config)
+    vocabulary = tokenizer_fields(tokenizer, model.config.vocab_size)  # may refuse: before writing
     qtype, file_type = OUTTYPES[outtype]
-    tensors = {name_: _encoded(name_, t, qtype) for name_, t in gguf_tensors(model, family).items()}
+    tensors = {key: _encoded(key, t, qtype) for key, t in gguf_tensors(model, family).items()}
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[ARCHITECTURES[family].arch])
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
-    _add_hparams(writer, model.config, family)
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_tokenizer(writer, tokenizer, model.config.vocab_size, chat_template)
-    for name_, (data, dtype) in tensors.items():
-        writer.add_tensor(name_, data, raw_dtype=dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        _add_hparams(writer, model.config, family)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_tokenizer(writer, tokenizer, vocabulary, chat_template)
+        for key, (data, dtype) in tensors.items():
+            writer.add_tensor(key, data, raw_dtype=dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
     return family
