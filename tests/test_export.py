@@ -94,6 +94,8 @@ def test_shipped_shape_exports_to_transformers(tmp_path, config_name):
     assert hf_config["architectures"] == [SHIPPED[config_name]]
     assert hf_config["model_type"] == model_type
     assert hf_config["eos_token_id"] == tokenizer.eot_id
+    if model_type == "gpt2":  # both names of the context: transformers' and the older one
+        assert hf_config["n_positions"] == hf_config["n_ctx"] == model.config.block_size
 
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(theirs).__name__ == SHIPPED[config_name]
@@ -132,8 +134,9 @@ def test_shipped_shape_exports_to_transformers(tmp_path, config_name):
 
 @pytest.mark.parametrize("name", ["char", "bpe"])
 def test_tokenizer_edge_cases(tmp_path, name):
-    """Unknown characters fail in both; a token sequence ending inside a UTF-8 character
-    decodes to the same replacement character in both."""
+    """An unknown character fails in ours and is the unknown token, end-of-text, in
+    transformers (so that tools which tokenize any text can); a token sequence ending inside a
+    UTF-8 character decodes to the same replacement character in both."""
     from model.weights.hf_tokenizer import save_hf_tokenizer
 
     tokenizer = tokenizer_for(name)
@@ -142,14 +145,43 @@ def test_tokenizer_edge_cases(tmp_path, name):
     if name == "char":
         with pytest.raises(TokenizerError, match="'Z'"):
             tokenizer.encode("Zebra")  # no "Z" in TEXT
-        with pytest.raises(Exception, match="Missing \\[UNK\\]"):  # noqa: B017 (tokenizers' own)
-            hf_tok("Zebra")
+        assert hf_tok("Zest")["input_ids"] == [tokenizer.eot_id] + tokenizer.encode("est")
+        assert hf_tok.unk_token_id == tokenizer.eot_id
     else:
         ids = tokenizer.encode("😀👍🏽")
         assert len(ids) > 2  # bytes: the emoji are not in a 300-token vocabulary
         for cut in range(1, len(ids)):
             assert hf_tok.decode(ids[:cut]) == tokenizer.decode(ids[:cut])
         assert hf_tok("<|endoftext|>")["input_ids"] == tokenizer.encode("<|endoftext|>")
+
+
+TL_OPTIONS = {  # the rotary families no shipped recipe uses
+    "llama": dict(activation="swiglu", n_kv_head=2, tie_embeddings=False),
+    "qwen3": dict(activation="swiglu", qk_norm=True, n_kv_head=2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [*SHIPPED, *TL_OPTIONS])
+def test_export_boots_in_transformer_lens(tmp_path, case):
+    """Every architecture we write boots in TransformerLens 4 (its bridge around the
+    transformers model, offline) and computes our logits."""
+    tl_bridge = pytest.importorskip("transformer_lens.model_bridge")
+    if case in SHIPPED:
+        model, tokenizer = shrunk(case)
+    else:
+        model, tokenizer = shrunk("tiny")
+        config = dataclasses.replace(model.config, **TL_OPTIONS[case])
+        torch.manual_seed(3)
+        model = GPT(config).eval()
+    save_hf(model, tmp_path, tokenizer)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    bridge = tl_bridge.TransformerBridge.boot_transformers(str(tmp_path), tokenizer=hf_tok,
+                                                           device="cpu")
+    bridge.enable_compatibility_mode(no_processing=True)
+    batch = torch.tensor([tokenizer.encode(TEXT)[:20]])
+    with torch.no_grad():
+        assert logits_close(bridge(batch), model(batch)[0])
 
 
 def test_shipped_recipes_map_as_documented():

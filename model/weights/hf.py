@@ -72,7 +72,7 @@ def _hf_to_ours(key: str) -> str | None:
     return None
 
 
-def _is_conv1d_weight(hf_key: str) -> bool:
+def is_conv1d_weight(hf_key: str) -> bool:
     return hf_key.endswith(".weight") and any(f".{name}." in hf_key for name in CONV1D)
 
 
@@ -176,7 +176,7 @@ def _to_our_layout(state: dict, owned: bool, tied: bool = True) -> dict[str, tor
             raise CheckpointError(f"GPT-2 state dict has an unexpected tensor {key!r}")
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"GPT-2 state dict entry {key!r} is not a tensor")
-        if _is_conv1d_weight(key):
+        if is_conv1d_weight(key):
             tensor = tensor.t()
         # contiguous() writes a transposed weight out as a tensor of its own (its source is
         # freed on the next turn); clone() copies a caller's tensor.
@@ -278,7 +278,7 @@ def gpt2_blockers(config: GPTConfig) -> list[str]:
     return [what for bad, what in problems if bad]
 
 
-def _gpt2_state(model: GPT) -> dict[str, torch.Tensor]:
+def gpt2_state(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under GPT2LMHeadModel's names; a model without biases gets zero ones."""
     config, ours = model.config, model.state_dict()
     if not config.bias:
@@ -301,7 +301,7 @@ def _gpt2_state(model: GPT) -> dict[str, torch.Tensor]:
             key = f"transformer.{ours_to_hf[module]}.{param}"
         tensor = tensor.detach().cpu()
         # safetensors needs contiguous tensors that share no memory with one another.
-        state[key] = (tensor.t() if _is_conv1d_weight(key) else tensor).contiguous().clone()
+        state[key] = (tensor.t() if is_conv1d_weight(key) else tensor).contiguous().clone()
     return state
 
 
@@ -311,6 +311,7 @@ def gpt2_config(config: GPTConfig, eot_id: int | None) -> dict:
         "model_type": "gpt2",
         "vocab_size": config.vocab_size,
         "n_positions": config.block_size,
+        "n_ctx": config.block_size,  # older readers (llama.cpp's converter) look for this name
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
@@ -346,18 +347,20 @@ def hf_architecture(config: GPTConfig) -> str:
     return family
 
 
-def save_hf(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = None) -> str:
+def save_hf(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = None, *,
+            chat_template: str | None = None) -> str:
     """Write `model` (and `tokenizer`) as a Hugging Face directory that transformers' Auto
     classes load: config.json, model.safetensors, generation_config.json and the tokenizer
-    files. Returns the model_type written (ARCHITECTURES names its class); ConfigError (before
-    anything is written) when no architecture computes the model exactly."""
+    files, with `chat_template` (Jinja) in tokenizer_config.json when given. Returns the
+    model_type written (ARCHITECTURES names its class); ConfigError (before anything is
+    written) when no architecture computes the model exactly."""
     config = model.config
     family = hf_architecture(config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     eot = tokenizer.eot_id if tokenizer is not None else None
     if family == "gpt2":
-        state, hf_config = _gpt2_state(model), gpt2_config(config, eot)
+        state, hf_config = gpt2_state(model), gpt2_config(config, eot)
     else:
         state, hf_config = rotary_state(model, family), rotary_config(config, family, eot)
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
@@ -368,7 +371,7 @@ def save_hf(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = Non
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n",
                                                       encoding="utf-8")
     if tokenizer is not None:
-        save_hf_tokenizer(tokenizer, directory, config.block_size)
+        save_hf_tokenizer(tokenizer, directory, config.block_size, chat_template)
     return family
 
 

@@ -5,14 +5,17 @@ library) and tokenizer_config.json, so that `transformers.AutoTokenizer.from_pre
 encodes and decodes as our tokenizer does:
 
     char  a WordLevel vocabulary of single characters; the text is split into code points.
-          A character outside the vocabulary is an error there as here (no unknown token).
+          End-of-text doubles as the unknown token: a character outside the vocabulary
+          becomes it there (ours refuses such a text), so that tools which tokenize any text,
+          llama.cpp's converter among them, can run the tokenizer.
     bpe   a byte-level BPE: the token bytes spelled with GPT-2's byte-to-character table, our
           split pattern, and one merge per token in rank order (see `bpe_merges`).
     gpt2  GPT-2's own vocab.json and merges.txt besides tokenizer.json, as OpenAI's files have it.
 
 End-of-text is the last id, marked as the eos token. Our `encode` reads "<|endoftext|>" in a
 text as plain characters; tokenizer_config.json asks transformers for the same
-(split_special_tokens). `load_hf_tokenizer` reads a directory written here back into ours.
+(split_special_tokens). A chat-trained model's chat template goes into tokenizer_config.json
+(model/weights/chat_template.py). `load_hf_tokenizer` reads a directory written here back into ours.
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ def _split(pattern: str) -> dict[str, Any]:
 
 
 def _char_json(tokenizer: CharTokenizer) -> dict[str, Any]:
-    vocab = {c: i for i, c in enumerate(tokenizer.chars)}
+    # WordLevel's unknown token must be in its vocabulary: end-of-text, at its own id.
+    vocab = {c: i for i, c in enumerate(tokenizer.chars)} | {EOT_TEXT: tokenizer.eot_id}
     return {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [_special_token(tokenizer.eot_id)],
@@ -109,8 +113,7 @@ def _char_json(tokenizer: CharTokenizer) -> dict[str, Any]:
         "pre_tokenizer": _split(r"[\s\S]"),  # every code point alone, newlines included
         "post_processor": None,
         "decoder": {"type": "Fuse"},  # join the characters back without separators
-        # "<unk>" is in no char vocabulary: an unknown character is an error, as in ours.
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": EOT_TEXT},
     }
 
 
@@ -158,9 +161,10 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path,
-                      max_length: int | None = None) -> list[Path]:
-    """Write tokenizer.json and tokenizer_config.json (GPT-2 also vocab.json and merges.txt);
-    returns the paths written."""
+                      max_length: int | None = None, chat_template: str | None = None
+                      ) -> list[Path]:
+    """Write tokenizer.json and tokenizer_config.json (GPT-2 also vocab.json and merges.txt),
+    with `chat_template` (Jinja) when given; returns the paths written."""
     directory = Path(directory)
     document = tokenizer_json(tokenizer)
     paths = [directory / "tokenizer.json", directory / "tokenizer_config.json"]
@@ -170,7 +174,7 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path,
         "PreTrainedTokenizerFast",
         "bos_token": EOT_TEXT,
         "eos_token": EOT_TEXT,
-        "unk_token": None,
+        "unk_token": EOT_TEXT if tokenizer.name == "char" else None,
         "pad_token": None,
         "add_bos_token": False,
         "add_eos_token": False,
@@ -179,6 +183,8 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path,
         "split_special_tokens": True,  # "<|endoftext|>" in a text is text, as in our encode
         "model_max_length": max_length or 1_000_000_000_000,
     }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     paths[1].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if tokenizer.name == "gpt2":
         model = document["model"]
