@@ -74,10 +74,14 @@ class Runner:
 
 
 def sample_py(checkpoint: Path, dtype: str, threads: int) -> Runner:
+    """sample.py in `dtype` (float32, bfloat16), or "int8": float32 with --quantize int8."""
+    precision = ["--dtype", "float32", "--quantize", "int8"] if dtype == "int8" else [
+        "--dtype", dtype]
+
     def command(n: int, checked: bool) -> list[str]:
         return [sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(checkpoint),
                 "--prompt", PROMPT, "--max-new-tokens", str(n), "--temperature", "0",
-                "--threads", str(threads), "--dtype", dtype, *(["--json"] if checked else [])]
+                "--threads", str(threads), *precision, *(["--json"] if checked else [])]
     return Runner(f"sample.py {dtype}", command)
 
 
@@ -141,9 +145,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a smallgpt run or checkpoint (default: a random "
                                              "GPT-2-124M-shaped model)")
-    parser.add_argument("--outtypes", nargs="+", default=["f32", "f16", "bf16", "q8_0"])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                        help="sample.py's --dtype values")
+    parser.add_argument("--outtypes", nargs="+", default=["f32", "bf16", "q8_0"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"],
+                        help="sample.py's --dtype values, and int8 (--quantize int8)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dir", help="where to write the checkpoint and GGUF files "

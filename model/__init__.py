@@ -49,6 +49,7 @@ _EXPORTS = {
     "Callback": "training.callbacks",
     "TrainingState": "training.callbacks",
     "generate": "inference.sampling",
+    "quantize_int8": "network.quantized",
     "SamplingParams": "inference.sampling",
     "repetition_penalty": "inference.sampling",
     "score_tokens": "inference.scoring",

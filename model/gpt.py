@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.errors import ConfigError, check_choice, check_positive
-from model.network.hooks import HookedModel, HookPoint, name_hook_points
+from model.network.hooks import HookedModel, HookPoint
 from model.network.kv_cache import KVCache
 from model.network.layers import ACTIVATION_FNS, LayerNorm, RMSNorm
 from model.network.positions import (
@@ -319,7 +319,7 @@ class GPT(HookedModel, WeightViews, TextModel, nn.Module):
         self.hook_embed = HookPoint()
         if config.pos_emb == "learned":
             self.hook_pos_embed = HookPoint()  # (B, T, C), broadcast over the batch as TL's
-        name_hook_points(self, TL_NAMES)  # each point knows its name from the start
+        self.find_hook_points()  # each point knows its name from the start
         if not meta:
             self.reset_parameters()
 
@@ -409,7 +409,7 @@ class GPT(HookedModel, WeightViews, TextModel, nn.Module):
             elif window_start is not None:
                 cache.window_start = window_start
             window_start = cache.window_start
-        hooked = [hp for hp in self.hook_dict.values() if hp.active]
+        hooked = [hp for hp in self.known_hook_points if hp.active]
         if hooked:
             positions = text_positions(where, idx, 0 if window_start is None else window_start)
             for hp in hooked:

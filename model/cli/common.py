@@ -51,7 +51,7 @@ def use_threads(threads: int | None) -> None:
 
 def load_named_model(name: str | None, device: str | torch.device = "auto", *,
                      dtype: str | None = None, pack: bool = False, compile: bool = False,
-                     err: TextIO | None = None) -> Pretrained:
+                     quantize: str | None = None, err: TextIO | None = None) -> Pretrained:
     """The model `name` names (model.weights.loading: with no name, the newest checkpoint under
     out/), saying on stderr what was loaded, since the user should know which one.
 
@@ -61,11 +61,14 @@ def load_named_model(name: str | None, device: str | torch.device = "auto", *,
     the line says which dtype and why; without it they keep the dtype they were saved in.
     `pack`: for generation only, the linear layers are packed for oneDNN where the CPU can
     (model/network/packed.py). `compile`: torch.compile with dynamic shapes, one graph for
-    every cache length instead of a recompile per token (packing is then left out). The name
-    is resolved once for all of it."""
+    every cache length instead of a recompile per token (packing is then left out).
+    `quantize="int8"`: the linear layers' weights in int8 (model/network/quantized.py), in
+    place of packing. The name is resolved once for all of it."""
     from model.runtime import choose_dtype, generation_precision, pick_device
     from model.weights.loading import load_model, locate, parameter_count
 
+    if quantize not in (None, "int8"):
+        raise SamplingError(f"--quantize: {quantize!r} is not a choice; use int8")
     if isinstance(device, str):
         device = pick_device(device, setting="--device")
     precision = None if dtype is None else choose_dtype(dtype, device, setting="--dtype")
@@ -78,7 +81,12 @@ def load_named_model(name: str | None, device: str | torch.device = "auto", *,
     line = f"using {which}{loaded.description}"
     if precision is not None:
         line += f", in {precision.describe()}"
-    if pack and not compile:
+    if quantize == "int8":
+        from model.network.quantized import quantize_int8
+
+        quantize_int8(loaded.model)
+        line += "; linear layers in int8 (one scale per output feature)"
+    elif pack and not compile:
         from model.network.packed import pack_linears
 
         if pack_linears(loaded.model):
@@ -89,6 +97,16 @@ def load_named_model(name: str | None, device: str | torch.device = "auto", *,
 
         loaded.model = torch.compile(loaded.model, dynamic=True)
     return loaded
+
+
+def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
+    """--no-pack and --quantize: how the CPU runs the linear layers (sample.py, the server)."""
+    parser.add_argument("--no-pack", action="store_true",
+                        help="keep PyTorch's own CPU matrix kernels instead of packing the "
+                             "linear layers for oneDNN (model/network/packed.py)")
+    parser.add_argument("--quantize", choices=["int8"],
+                        help="int8: the linear layers' weights in 8 bits, one scale per output "
+                             "feature, made at load time (CPU only; model/network/quantized.py)")
 
 
 def add_steering_arguments(parser: argparse.ArgumentParser) -> None:

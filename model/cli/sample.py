@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from model.cli.common import (
+    add_kernel_arguments,
     add_steering_arguments,
     check_steering,
     load_named_model,
@@ -64,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--no-pack", action="store_true",
-                   help="keep PyTorch's own CPU matrix kernels instead of packing the linear "
-                        "layers for oneDNN (model/network/packed.py)")
+    add_kernel_arguments(p)
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for generation (default: the cores no other process is "
                         "busy on at start, model.runtime.default_threads)")
@@ -286,6 +285,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None,
 
         return serve(args.checkpoint, host=args.host, port=args.port, device=args.device,
                      dtype=args.dtype, threads=args.threads, err=err, pack=not args.no_pack,
+                     quantize=args.quantize,
                      steer=args.steer, steer_layer=args.steer_layer,
                      steer_scale=args.steer_scale)
     params = checked_params(args)
@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None,
     use_threads(args.threads)
     prompt = "" if args.interactive or args.chat else read_prompt(args, stdin)
     loaded = load_named_model(args.checkpoint, args.device, dtype=args.dtype,
-                              pack=not args.no_pack, compile=args.compile, err=err)
+                              pack=not args.no_pack, compile=args.compile,
+                              quantize=args.quantize, err=err)
     steering = load_steering_option(args.steer, loaded.model, args.steer_layer,
                                     args.steer_scale, err)
 

@@ -10,6 +10,7 @@ import sys
 from typing import TextIO
 
 from model.cli.common import (
+    add_kernel_arguments,
     add_steering_arguments,
     check_steering,
     load_named_model,
@@ -35,12 +36,13 @@ def bind_warning(host: str) -> str | None:
 def run(name: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
         device: str = "auto", dtype: str = "auto", threads: int | None = None,
         max_tokens: int | None = None, err: TextIO | None = None, pack: bool = True,
-        steer: str | None = None, steer_layer: int | None = None,
+        quantize: str | None = None, steer: str | None = None, steer_layer: int | None = None,
         steer_scale: float | None = None) -> int:
     """Load the model `name` and serve the playground and API on host:port until Ctrl-C.
     `device`, `dtype` and `threads` are as on the command line (see load_named_model);
     `max_tokens` caps the new tokens of one request; `pack`: the linear layers packed for oneDNN
-    where the CPU can (model/network/packed.py); `steer`, `steer_layer`, `steer_scale`: a
+    where the CPU can (model/network/packed.py); `quantize="int8"`: int8 weights instead
+    (model/network/quantized.py); `steer`, `steer_layer`, `steer_scale`: a
     steering vector on every forward pass (--steer FILE --steer-layer N --steer-scale X)."""
     try:
         import fastapi  # noqa: F401
@@ -63,7 +65,8 @@ def run(name: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
         print(warning, file=err)
     sock = listen(host, port)  # before the (slow) load: a busy port fails at once
     try:
-        loaded = load_named_model(name, dev, dtype=dtype, pack=pack, err=err)
+        loaded = load_named_model(name, dev, dtype=dtype, pack=pack, quantize=quantize,
+                                  err=err)
         steering = load_steering_option(steer, loaded.model, steer_layer, steer_scale, err)
         app = create_app(loaded, name, max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
                          steering=steering)
@@ -106,9 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the model")
     p.add_argument("--max-tokens", type=int, metavar="N",
                    help="the most new tokens one request may ask for (default 1024)")
-    p.add_argument("--no-pack", action="store_true",
-                   help="keep PyTorch's own CPU matrix kernels instead of packing the linear "
-                        "layers for oneDNN (model/network/packed.py)")
+    add_kernel_arguments(p)
     add_steering_arguments(p)
     return p
 
@@ -118,5 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: run(args.checkpoint, host=args.host, port=args.port,
                                device=args.device, dtype=args.dtype, threads=args.threads,
                                max_tokens=args.max_tokens, pack=not args.no_pack,
+                               quantize=args.quantize,
                                steer=args.steer, steer_layer=args.steer_layer,
                                steer_scale=args.steer_scale))

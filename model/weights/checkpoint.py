@@ -218,8 +218,16 @@ def read_safetensors(file: str | Path, dtype: torch.dtype | None = None,
     """A safetensors file's tensors on `device`, each floating one converted to `dtype` as it
     is read (None: as stored). Raises the format's own errors; callers say which file broke.
 
-    pread: each tensor is read into memory of its own. A mapping would keep the whole file
-    resident beside the converted tensors until the last of them is freed."""
+    Kept as stored, the tensors are the file mapped into memory: nothing is copied or read
+    before it is used (copy-on-write: writing to a tensor never changes the file). Converted,
+    each is read (pread) into memory of its own: a mapping would keep the whole file resident
+    beside the converted tensors until the last of them is freed."""
+    with safe_open(file, framework="pt", device=str(device)) as opened:
+        mapped = {key: opened.get_tensor(key) for key in opened.keys()}
+    if dtype is None or all(t.dtype == dtype or not t.is_floating_point()
+                            for t in mapped.values()):
+        return mapped
+    del mapped
     with safe_open(file, framework="pt", device=str(device), backend="pread") as opened:
         return {key: tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
                 for key in opened.keys() for tensor in [opened.get_tensor(key)]}
