@@ -3,9 +3,8 @@
 The command line is model/cli/sample.py; generation is model/inference/sampling.py.
 """
 
-import sys
-
+from model.cli.common import exit_at_once
 from model.cli.sample import cli
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_at_once(cli())

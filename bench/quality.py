@@ -2,6 +2,7 @@
 wall-clock training budget.
 
     python bench/quality.py --config shakespeare_fast.yaml --budget-seconds 300 [key=value ...]
+    python bench/quality.py --evaluate out/small --quantize int8   # a checkpoint, float and int8
 
 Trains on the first 90% of ../shared/data/tinyshakespeare.txt (or --corpus) and scores the
 whole last 10% in non-overlapping windows of the model's context. Data preparation and
@@ -28,6 +29,8 @@ from model.config import load_config
 from model.data.batches import Batch, TokenSource, open_tokens, windows
 from model.data.prepare import prepare_data
 from model.errors import DataError
+from model.inference.sampling import generate
+from model.network.quantized import quantize_int8
 from model.training.loop import train
 from model.weights.loading import load_checkpoint
 
@@ -66,16 +69,25 @@ def whole_split_bits_per_byte(model: torch.nn.Module, tokens_path, block_size: i
     return per_token, per_token / math.log(2) / bytes_per_token, count
 
 
-def evaluate_only(path: str) -> None:
-    """Whole-validation-split bits per byte of a trained checkpoint, on its own data cache."""
+def evaluate_only(path: str, quantize: bool, prompt: str) -> None:
+    """Whole-validation-split bits per byte of a trained checkpoint, on its own data cache; with
+    `quantize`, also of its int8 form (model/network/quantized.py), and the first 50 greedy
+    tokens of each after `prompt`."""
     ckpt = load_checkpoint(path)
     data = prepare_data(ckpt.config.data, ckpt.config.model.block_size)
-    nats, bpb, scored = whole_split_bits_per_byte(
-        ckpt.model, data.val_path, ckpt.config.model.block_size, data.bytes_per_token("val"))
     print(machine_line())
     print(f"{ckpt.path} (step {ckpt.state.get('step')}, source {ckpt.config.data.source}): "
-          f"whole validation split, {scored:,} tokens, non-overlapping windows of "
-          f"{ckpt.config.model.block_size}: {nats:.4f} nats/token = {bpb:.4f} bits/byte")
+          f"whole validation split, non-overlapping windows of {ckpt.config.model.block_size}")
+    for name in ["float32", "int8"] if quantize else ["float32"]:
+        if name == "int8":
+            quantize_int8(ckpt.model)
+        nats, bpb, scored = whole_split_bits_per_byte(
+            ckpt.model, data.val_path, ckpt.config.model.block_size, data.bytes_per_token("val"))
+        print(f"{name:>8}: {scored:,} tokens, {nats:.4f} nats/token = {bpb:.4f} bits/byte")
+        if quantize:
+            steps = generate(ckpt.model, ckpt.tokenizer, prompt, max_new_tokens=50,
+                             temperature=0, ignore_eot=True)
+            print(f"{'':>8}  greedy: {prompt + ''.join(s.delta for s in steps)!r}")
 
 
 def main() -> None:
@@ -89,11 +101,15 @@ def main() -> None:
     parser.add_argument("--corpus", default=None)
     parser.add_argument("--evaluate", metavar="CHECKPOINT",
                         help="only score an already trained checkpoint on the whole split")
+    parser.add_argument("--quantize", choices=["int8"],
+                        help="with --evaluate: also score the checkpoint with int8 weights")
+    parser.add_argument("--prompt", default="ROMEO:",
+                        help="with --quantize: the greedy texts start here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
     if args.evaluate:
-        evaluate_only(args.evaluate)
+        evaluate_only(args.evaluate, args.quantize == "int8", args.prompt)
         return
     corpus = args.corpus or str(require_tiny_shakespeare())
     with tempfile.TemporaryDirectory() as out:

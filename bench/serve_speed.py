@@ -3,6 +3,7 @@ that each stream a completion at the same time, on a model of configs/small.yaml
 
     python bench/serve_speed.py                      # random weights, small.yaml's model section
     python bench/serve_speed.py --checkpoint out/small --clients 1 4 8 16
+    python bench/serve_speed.py --checkpoint RUN --clients 1 4 --threads 2 --quantize int8
 
 The server runs in its own process (as `python sample.py --serve` would), so the clients'
 parsing does not share its interpreter; each client is a thread streaming POST /v1/completions
@@ -33,7 +34,8 @@ from model.config import load_config
 from model.data.tokenizer import Tokenizer, tokenizer_from_spec, train_tokenizer
 from model.gpt import GPT
 from model.inference.sampling import generate
-from model.network.packed import can_pack, pack_linears
+from model.network.packed import pack_linears
+from model.network.quantized import quantize_int8
 from model.runtime import choose_dtype
 from model.weights.loading import Pretrained
 
@@ -51,7 +53,7 @@ def random_small() -> tuple[GPT, Tokenizer]:
 
 
 def serve_child(checkpoint: str | None, port: int, threads: int, dtype: str,
-                pack: bool) -> None:
+                pack: bool, quantize: bool) -> None:
     """The server process: the same app `python sample.py --serve` runs."""
     import uvicorn
 
@@ -66,7 +68,9 @@ def serve_child(checkpoint: str | None, port: int, threads: int, dtype: str,
         loaded = Pretrained(model=model, tokenizer=tokenizer, kind="smallgpt",
                             path=Path("random"), description="random small.yaml model")
     loaded.model.to(choose_dtype(dtype, torch.device("cpu"), setting="--dtype").dtype)
-    if pack:  # as the server does unless --no-pack
+    if quantize:  # as the server's --quantize int8
+        quantize_int8(loaded.model)
+    elif pack:  # as the server does unless --no-pack
         pack_linears(loaded.model)
     uvicorn.run(create_app(loaded, "bench", max_tokens=4096), host="127.0.0.1", port=port,
                 log_level="warning")
@@ -123,6 +127,7 @@ def main() -> None:
     p.add_argument("--no-pack", action="store_true",
                    help="PyTorch's own CPU kernels, as the server's --no-pack (default: the "
                         "linear layers packed for oneDNN where the CPU can, as the server does)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights, as the server's option")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -139,8 +144,12 @@ def main() -> None:
               f"{model.config.block_size}, {tokenizer.vocab_size}-token BPE), RANDOM weights")
     precision = choose_dtype(args.dtype, torch.device("cpu"), setting="--dtype")
     model.to(precision.dtype)
-    packed = not args.no_pack and can_pack(model)
-    print(f"serving in {precision.describe()}; linear layers packed for oneDNN: {packed}")
+    if args.quantize:  # the direct line's model as the server's
+        quantize_int8(model)
+        print(f"serving in {precision.describe()}; linear layers in int8")
+    else:
+        packed = not args.no_pack and pack_linears(model) > 0
+        print(f"serving in {precision.describe()}; linear layers packed for oneDNN: {packed}")
     spec = tokenizer.spec()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,7 +157,7 @@ def main() -> None:
     ctx = multiprocessing.get_context("spawn")
     server = ctx.Process(target=serve_child,
                          args=(args.checkpoint, port, args.threads, args.dtype,
-                               not args.no_pack),
+                               not args.no_pack, args.quantize == "int8"),
                          daemon=True)
     server.start()
     url = f"http://127.0.0.1:{port}"
