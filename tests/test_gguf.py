@@ -1,7 +1,8 @@
 """GGUF export, judged by llama.cpp itself (llama-cpp-python, no code of ours on that side).
 
-For each shipped recipe's model shape (shrunk, random weights with perturbed norms and biases
-and a sharpened embedding, so that greedy choices are decisive): the file names the expected
+For each shipped recipe's model shape (shrunk, trained 5 steps from random weights with
+perturbed norms and biases and a sharpened embedding, so that greedy choices are decisive): the
+file names the expected
 llama.cpp architecture, llama.cpp tokenizes a Unicode text as ours does and decodes it back,
 its float32 logits equal ours within 1e-3, and 30 greedy tokens equal ours; the 16-bit and
 Q8_0 files load and stay close. Without llama-cpp-python (`pip install -e ".[gguf]"`) the
@@ -86,9 +87,10 @@ def recipe_shape(name: str) -> tuple[GPTConfig, str]:
 
 
 def shaped(name: str, seed: int = 0) -> tuple[GPT, object]:
-    """A random model of the recipe's settings at a tiny size: norms and biases perturbed so
-    that a wrong mapping of any of them shows, and the embedding scaled up so that logits
-    spread (greedy choices then never hinge on float noise)."""
+    """A model of the recipe's settings at a tiny size, trained a few steps on TEXT from a
+    random start whose norms and biases are perturbed (so that a wrong mapping of any of them
+    shows) and whose embedding is scaled up (so that logits spread and greedy choices never
+    hinge on float noise)."""
     config, tokenizer_name = recipe_shape(name)
     tokenizer = tokenizer_for(tokenizer_name)
     vocab = config.vocab_size or tokenizer.vocab_size
@@ -101,7 +103,14 @@ def shaped(name: str, seed: int = 0) -> tuple[GPT, object]:
             if "norm" in pname or pname.endswith("bias"):
                 p.add_(0.3 * torch.randn_like(p))
         model.tok_emb.weight.mul_(20)
-    return model, tokenizer
+    ids = torch.tensor([tokenizer.encode(TEXT)[:config.block_size + 1]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(5):
+        _, loss = model.train()(ids[:, :-1], ids[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), tokenizer
 
 
 @contextlib.contextmanager
