@@ -534,15 +534,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-HAS_SERVE_FLAG = "--serve" in (ROOT / "sample.py").read_text(encoding="utf-8")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("front", [
-    ["-m", "model.serve"],
-    pytest.param(["sample.py", "--serve"], marks=pytest.mark.skipif(
-        not HAS_SERVE_FLAG, reason="sample.py has no --serve option yet")),
-])
+@pytest.mark.parametrize("front", [["-m", "model.serve"], ["sample.py", "--serve"]])
 def test_ctrl_c_shuts_the_server_down_cleanly(run_dir, front):
     port = free_port()
     proc = subprocess.Popen(
