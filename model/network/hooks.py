@@ -25,8 +25,8 @@ unaffected.
 hooks() block, never per forward call: walking the modules costs 0.4 ms, 3% of a GPT-2 token),
 so a module replaced after construction brings its own points under the same names and the
 replaced module's are gone (a forward pass sets `positions` on the points the last lookup
-found); a point named in run_with_hooks
-or run_with_cache that the forward pass never reaches is an error naming it. A variant of the
+found); a point named in run_with_hooks or run_with_cache that the forward pass never reaches
+is an error naming it. A variant of the
 attention reaches its queries and keys the public way: `self.split_qkv(self.qkv(x))`, through
 `self.hook_q` / `hook_k` / `hook_v` (and `hook_rot_q` / `hook_rot_k` with rotary positions).
 """

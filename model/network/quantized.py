@@ -9,11 +9,10 @@ The matmul has two kernels. Where torch's x86 quantized engine is there (FBGEMM)
 activations are made integers too for the product (llama.cpp's Q8_0 does so with a scale per 32
 values): each call's input gets one scale and zero point from its range, so rows of a batch
 share them, and FBGEMM's integer matmul runs at twice the speed of the other kernel on an AVX2
-CPU (bench/llama_cpp_speed.py). The cost, measured
-with `python bench/quality.py --evaluate RUN --quantize int8`: small.yaml's trained model goes
-from 2.1262 to 2.1288 bits/byte on tiny-shakespeare's validation split, its first 50 greedy
-tokens unchanged. Elsewhere, torch's int8 weight-pack kernel (the weight-only one gpt-fast
-uses) takes the activations in bfloat16.
+CPU (docs/decoding.md). The cost, measured with `python bench/quality.py --evaluate RUN
+--quantize int8`: small.yaml's trained model goes from 2.1262 to 2.1288 bits/byte on
+tiny-shakespeare's validation split, its first 50 greedy tokens unchanged. Elsewhere, torch's
+int8 weight-pack kernel (the weight-only one gpt-fast uses) takes the activations in bfloat16.
 
 Computed at load time from the float weights (no file format of its own), and for inference
 only, like packed.py: the int8 weights have no gradient and are not in the state dict. A tied
@@ -87,8 +86,8 @@ def int8_rows(weight: torch.Tensor, chunk: int = 1 << 20) -> tuple[torch.Tensor,
     """A weight (N, K) as round(w / s) in int8 and s = max|w| / 127 per row (float32, (N,)).
 
     A few rows at a time through one small float32 buffer: dividing a whole matrix at once
-    would allocate a temporary as large as it, and the fresh memory's page faults took longer
-    than the arithmetic (GPT-2-124M: 0.8 s of a 3 s start)."""
+    allocates a temporary as large as it, whose fresh pages cost more than the arithmetic
+    (GPT-2-124M: 0.39 s this way, 0.58 s at once)."""
     scale = torch.linalg.vector_norm(weight, float("inf"), dim=1, dtype=torch.float32).div_(127)
     scale = torch.where(scale > 0, scale, 1.0)  # an all-zero row: any scale gives zeros
     int8 = torch.empty(weight.shape, dtype=torch.int8)
