@@ -219,14 +219,15 @@ def read_safetensors(file: str | Path, dtype: torch.dtype | None = None,
     is read (None: as stored). Raises the format's own errors; callers say which file broke.
 
     Kept as stored, the tensors are the file mapped into memory: nothing is copied or read
-    before it is used (copy-on-write: writing to a tensor never changes the file). Converted,
-    each is read (pread) into memory of its own: a mapping would keep the whole file resident
-    beside the converted tensors until the last of them is freed."""
-    with safe_open(file, framework="pt", device=str(device)) as opened:
+    before it is used (copy-on-write: writing to a tensor never changes the file), and only
+    another device copies them. Converted, each is read (pread) into memory of its own: a
+    mapping would keep the whole file resident beside the converted tensors until the last of
+    them is freed."""
+    with safe_open(file, framework="pt") as opened:  # mapped on the CPU: no bytes read yet
         mapped = {key: opened.get_tensor(key) for key in opened.keys()}
     if dtype is None or all(t.dtype == dtype or not t.is_floating_point()
                             for t in mapped.values()):
-        return mapped
+        return {key: tensor.to(device) for key, tensor in mapped.items()}
     del mapped
     with safe_open(file, framework="pt", device=str(device), backend="pread") as opened:
         return {key: tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
