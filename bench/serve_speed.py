@@ -52,6 +52,15 @@ def random_small() -> tuple[GPT, Tokenizer]:
     return model.eval(), tokenizer
 
 
+def prepare_linears(model: torch.nn.Module, pack: bool, quantize: bool) -> str:
+    """The linear layers as the server has them: int8 with --quantize int8, else packed for
+    oneDNN unless --no-pack; what was done, in words."""
+    if quantize:
+        quantize_int8(model)
+        return "linear layers in int8"
+    return f"linear layers packed for oneDNN: {pack and pack_linears(model) > 0}"
+
+
 def serve_child(checkpoint: str | None, port: int, threads: int, dtype: str,
                 pack: bool, quantize: bool) -> None:
     """The server process: the same app `python sample.py --serve` runs."""
@@ -68,10 +77,7 @@ def serve_child(checkpoint: str | None, port: int, threads: int, dtype: str,
         loaded = Pretrained(model=model, tokenizer=tokenizer, kind="smallgpt",
                             path=Path("random"), description="random small.yaml model")
     loaded.model.to(choose_dtype(dtype, torch.device("cpu"), setting="--dtype").dtype)
-    if quantize:  # as the server's --quantize int8
-        quantize_int8(loaded.model)
-    elif pack:  # as the server does unless --no-pack
-        pack_linears(loaded.model)
+    prepare_linears(loaded.model, pack, quantize)
     uvicorn.run(create_app(loaded, "bench", max_tokens=4096), host="127.0.0.1", port=port,
                 log_level="warning")
 
@@ -144,12 +150,8 @@ def main() -> None:
               f"{model.config.block_size}, {tokenizer.vocab_size}-token BPE), RANDOM weights")
     precision = choose_dtype(args.dtype, torch.device("cpu"), setting="--dtype")
     model.to(precision.dtype)
-    if args.quantize:  # the direct line's model as the server's
-        quantize_int8(model)
-        print(f"serving in {precision.describe()}; linear layers in int8")
-    else:
-        packed = not args.no_pack and pack_linears(model) > 0
-        print(f"serving in {precision.describe()}; linear layers packed for oneDNN: {packed}")
+    linears = prepare_linears(model, not args.no_pack, args.quantize == "int8")  # the direct line's
+    print(f"serving in {precision.describe()}; {linears}")
     spec = tokenizer.spec()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

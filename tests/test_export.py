@@ -63,13 +63,19 @@ def shrunk(config_name: str) -> tuple[GPT, object]:
     vocab = cfg.model.vocab_size if cfg.model.vocab_size else tokenizer.vocab_size
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab, n_layer=2, n_head=4, n_embd=32,
                                     block_size=32, dropout=0.0, n_kv_head=None)
-    torch.manual_seed(0)
-    model = GPT(model_cfg).eval()
+    return perturbed(model_cfg, seed=0), tokenizer
+
+
+def perturbed(config: GPTConfig, seed: int) -> GPT:
+    """A seeded random GPT of `config` in eval mode, its norms and biases moved off their init
+    so that a wrong mapping of any of them shows in the logits."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.3 * torch.randn_like(p))
-    return model, tokenizer
+    return model
 
 
 def needs_architecture(name: str) -> None:
@@ -204,12 +210,7 @@ def test_rotary_families(tmp_path, settings, architecture):
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=4,
                        n_embd=32, pos_emb="rope", norm="rmsnorm",
                        **{"bias": False, **settings})
-    torch.manual_seed(1)
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
+    model = perturbed(config, seed=1)
     save_hf(model, tmp_path, tokenizer)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(theirs).__name__ == architecture

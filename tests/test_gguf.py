@@ -19,7 +19,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_export import TEXT, tokenizer_for  # tests/ is on sys.path under pytest
+from test_export import TEXT, perturbed, tokenizer_for  # tests/ is on sys.path (pytest)
 
 from model import GPT, ConfigError, GPTConfig
 from model.config import Config, DataConfig, load_config
@@ -96,12 +96,8 @@ def shaped(name: str, seed: int = 0) -> tuple[GPT, object]:
     vocab = config.vocab_size or tokenizer.vocab_size
     config = dataclasses.replace(config, vocab_size=vocab, n_layer=2, n_head=4, n_embd=64,
                                  block_size=64, dropout=0.0, n_kv_head=None)
-    torch.manual_seed(seed)
-    model = GPT(config).eval()
+    model = perturbed(config, seed)
     with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname or pname.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
         model.tok_emb.weight.mul_(20)
     ids = torch.tensor([tokenizer.encode(TEXT)[:config.block_size + 1]])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -236,12 +232,7 @@ def test_every_option_runs_exactly(tmp_path, llama, settings, architecture):
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=48, n_layer=2, n_head=4,
                        n_embd=64, **{"pos_emb": "rope", "norm": "rmsnorm", "bias": False,
                                      **settings})
-    torch.manual_seed(1)
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
+    model = perturbed(config, seed=1)
     assert save_gguf(model, tmp_path / "m.gguf", tokenizer, "f32") == architecture
     batch = torch.randint(0, config.vocab_size - 1, (40,),
                           generator=torch.Generator().manual_seed(2)).tolist()
